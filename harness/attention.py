@@ -1,0 +1,119 @@
+"""kvbench's attention function, registered with `transformers.AttentionInterface` as "kvbench".
+
+The model's own attention modules project, rotate and call `cache.update`; this function receives the
+tail keys/values from that update and finds the layer's compressed prefix through the `kvbench_cache`
+keyword that kvbench passes to the model's forward. With no prefix (a fresh prefill) it is transformers'
+SDPA path, so the prefill is bit-identical to plain transformers; with a prefix it computes one softmax
+over prefix (plus per-token bias) and causal tail, per KV head, without expanding to query heads.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.prefix import PrefixKV
+
+ATTENTION_NAME = "kvbench"
+
+
+def _tail_mask(query_length: int, tail_length: int, device: torch.device) -> torch.Tensor:
+    """True where query i (the last `query_length` tail tokens) may not see tail position j."""
+    rows = torch.arange(query_length, device=device)[:, None] + (tail_length - query_length)
+    return torch.arange(tail_length, device=device)[None, :] > rows
+
+
+def _joint_softmax(
+    q: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    masked: torch.Tensor,
+    scaling: float,
+    pre_k: torch.Tensor | None,
+    pre_v: torch.Tensor | None,
+    pre_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of q [..., m, d] over prefix [..., n, d] and tail [..., t, d] under one softmax."""
+    tail_logits = (q @ tail_k.transpose(-1, -2)) * scaling
+    tail_logits = tail_logits.masked_fill(masked, float("-inf"))
+    if pre_k is None or pre_k.shape[-2] == 0:
+        probs = torch.softmax(tail_logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        return probs @ tail_v
+    pre_logits = (q @ pre_k.transpose(-1, -2)) * scaling
+    if pre_bias is not None:
+        pre_logits = pre_logits + pre_bias.unsqueeze(-2).to(pre_logits.dtype)
+    probs = torch.softmax(torch.cat([pre_logits, tail_logits], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+    n = pre_k.shape[-2]
+    return probs[..., :n] @ pre_v + probs[..., n:] @ tail_v
+
+
+def attend_compressed(
+    query: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, prefix: PrefixKV | None, scaling: float
+) -> torch.Tensor:
+    """query [Hq, L, d]; tail [Hkv, t, d] → output [Hq, L, d]. Query heads are grouped per KV head."""
+    h_q, length, dim = query.shape
+    h_kv, tail_length = tail_k.shape[0], tail_k.shape[1]
+    group = h_q // h_kv
+    # Rows of one KV head: its `group` query heads × L positions; the causal mask repeats per head.
+    q = query.reshape(h_kv, group * length, dim)
+    masked = _tail_mask(length, tail_length, query.device).repeat(group, 1)
+    if prefix is None or prefix.uniform:
+        keys = values = bias = None
+        if prefix is not None:
+            keys, values, bias = prefix.keys, prefix.values, prefix.bias
+        out = _joint_softmax(q, tail_k, tail_v, masked, scaling, keys, values, bias)
+    else:
+        heads = []
+        for h in range(h_kv):
+            bias = prefix.bias[h] if prefix.bias is not None else None
+            heads.append(
+                _joint_softmax(q[h], tail_k[h], tail_v[h], masked, scaling, prefix.keys[h], prefix.values[h], bias)
+            )
+        out = torch.stack(heads)
+    return out.reshape(h_q, length, dim)
+
+
+def kvbench_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    kvbench_cache: KVBenchCache | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if kvbench_cache is None:
+        raise RuntimeError("the kvbench attention runs only inside kvbench's prefill and decode (kvbench_cache missing)")
+    if query.shape[0] != 1:
+        raise ValueError("kvbench decodes one sequence at a time (batch size 1)")
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = kvbench_cache.layers[module.layer_idx]
+    fresh_prefill = layer.prefix is None and key.shape[2] == query.shape[2]
+    if kvbench_cache.recorder is not None:
+        kvbench_cache.recorder.observe(module.layer_idx, query, key, scaling)
+    if fresh_prefill:
+        return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
+    prefix = layer.prefix.materialize() if layer.prefix is not None else None
+    out = attend_compressed(query[0], key[0], value[0], prefix, scaling)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, kvbench_attention)
+
+
+@contextmanager
+def kvbench_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
+    """Route the model's attention through kvbench for the duration, restoring the user's choice after."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,99 @@
+"""The compressed KV cache: per layer, a compressed context prefix plus an uncompressed tail.
+
+`KVBenchCache` is a transformers `Cache` whose layers store the tail (question and generated tokens)
+like a dynamic cache and keep the context in a method's representation (`LayerPrefix`). The model's
+attention modules call `update`, which only grows the tail; kvbench's attention function
+(`kvbench.harness.attention`) then attends over prefix and tail together. Positions are logical:
+`get_seq_length` counts the original context, so new tokens continue at context length + t.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.harness.prefix import LayerPrefix, stored_bytes
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer: an optional compressed prefix covering `prefix_length` context positions, plus a raw tail."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, prefix: LayerPrefix | None = None, prefix_length: int = 0):
+        super().__init__()
+        self.prefix = prefix
+        self.prefix_length = prefix_length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    @property
+    def tail_length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length + self.tail_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens of the tail (e.g. to answer another question from the same compressed context)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tail tokens to remove")
+        if tokens_to_remove == 0 or self.keys is None:
+            return
+        self.keys = self.keys[..., :tokens_to_remove, :]
+        self.values = self.values[..., :tokens_to_remove, :]
+
+    def reset_tail(self) -> None:
+        if self.keys is not None:
+            self.keys = self.keys[..., :0, :]
+            self.values = self.values[..., :0, :]
+
+
+class KVBenchCache(Cache):
+    """A cache of `CompressedLayer`s; built empty for a prefill, or from a method's prefixes for decoding."""
+
+    def __init__(self, num_layers: int, prefixes: list[LayerPrefix] | None = None, context_length: int = 0):
+        if prefixes is not None and len(prefixes) != num_layers:
+            raise ValueError(f"expected {num_layers} layer prefixes, got {len(prefixes)}")
+        layers = [
+            CompressedLayer(prefixes[i] if prefixes is not None else None, context_length if prefixes else 0)
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.context_length = context_length
+        # Set by the prefill engine: collects the observations the methods declared while attention runs.
+        self.recorder = None
+
+    @property
+    def prefixes(self) -> list[LayerPrefix | None]:
+        return [layer.prefix for layer in self.layers]
+
+    def kv_bytes(self) -> int:
+        """Bytes the compressed context holds, measured from the stored tensors."""
+        return sum(stored_bytes(layer.prefix) for layer in self.layers if layer.prefix is not None)
+
+    def tail_bytes(self) -> int:
+        return sum(stored_bytes([layer.keys, layer.values]) for layer in self.layers if layer.keys is not None)
+
+    def reset_tail(self) -> None:
+        """Forget question and generated tokens, keeping the compressed context."""
+        for layer in self.layers:
+            layer.reset_tail()

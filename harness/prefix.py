@@ -1,0 +1,157 @@
+"""Compressed context representations: what a method leaves in the cache for one layer.
+
+Every representation answers one question at attention time: which keys, values and per-token logit
+biases does each KV head attend to? Between steps it holds only its compressed form, and the harness
+measures its bytes from the tensors it stores (`stored_bytes`), so a representation cannot understate
+what it keeps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+Heads = torch.Tensor | list[torch.Tensor]
+
+
+@dataclass
+class PrefixKV:
+    """Keys, values and optional logit bias per KV head, ready for attention.
+
+    Uniform prefixes give tensors shaped [H, n, d] (bias [H, n]); ragged ones give a list with one
+    [n_h, d] tensor ([n_h] for bias) per head, so ragged heads are never padded.
+    """
+
+    keys: Heads
+    values: Heads
+    bias: Heads | None = None
+
+    @property
+    def uniform(self) -> bool:
+        return isinstance(self.keys, torch.Tensor)
+
+
+class LayerPrefix(ABC):
+    """The compressed context of one layer, in a method's own representation."""
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int: ...
+
+    @abstractmethod
+    def head_lengths(self) -> list[int]:
+        """Number of attended positions per KV head (kept tokens, merged tokens or all tokens)."""
+
+    @abstractmethod
+    def materialize(self) -> PrefixKV:
+        """Keys/values to attend to now; decompression happens here, never stored back."""
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A compact copy when `t` views a larger storage, so that dropped tokens are really freed."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+class TokenPrefix(LayerPrefix):
+    """Kept or merged tokens per KV head, ragged across heads.
+
+    Equal head lengths are stored as one [H, n, d] tensor; unequal ones are packed as [sum n_h, d]
+    plus an int32 length per head (the way varlen attention kernels store them), never padded.
+    `bias` is an additive logit bias per stored token, e.g. ln(count) for a merged token.
+    """
+
+    def __init__(self, keys: Heads, values: Heads, bias: Heads | None = None):
+        if isinstance(keys, torch.Tensor):
+            if values.shape[:2] != keys.shape[:2] or (bias is not None and bias.shape != keys.shape[:2]):
+                raise ValueError("keys, values and bias must keep the same tokens per head")
+            self._num_heads = int(keys.shape[0])
+            self.keys, self.values = _own(keys), _own(values)
+            self.bias = _own(bias) if bias is not None else None
+            self.lengths = None
+            return
+        lengths = [int(k.shape[0]) for k in keys]
+        if [int(v.shape[0]) for v in values] != lengths:
+            raise ValueError("keys and values must keep the same tokens per head")
+        if bias is not None and [int(b.shape[0]) for b in bias] != lengths:
+            raise ValueError("bias must have one entry per stored token")
+        self._num_heads = len(keys)
+        if len(set(lengths)) == 1:
+            self.keys = _own(torch.stack(keys))
+            self.values = _own(torch.stack(values))
+            self.bias = _own(torch.stack(bias)) if bias is not None else None
+            self.lengths = None
+        else:
+            self.keys = _own(torch.cat(keys))
+            self.values = _own(torch.cat(values))
+            self.bias = _own(torch.cat(bias)) if bias is not None else None
+            self.lengths = torch.tensor(lengths, dtype=torch.int32)
+
+    @property
+    def num_heads(self) -> int:
+        return self._num_heads
+
+    def head_lengths(self) -> list[int]:
+        if self.lengths is None:
+            return [int(self.keys.shape[1])] * self._num_heads
+        return self.lengths.tolist()
+
+    def materialize(self) -> PrefixKV:
+        if self.lengths is None:
+            return PrefixKV(self.keys, self.values, self.bias)
+        sizes = self.lengths.tolist()
+        bias = list(self.bias.split(sizes)) if self.bias is not None else None
+        return PrefixKV(list(self.keys.split(sizes)), list(self.values.split(sizes)), bias)
+
+
+class LowRankPrefix(LayerPrefix):
+    """Channel reduction: per KV head, keys and values projected onto orthonormal bases.
+
+    Stores K·B_k ([H, n, r_k]), V·B_v ([H, n, r_v]) and the bases ([H, d, r]); attention uses
+    K ≈ (K·B_k)·B_kᵀ, which is exact when the bases span the head's key/value space (full rank).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_basis: torch.Tensor, value_basis: torch.Tensor):
+        self.key_codes = _own(keys @ key_basis)
+        self.value_codes = _own(values @ value_basis)
+        self.key_basis = _own(key_basis)
+        self.value_basis = _own(value_basis)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.key_codes.shape[0])
+
+    def head_lengths(self) -> list[int]:
+        return [int(self.key_codes.shape[1])] * self.num_heads
+
+    def materialize(self) -> PrefixKV:
+        keys = self.key_codes @ self.key_basis.transpose(-1, -2)
+        values = self.value_codes @ self.value_basis.transpose(-1, -2)
+        return PrefixKV(keys, values)
+
+
+def stored_bytes(obj: object, _seen: set[int] | None = None) -> int:
+    """Bytes of every tensor storage reachable from `obj`, each storage counted once.
+
+    Walking the object's attributes rather than asking it for a size keeps methods honest: whatever a
+    representation holds (indices, scales, biases, bases) is counted, views count their whole storage.
+    """
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(stored_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(stored_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return sum(stored_bytes(v, seen) for v in vars(obj).values())
+    return 0

@@ -1,0 +1,72 @@
+"""The method API: a small class with a dataclass config, declared observation needs and `compress`.
+
+A method maps the budget b (fraction of the context's full-cache bytes it may keep) to its own knobs
+and returns one `LayerPrefix` per layer; the harness measures the bytes it actually kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
+from kvbench.harness.prefill import Observation, ObservationNeeds
+from kvbench.harness.prefix import LayerPrefix
+
+
+class Method(ABC):
+    """Base class of every compression method. Subclasses set `name`, `family`, `description`, `Config`."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    description: ClassVar[str]
+    Config: ClassVar[type]
+    # False for methods that keep everything whatever the budget (full): sweeps run them once.
+    uses_budget: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None, **overrides: Any):
+        base = config if config is not None else self.Config()
+        fields = {f.name for f in dataclasses.fields(base)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise KVBenchError(
+                f"{self.name} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields)) or 'none'}"
+            )
+        self.config = dataclasses.replace(base, **overrides)
+
+    def needs(self) -> ObservationNeeds:
+        """What the prefill must collect for this method (keys and values always come)."""
+        return ObservationNeeds()
+
+    def compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        """Compress the observed context to at most `budget` of its full-cache bytes."""
+        return self._compress(observation, check_budget(budget))
+
+    @abstractmethod
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]: ...
+
+    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
+        """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its name."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods are registered as {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Instantiate a registered method; an unknown name lists the valid ones."""
+    from kvbench.methods import load_all
+
+    load_all()
+    if name not in REGISTRY:
+        raise UnknownNameError(f"unknown method {name!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**options)

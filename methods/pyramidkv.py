@@ -1,0 +1,53 @@
+"""PyramidKV: SnapKV selection with budgets that shrink from lower to higher layers (Cai et al., arXiv 2406.02069)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbench.harness.prefill import Observation, ObservationNeeds
+from kvbench.harness.prefix import LayerPrefix
+from kvbench.methods.base import Method, register
+from kvbench.methods.snapkv import SnapKVConfig, snapkv_layer
+
+
+@dataclass(frozen=True)
+class PyramidKVConfig:
+    """arXiv 2406.02069 with kvpress's budget rule: window 64, kernel 5 (average pooling), β = 20."""
+
+    window: int = 64
+    kernel: int = 5
+    pooling: str = "avg"
+    beta: float = 20.0
+
+
+def pyramid_budgets(context_length: int, budget: float, num_layers: int, window: int, beta: float) -> list[int]:
+    """Tokens kept per layer, decreasing linearly; their mean is b·N up to rounding (reference_methods.md §6)."""
+    n = context_length
+    capacity = window + n * budget
+    min_num = (capacity - window) / beta
+    max_num = 2 * (capacity - window) - min_num
+    if max_num >= n - window:
+        max_num = n - window
+        min_num = 2 * (capacity - window) - max_num
+    if not (n >= max_num >= min_num >= window) or num_layers == 1:
+        return [round(n * budget)] * num_layers
+    step = (max_num - min_num) / (num_layers - 1)
+    return [round(max_num - layer * step) for layer in range(num_layers)]
+
+
+@register
+class PyramidKV(Method):
+    name = "pyramidkv"
+    family = "token eviction"
+    description = "SnapKV scores with linearly decreasing per-layer budgets (pyramid)"
+    Config = PyramidKVConfig
+
+    def needs(self) -> ObservationNeeds:
+        return ObservationNeeds(window=self.config.window)
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        snap = SnapKVConfig(self.config.window, self.config.kernel, self.config.pooling)
+        budgets = pyramid_budgets(
+            observation.context_length, budget, observation.num_layers, self.config.window, self.config.beta
+        )
+        return [snapkv_layer(observation, layer, snap, max(n, 1)) for layer, n in enumerate(budgets)]

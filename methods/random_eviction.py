@@ -1,0 +1,46 @@
+"""Random eviction: the quality floor any scorer must beat (specs/reference_methods.md §10)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.harness.prefill import Observation
+from kvbench.harness.prefix import LayerPrefix
+from kvbench.methods._eviction import keep_top, tokens_for_budget
+from kvbench.methods.base import Method, register
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    """Uniform scores per (KV head, token); kvpress RandomPress. seed: base seed of the generator."""
+
+    seed: int = 0
+
+
+def _layer_seed(seed: int, observation: Observation, layer: int) -> int:
+    """Seed from the base seed, the context's tokens and the layer: same inputs, same kept tokens."""
+    digest = hashlib.sha256()
+    digest.update(f"{seed}:{layer}:".encode())
+    digest.update(observation.input_ids.cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
+
+
+@register
+class RandomEviction(Method):
+    name = "random"
+    family = "token eviction"
+    description = "Keeps a uniformly random int(b*N) tokens per KV head (a floor)"
+    Config = RandomConfig
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        n_kept = tokens_for_budget(observation.context_length, budget)
+        shape = (observation.num_kv_heads, observation.context_length)
+        prefixes = []
+        for layer in range(observation.num_layers):
+            generator = torch.Generator().manual_seed(_layer_seed(self.config.seed, observation, layer))
+            scores = torch.rand(shape, generator=generator).to(observation.keys[layer].device)
+            prefixes.append(keep_top(observation, layer, scores, n_kept))
+        return prefixes
