@@ -1,0 +1,152 @@
+"""The `kvbench` command line. User errors end here as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from kvbench.harness.errors import KVBenchError, check_budget
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line instead of the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise KVBenchError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="embedded alias, Hugging Face id, model dir or .gguf file")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda (auto picks CUDA when present)")
+    parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvbench", description="Benchmark KV-cache compression methods on one cache API.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    listing = commands.add_parser("list", help="list registered methods or tasks")
+    listing.add_argument("what", choices=["methods", "tasks"])
+
+    generate = commands.add_parser("generate", help="compress one prompt, answer it, print output, kv bytes and timings")
+    _add_model_options(generate)
+    generate.add_argument("--method", required=True, help="a registered method (kvbench list methods)")
+    generate.add_argument("--budget", required=True, help="fraction of the full context cache's bytes to keep, in (0, 1]")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the context text (compressed)")
+    source.add_argument("--prompt-file", help="file holding the context text (compressed)")
+    generate.add_argument("--question", default="", help="text after the context, not compressed")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    if args.what == "methods":
+        from kvbench.methods import list_methods
+
+        rows = list_methods()
+    else:
+        from kvbench.tasks import list_tasks
+
+        rows = [(name, description) for name, description in list_tasks()]
+    width = max(len(row[0]) for row in rows)
+    for row in rows:
+        print(f"{row[0]:<{width}}  " + "  ".join(row[1:]))
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise KVBenchError(f"cannot read --prompt-file {args.prompt_file}: {error.__class__.__name__}") from None
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise KVBenchError("the prompt is empty; give the context to compress with --prompt or --prompt-file")
+    return text
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from kvbench.harness.models import load_model, resolve_device, resolve_dtype
+    from kvbench.methods import get_method
+
+    method = get_method(args.method)
+    budget = check_budget(args.budget)
+    if args.max_new_tokens < 1:
+        raise KVBenchError("--max-new-tokens must be at least 1")
+    prompt = _read_prompt(args)
+    resolve_dtype(args.dtype, resolve_device(args.device))
+
+    from kvbench.harness.pipeline import run_context
+    from kvbench.tasks.prompting import split_prompt
+
+    loaded = load_model(args.model, args.device, args.dtype)
+    parts = split_prompt(loaded.tokenizer, prompt, args.question, "")
+    total = len(parts.context_ids) + len(parts.question_ids) + args.max_new_tokens
+    if total > loaded.max_length:
+        raise KVBenchError(
+            f"prompt of {len(parts.context_ids) + len(parts.question_ids)} tokens plus {args.max_new_tokens} new tokens "
+            f"exceeds {args.model}'s maximum length of {loaded.max_length} tokens"
+        )
+    (result,) = run_context(loaded, parts.context_ids, parts.question_ids, [(method, budget)], args.max_new_tokens)
+    record = {
+        "model": args.model,
+        "method": result.method,
+        "budget": result.budget,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "context_tokens": len(parts.context_ids),
+        "question_tokens": len(parts.question_ids),
+        "output": result.output,
+        "new_tokens": result.new_tokens,
+        "kv_bytes": result.kv_bytes,
+        "kv_bytes_full": result.kv_bytes_full,
+        "kv_ratio": round(result.kv_ratio, 6),
+        "prefill_s": round(result.prefill_s, 4),
+        "compress_s": round(result.compress_s, 4),
+        "decode_s": round(result.decode_s, 4),
+        "decode_ms_per_token": round(1000 * result.decode_s / max(result.new_tokens, 1), 2),
+        "peak_memory_bytes": result.peak_memory_bytes,
+    }
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    print(result.output)
+    print(
+        f"\n[{result.method} @ {result.budget:g}] kv_bytes {result.kv_bytes:,} of {result.kv_bytes_full:,} "
+        f"({result.kv_ratio:.3f}) | {len(parts.context_ids)} context tokens | prefill {result.prefill_s:.2f} s | "
+        f"compress {result.compress_s:.3f} s | decode {result.decode_s:.2f} s for {result.new_tokens} tokens "
+        f"({record['decode_ms_per_token']} ms/token)",
+        file=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "list":
+            _cmd_list(args)
+        elif args.command == "generate":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            _cmd_generate(args)
+    except KVBenchError as error:
+        print(f"kvbench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kvbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

