@@ -9,15 +9,14 @@ over prefix (plus per-token bias) and causal tail, per KV head, without expandin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.prefix import PrefixKV
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "kvbench"
 
@@ -90,7 +89,9 @@ def kvbench_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if kvbench_cache is None:
-        raise RuntimeError("the kvbench attention runs only inside kvbench's prefill and decode (kvbench_cache missing)")
+        raise RuntimeError(
+            "the kvbench attention runs only inside kvbench's prefill and decode (kvbench_cache missing)"
+        )
     if query.shape[0] != 1:
         raise ValueError("kvbench decodes one sequence at a time (batch size 1)")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from kvbench.harness.errors import KVBenchError, check_budget
 
@@ -21,9 +22,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded alias, Hugging Face id, model dir or .gguf file")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="embedded alias, Hugging Face id, model dir or .gguf file"
+    )
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda (auto picks CUDA when present)")
-    parser.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto|float32|bfloat16|float16 (auto: bf16 on CUDA, fp32 on CPU)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered methods or tasks")
     listing.add_argument("what", choices=["methods", "tasks"])
 
-    generate = commands.add_parser("generate", help="compress one prompt, answer it, print output, kv bytes and timings")
+    generate = commands.add_parser(
+        "generate", help="compress one prompt, answer it, print output, kv bytes and timings"
+    )
     _add_model_options(generate)
     generate.add_argument("--method", required=True, help="a registered method (kvbench list methods)")
-    generate.add_argument("--budget", required=True, help="fraction of the full context cache's bytes to keep, in (0, 1]")
+    generate.add_argument(
+        "--budget", required=True, help="fraction of the full context cache's bytes to keep, in (0, 1]"
+    )
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the context text (compressed)")
     source.add_argument("--prompt-file", help="file holding the context text (compressed)")
@@ -88,7 +97,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from kvbench.tasks.prompting import split_prompt
 
     loaded = load_model(args.model, args.device, args.dtype)
-    parts = split_prompt(loaded.tokenizer, prompt, args.question, "")
+    question = f"\n{args.question}" if args.question else ""
+    parts = split_prompt(loaded.tokenizer, prompt, question, "")
     total = len(parts.context_ids) + len(parts.question_ids) + args.max_new_tokens
     if total > loaded.max_length:
         raise KVBenchError(
@@ -128,16 +138,22 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def _quiet_loaders() -> None:
+    """Model loading prints progress bars and warnings that drown kvbench's one-screen answer."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (GGUF dequantisation uses it)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "list":
             _cmd_list(args)
         elif args.command == "generate":
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
+            _quiet_loaders()
             _cmd_generate(args)
     except KVBenchError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
-
 from kvbench.harness.attention import kvbench_attention_enabled
 from kvbench.harness.cache import KVBenchCache
 

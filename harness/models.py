@@ -12,7 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-
 from kvbench.harness.errors import KVBenchError, UnknownNameError
 
 
@@ -86,7 +85,9 @@ def _embedded_location(alias: str) -> tuple[str, str]:
         raise KVBenchError(f"model {alias} needs its package: {spec.install}")
     directory = found.submodule_search_locations[0]
     if not os.path.isfile(os.path.join(directory, spec.gguf_file)):
-        raise KVBenchError(f"model {alias}: {spec.gguf_file} is missing from {directory}; reinstall with {spec.install}")
+        raise KVBenchError(
+            f"model {alias}: {spec.gguf_file} is missing from {directory}; reinstall with {spec.install}"
+        )
     return directory, spec.gguf_file
 
 
@@ -118,9 +119,13 @@ def _unknown_model(name: str, reason: str) -> UnknownNameError:
 def _check_supported(name: str, model: torch.nn.Module) -> None:
     layer_types = getattr(model.config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
-        raise KVBenchError(f"model {name} has sliding-window or linear attention layers; kvbench supports full attention only")
+        raise KVBenchError(
+            f"model {name} has sliding-window or linear attention layers; kvbench supports full attention only"
+        )
     if not model._can_set_attn_implementation():
-        raise KVBenchError(f"model {name} does not use transformers' AttentionInterface, so kvbench cannot attach its cache")
+        raise KVBenchError(
+            f"model {name} does not use transformers' AttentionInterface, so kvbench cannot attach its cache"
+        )
 
 
 @lru_cache(maxsize=4)
@@ -142,4 +147,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model = model.to(torch_device).eval()
     _check_supported(name, model)
     source = os.path.join(location, gguf_file) if gguf_file else location
-    return LoadedModel(name=name, source=source, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype)
+    return LoadedModel(
+        name=name, source=source, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
+    )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
-
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
@@ -117,7 +116,9 @@ def run_context(
 ) -> list[CellResult]:
     """Every cell for one context: one shared prefill, plus a private one for each method that needs its own."""
     methods = [method for method, _ in cells]
-    shared = observe(loaded, context_ids, shared_needs(methods)) if any(not m.needs().own_prefill for m in methods) else None
+    shared = (
+        observe(loaded, context_ids, shared_needs(methods)) if any(not m.needs().own_prefill for m in methods) else None
+    )
     results = []
     for method, budget in cells:
         observed = observe(loaded, context_ids, method.needs()) if method.needs().own_prefill else shared

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import LayerPrefix
 from kvbench.methods._eviction import gather_heads, keep_window_and_top, snapkv_prefix_scores, tokens_for_budget
@@ -56,7 +55,9 @@ class AdaKVSnapKV(Method):
         window = min(self.config.window, n)
         if n_kept <= window:
             # The protected window alone fills the budget: every head keeps the same most recent tokens.
-            return [keep_window_and_top(observation, layer, None, n_kept, window) for layer in range(observation.num_layers)]
+            return [
+                keep_window_and_top(observation, layer, None, n_kept, window) for layer in range(observation.num_layers)
+            ]
         prefixes = []
         for layer in range(observation.num_layers):
             scores = torch.full((observation.num_kv_heads, n), float("inf"), device=observation.keys[layer].device)

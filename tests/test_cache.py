@@ -3,7 +3,6 @@
 import math
 
 import torch
-
 from kvbench.harness.attention import attend_compressed
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
@@ -43,7 +42,9 @@ def test_bias_of_a_merged_token_equals_repeating_it():
     torch.manual_seed(0)
     query, tail_k, tail_v = torch.randn(4, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     keys, values = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
-    repeated = PrefixKV(torch.cat([keys, keys[:, :1].expand(-1, 2, -1)], 1), torch.cat([values, values[:, :1].expand(-1, 2, -1)], 1))
+    repeated = PrefixKV(
+        torch.cat([keys, keys[:, :1].expand(-1, 2, -1)], 1), torch.cat([values, values[:, :1].expand(-1, 2, -1)], 1)
+    )
     bias = torch.zeros(2, 6)
     bias[:, 0] = math.log(3)
     merged = PrefixKV(keys, values, bias)
@@ -82,7 +83,15 @@ def test_low_rank_prefix_at_full_rank_reproduces_full_decoding():
     assert low_rank.token_ids == full.token_ids
     for a, b in zip(low_rank.step_logits, full.step_logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    half = [LowRankPrefix(k, v, torch.eye(d)[None, :, : d // 2].expand(k.shape[0], -1, -1).contiguous(), torch.eye(d)[None].expand(k.shape[0], -1, -1).contiguous()) for k, v in zip(observation.keys, observation.values)]
+    half = [
+        LowRankPrefix(
+            k,
+            v,
+            torch.eye(d)[None, :, : d // 2].expand(k.shape[0], -1, -1).contiguous(),
+            torch.eye(d)[None].expand(k.shape[0], -1, -1).contiguous(),
+        )
+        for k, v in zip(observation.keys, observation.values)
+    ]
     ratio = KVBenchCache(observation.num_layers, half, 60).kv_bytes() / observation.kv_bytes_full()
     assert ratio > 0.75  # codes plus bases are all counted: half-rank keys + full values + two bases
 
@@ -106,8 +115,14 @@ def test_decode_hook_runs_after_every_generated_token():
     model = tiny_model("llama-mha")
     observation = prefill(model, random_ids(30, seed=8), ObservationNeeds())
     seen = []
-    decode_with(model, observation, get_method("full").compress(observation, 1.0), [5], steps=5,
-                hook=lambda cache, step: seen.append((step, cache.get_seq_length())))
+    decode_with(
+        model,
+        observation,
+        get_method("full").compress(observation, 1.0),
+        [5],
+        steps=5,
+        hook=lambda cache, step: seen.append((step, cache.get_seq_length())),
+    )
     assert seen == [(0, 32), (1, 33), (2, 34), (3, 35)]
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.prefill import ObservationNeeds, prefill

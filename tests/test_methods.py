@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.errors import BudgetError, KVBenchError, UnknownNameError
 from kvbench.harness.prefill import ObservationNeeds, prefill
@@ -47,7 +46,7 @@ def kept_positions(observation, layer, prefix, head):
 def test_registry_lists_reference_methods():
     names = {name for name, _, _ in list_methods()}
     assert REFERENCE_METHODS <= names
-    for name, family, description in list_methods():
+    for _, family, description in list_methods():
         assert family and description and "\n" not in description
 
 
