@@ -1,0 +1,206 @@
+"""Tasks by name (tasks.md §2), sample generation with length fitting and caching, and scoring.
+
+The harness reaches tasks only through this module, so a new task is one module plus one
+registry entry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from kvbench.tasks import cache, cwe, fwe, niah, passkey, vt
+from kvbench.tasks.errors import TaskError
+from kvbench.tasks.fingerprint import chat_template_sha256, derive_seed, tokenizer_id, vocab_sha256
+from kvbench.tasks.fitting import Fitter, Setup, UnitPlan
+from kvbench.tasks.haystacks import haystack_sha256
+from kvbench.tasks.niah import NiahVariant
+from kvbench.tasks.sample import Sample
+from kvbench.tasks.scoring import METRICS
+from kvbench.tasks.words import wonderwords_version
+
+# Bump whenever a change to any generator alters the samples it produces: it keys the cache.
+GENERATOR_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A generatable task: what it asks, how long answers are, how they are scored, how it grows."""
+
+    name: str
+    description: str
+    max_new_tokens: int
+    metric: str
+    haystack: str
+    plan: Callable[[Setup], UnitPlan]
+
+
+def _niah(name: str, description: str, variant: NiahVariant) -> TaskSpec:
+    return TaskSpec(name, description, 128, "string_match_all", variant.haystack, partial(niah.plan, variant))
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        _niah("niah_single_1", "one word-keyed number among noise sentences", NiahVariant("noise", "words", "numbers")),
+        _niah("niah_single_2", "one word-keyed number in essay prose", NiahVariant("essay", "words", "numbers")),
+        _niah("niah_single_3", "one word-keyed UUID in essay prose", NiahVariant("essay", "words", "uuids")),
+        _niah(
+            "niah_multikey_1",
+            "one of four word-keyed numbers in essay prose",
+            NiahVariant("essay", "words", "numbers", num_keys=4),
+        ),
+        _niah(
+            "niah_multikey_2",
+            "one word-keyed number among lines that are all needles",
+            NiahVariant("needle", "words", "numbers"),
+        ),
+        _niah(
+            "niah_multikey_3",
+            "one UUID-keyed UUID among lines that are all needles",
+            NiahVariant("needle", "uuids", "uuids"),
+        ),
+        _niah(
+            "niah_multivalue",
+            "all four numbers stored under one word key in essay prose",
+            NiahVariant("essay", "words", "numbers", num_values=4),
+        ),
+        _niah(
+            "niah_multiquery",
+            "the numbers of four word keys in essay prose",
+            NiahVariant("essay", "words", "numbers", num_queries=4),
+        ),
+        TaskSpec(
+            name="vt",
+            description="follow a four-hop chain of variable assignments hidden in noise",
+            max_new_tokens=30,
+            metric="string_match_all",
+            haystack="noise",
+            plan=vt.plan,
+        ),
+        TaskSpec(
+            name="cwe",
+            description="name the ten most repeated words of a numbered word list",
+            max_new_tokens=120,
+            metric="string_match_all",
+            haystack="word_list",
+            plan=cwe.plan,
+        ),
+        TaskSpec(
+            name="fwe",
+            description="name the three most frequent words of a Zipf-distributed coded text",
+            max_new_tokens=50,
+            metric="string_match_all",
+            haystack="coded_words",
+            plan=fwe.plan,
+        ),
+        TaskSpec(
+            name="passkey",
+            description="repeat a five-digit pass key hidden among noise sentences",
+            max_new_tokens=16,
+            metric="passkey_exact",
+            haystack="noise",
+            plan=passkey.plan,
+        ),
+    )
+}
+
+# Report averages over a named set (tasks.md §11.5); qa_1/qa_2 need downloads and are omitted.
+TASK_SETS: dict[str, tuple[str, ...]] = {
+    "RULER-11 offline": tuple(name for name in TASKS if name != "passkey"),
+}
+
+
+def list_tasks() -> list[tuple[str, str]]:
+    """(name, one-line description) of every generatable task."""
+    return [(spec.name, spec.description) for spec in TASKS.values()]
+
+
+def get_task(name: str) -> TaskSpec:
+    """The spec of `name`; a TaskError that lists the valid names otherwise."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def _identity(spec: TaskSpec, tokenizer: Any, length: int, seed: int, query_aware: bool) -> dict[str, Any]:
+    """Everything the samples depend on: recorded in each sample and keying the cache."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "task": spec.name,
+        "target_length": length,
+        "seed": seed,
+        "query_aware": query_aware,
+        "tokenizer": tokenizer_id(tokenizer),
+        "vocab_sha256": vocab_sha256(tokenizer),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "haystack": spec.haystack,
+        "haystack_sha256": haystack_sha256(spec.haystack),
+        "wonderwords_version": wonderwords_version(),
+    }
+
+
+def generate_samples(
+    task: str,
+    tokenizer: Any,
+    length: int,
+    num_samples: int,
+    seed: int = 42,
+    query_aware: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> list[Sample]:
+    """`num_samples` samples of `task`, each fitted to `length` tokens with `tokenizer`.
+
+    Sample i is drawn from Random(SHA-256(seed, task, length, i)), so it does not depend on
+    how many samples are requested. `query_aware` must match how the harness will split the
+    prompt: it moves the question into the context, which changes the token count.
+    """
+    spec = get_task(task)
+    if length <= 0 or num_samples <= 0:
+        raise TaskError(f"length and num_samples must be positive, got {length} and {num_samples}")
+    identity = _identity(spec, tokenizer, length, seed, query_aware)
+    key = {**identity, "num_samples": num_samples}
+    if cache_dir is not None:
+        cached = cache.load(cache_dir, key)
+        if cached is not None:
+            return cached
+
+    setup = Setup(tokenizer, spec.name, length, seed, spec.max_new_tokens, query_aware)
+    plan = spec.plan(setup)
+    fitter = Fitter(setup)
+    start = fitter.search(plan, derive_seed(seed, spec.name, length, "search"))
+    samples = []
+    for index in range(num_samples):
+        fitted = fitter.fit(plan, derive_seed(seed, spec.name, length, index), start)
+        draft = fitted.draft
+        metadata = {
+            **{name: value for name, value in identity.items() if name != "task"},
+            "length": fitted.length,
+            "num_units": fitted.units,
+            "increment": plan.increment,
+            **draft.metadata,
+        }
+        samples.append(
+            Sample(
+                task=spec.name,
+                sample_id=index,
+                context=draft.context,
+                question=draft.question,
+                answer_prefix=draft.answer_prefix,
+                references=list(draft.references),
+                max_new_tokens=spec.max_new_tokens,
+                metric=spec.metric,
+                metadata=metadata,
+            )
+        )
+    if cache_dir is not None:
+        cache.store(cache_dir, key, samples)
+    return samples
+
+
+def score(sample: Sample, output_text: str) -> float:
+    """The sample's metric on a raw generation, in [0, 1]."""
+    return METRICS[sample.metric](output_text, sample.references)
