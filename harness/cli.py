@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="the context text (compressed)")
     source.add_argument("--prompt-file", help="file holding the context text (compressed)")
     generate.add_argument("--question", default="", help="text after the context, not compressed")
+    generate.add_argument("--answer-prefix", default="", help="text that starts the answer (after the chat turn)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
@@ -98,7 +99,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     loaded = load_model(args.model, args.device, args.dtype)
     question = f"\n{args.question}" if args.question else ""
-    parts = split_prompt(loaded.tokenizer, prompt, question, "")
+    parts = split_prompt(loaded.tokenizer, prompt, question, args.answer_prefix)
     total = len(parts.context_ids) + len(parts.question_ids) + args.max_new_tokens
     if total > loaded.max_length:
         raise KVBenchError(
