@@ -3,8 +3,9 @@
 The model's own attention modules project, rotate and call `cache.update`; this function receives the
 tail keys/values from that update and finds the layer's compressed prefix through the `kvbench_cache`
 keyword that kvbench passes to the model's forward. With no prefix (a fresh prefill) it is transformers'
-SDPA path, so the prefill is bit-identical to plain transformers; with a prefix it computes one softmax
-over prefix (plus per-token bias) and causal tail, per KV head, without expanding to query heads.
+SDPA path, so the prefill is bit-identical to plain transformers. Over a compressed prefix with equal
+head lengths and no bias it makes the SDPA call a plain cache would make; ragged heads or a logit bias
+take one softmax over prefix (plus bias) and causal tail per KV head, never expanded to query heads.
 """
 
 from __future__ import annotations
@@ -102,8 +103,38 @@ def kvbench_attention(
     if fresh_prefill:
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
     prefix = layer.prefix.materialize() if layer.prefix is not None else None
+    if prefix is None or (prefix.uniform and prefix.bias is None):
+        return _sdpa_over_prefix(module, query, key, value, prefix, scaling)
     out = attend_compressed(query[0], key[0], value[0], prefix, scaling)
     return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _sdpa_over_prefix(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    prefix: PrefixKV | None,
+    scaling: float,
+) -> tuple[torch.Tensor, None]:
+    """Equal-length heads without bias: the same SDPA call a plain transformers cache would make.
+
+    Keys are [prefix; tail] exactly as a dynamic cache would hold them when nothing was dropped, so the
+    `full` method reproduces plain generation bit for bit; the concatenation is transient, per layer.
+    """
+    prefix_length = 0
+    if prefix is not None:
+        prefix_length = prefix.keys.shape[1]
+        key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
+        value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
+    query_length = query.shape[2]
+    mask = None
+    if query_length > 1:
+        tail_length = key.shape[2] - prefix_length
+        visible = ~_tail_mask(query_length, tail_length, query.device)
+        seen = torch.ones(query_length, prefix_length, dtype=torch.bool, device=query.device)
+        mask = torch.cat([seen, visible], dim=-1)[None, None]
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=scaling)
 
 
 AttentionInterface.register(ATTENTION_NAME, kvbench_attention)
