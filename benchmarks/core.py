@@ -1,0 +1,99 @@
+"""Core benchmark: prefill, compress and decode costs of the reference methods on one model.
+
+Prints, per context length: prefill seconds; compress seconds and kv_bytes per method at one budget; decode
+ms/token for `full` vs `snapkv` (or --decode-method); and the ratios of each against `full` measured in this
+same run. Medians over --repeats. Not a test: numbers depend on the machine.
+
+    python benchmarks/core.py [--model smollm2-135m] [--lengths 2048,4096] [--budget 0.25] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from functools import partial
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from kvbench.harness.cache import KVBenchCache  # noqa: E402
+from kvbench.harness.decode import greedy_decode  # noqa: E402
+from kvbench.harness.measure import timed  # noqa: E402
+from kvbench.harness.models import load_model  # noqa: E402
+from kvbench.harness.pipeline import shared_needs  # noqa: E402
+from kvbench.harness.prefill import prefill  # noqa: E402
+from kvbench.methods import REGISTRY, get_method, load_all  # noqa: E402
+from kvbench.tasks import generate_samples, split_prompt  # noqa: E402
+
+
+def median_seconds(device: torch.device, repeats: int, work) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        with timed(device) as watch:
+            result = work()
+        times.append(watch.seconds)
+    return statistics.median(times), result
+
+
+def decode_ms_per_token(loaded, observation, method, budget, question_ids, tokens, repeats) -> float:
+    prefixes = method.compress(observation, budget if method.uses_budget else 1.0)
+
+    def work():
+        cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
+        # No EOS: every run decodes exactly `tokens` tokens, so runs compare per token.
+        return greedy_decode(loaded.model, cache, question_ids, tokens, eos_token_ids=[])
+
+    seconds, generation = median_seconds(loaded.device, repeats, work)
+    return 1000 * seconds / len(generation.token_ids)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--lengths", default="2048,4096")
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--decode-method", default="snapkv")
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, args.device, args.dtype)
+    load_all()
+    methods = [get_method(name) for name in sorted(REGISTRY)]
+    print(f"model {args.model} | device {loaded.device} | dtype {loaded.dtype} | torch {torch.__version__}")
+    print(f"budget {args.budget} | repeats {args.repeats} (medians) | {torch.get_num_threads()} CPU threads")
+    for length in (int(x) for x in args.lengths.split(",")):
+        sample = generate_samples("passkey", loaded.tokenizer, length, 1)[0]
+        parts = split_prompt(loaded.tokenizer, sample.context, sample.question, sample.answer_prefix)
+        needs = shared_needs(methods)
+        prefill_s, observation = median_seconds(
+            loaded.device, args.repeats, partial(prefill, loaded.model, parts.context_ids, needs)
+        )
+        full_bytes = observation.kv_bytes_full()
+        print(f"\n== context {observation.context_length} tokens (target {length}) ==")
+        print(f"prefill: {prefill_s:.3f} s (one shared prefill serves every method below)")
+        print(f"{'method':<16}{'compress_s':>12}{'kv_bytes':>14}{'kv_ratio':>10}")
+        for method in methods:
+            compress_s, prefixes = median_seconds(
+                loaded.device, args.repeats, partial(method.compress, observation, args.budget)
+            )
+            kv_bytes = KVBenchCache(observation.num_layers, prefixes, observation.context_length).kv_bytes()
+            print(f"{method.name:<16}{compress_s:>12.4f}{kv_bytes:>14,}{kv_bytes / full_bytes:>10.3f}")
+        full_ms = decode_ms_per_token(
+            loaded, observation, get_method("full"), 1.0, parts.question_ids, args.new_tokens, args.repeats
+        )
+        other = get_method(args.decode_method)
+        other_ms = decode_ms_per_token(
+            loaded, observation, other, args.budget, parts.question_ids, args.new_tokens, args.repeats
+        )
+        print(f"decode full: {full_ms:.2f} ms/token | {other.name}@{args.budget}: {other_ms:.2f} ms/token")
+        print(f"ratio {other.name}/full decode time: {other_ms / full_ms:.3f} | kv_bytes full {full_bytes:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""What a report says, independent of its format: sections of formatted tables and plots.
+
+Both writers render this one structure, so report.md and report.html always show the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kvbench.reports import tables
+from kvbench.reports.plots import Plot, draw_all
+from kvbench.reports.store import Run
+from kvbench.reports.tables import MEAN_OVER_TASKS
+
+MISSING = "—"
+# C0 controls other than tab and newlines, which read fine as they are.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# A full RULER sweep has hundreds of thousands of rows; past this the page stops opening comfortably.
+MAX_SAMPLE_ROWS = 2000
+META_KEYS = (
+    "model",
+    "model_source",
+    "dtype",
+    "device",
+    "attention_backend",
+    "versions",
+    "git_commit",
+    "command",
+    "seed",
+    "samples",
+    "tasks",
+    "lengths",
+    "methods",
+    "budgets",
+    "query_aware",
+    "started_at",
+    "finished_at",
+)
+# Display name and format of each numeric column the tables produce.
+COLUMNS = {
+    "budget": ("budget", "g"),
+    "length": ("length", "d"),
+    MEAN_OVER_TASKS: (MEAN_OVER_TASKS, ".2f"),
+    "kv_ratio": ("KV ratio", ".3f"),
+    "rows": ("rows", "d"),
+    "nulls": ("nulls", "d"),
+    "refused": ("refused", "d"),
+    "prefill_s": ("prefill s", ".4f"),
+    "compress_s": ("compress s", ".4f"),
+    "decode_s": ("decode s", ".4f"),
+    "decode_ms_per_token": ("decode ms/token", ".2f"),
+    "kv_mib": ("KV MiB", ".2f"),
+    "kv_full_mib": ("full KV MiB", ".2f"),
+    "peak_mib": ("peak memory MiB", ".1f"),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table with every cell already a string; `numeric` columns are right-aligned."""
+
+    caption: str
+    frame: pd.DataFrame
+    numeric: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Section:
+    """One heading's worth of report: a sentence on how to read it, then its tables and plots."""
+
+    title: str
+    text: str
+    tables: list[Table] = field(default_factory=list)
+    plots: list[Plot] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Report:
+    """The whole report; `samples` holds one formatted line per result row, capped at MAX_SAMPLE_ROWS."""
+
+    title: str
+    notes: list[str]
+    sections: list[Section]
+    samples: pd.DataFrame
+    samples_note: str
+
+
+def build_report(run: Run, plots_dir: Path) -> Report:
+    """Compute every table, draw every plot into `plots_dir`, and lay them out in reading order.
+
+    A section with nothing to show (no needle tasks, no timings in lm-eval rows) is left out.
+    """
+    rows = run.rows
+    plots = draw_all(rows, plots_dir)
+    sections = [
+        Section(
+            "Summary",
+            f"{MEAN_OVER_TASKS}: per-task mean scores averaged with equal weight within one metric (metrics "
+            f"are never averaged together); {MISSING} where a task has no scored row. KV ratio: mean stored "
+            "KV bytes / full-cache KV bytes. nulls: empty answers. refused: cells the method declined "
+            "(e.g. budget unreachable); they count here and are left out of every mean, never scored as zero.",
+            _tables([("Summary per metric, method and budget", tables.summary(rows))]),
+        ),
+        Section(
+            "Scores per task",
+            "Mean score per task over all lengths and samples; refused cells left out.",
+            _tables(
+                [(f"Mean score — {metric}", table) for metric, table in tables.task_scores(rows).items()]
+                + [(f"Empty answers — {metric}", table) for metric, table in tables.task_nulls(rows).items()]
+            ),
+            _pick(plots, "score_vs_budget"),
+        ),
+        Section(
+            "Score vs stored KV bytes",
+            "The quality a method keeps for the memory it actually used (its achieved, not requested, budget).",
+            plots=_pick(plots, "score_vs_kv_bytes"),
+        ),
+        Section(
+            "Latency and memory",
+            "Medians of per-row timings (seconds) per length, method and budget; decode ms/token = decode s / "
+            "new tokens. KV MiB are means of stored bytes; peak memory is the device peak (maximum over rows), "
+            f"{MISSING} where the device does not track it.",
+            _tables([("Latency and memory", tables.latency(rows))]),
+        ),
+        Section(
+            "Needle depth × length",
+            "Needle tasks only; depth is the first needle's position in the context, binned to deciles.",
+            plots=_pick(plots, "needle_depth_"),
+        ),
+        Section("Run metadata", "From run.json.", [_metadata(run)]),
+    ]
+    samples = tables.sample_outputs(rows)
+    shown = samples.head(MAX_SAMPLE_ROWS)
+    note = f"{len(samples)} rows."
+    if len(shown) < len(samples):
+        note = f"First {len(shown)} of {len(samples)} rows (by task, length, sample); all are in results.jsonl."
+    return Report(
+        title=_title(run.meta),
+        notes=_notes(run),
+        sections=[section for section in sections if section.tables or section.plots],
+        samples=_format_samples(shown),
+        samples_note=note,
+    )
+
+
+def _tables(captioned: list[tuple[str, pd.DataFrame]]) -> list[Table]:
+    return [_format(caption, frame) for caption, frame in captioned if not frame.empty]
+
+
+def _pick(plots: list[Plot], stem_prefix: str) -> list[Plot]:
+    return [plot for plot in plots if plot.path.stem.startswith(stem_prefix)]
+
+
+def _title(meta: dict[str, Any]) -> str:
+    setting = " (query-aware)" if meta.get("query_aware") else ""
+    return f"kvbench report — {meta.get('model', 'unknown model')}{setting}"
+
+
+def _notes(run: Run) -> list[str]:
+    """Warnings a reader must see before trusting the numbers."""
+    notes = []
+    if not run.meta.get("finished_at"):
+        notes.append("The run has not finished (killed or still running): cells may be missing.")
+    if run.skipped_lines:
+        notes.append(f"{run.skipped_lines} unreadable line(s) in results.jsonl were skipped.")
+    return notes
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if spec == "d":
+        return str(int(value))
+    return format(value, spec)
+
+
+def _format(caption: str, frame: pd.DataFrame) -> Table:
+    """Numbers to strings with one precision per quantity; unknown columns (task names) are scores."""
+    formatted = pd.DataFrame(index=frame.index)
+    numeric = set()
+    for column in frame.columns:
+        name, spec = COLUMNS.get(column, (column, ".2f" if pd.api.types.is_float_dtype(frame[column]) else "d"))
+        if column in ("method", "metric"):
+            formatted[column] = frame[column].astype(str)
+            continue
+        formatted[name] = [_cell(value, spec) for value in frame[column]]
+        numeric.add(name)
+    return Table(caption, formatted, frozenset(numeric))
+
+
+def _metadata(run: Run) -> Table:
+    meta = run.meta
+    keys = [key for key in META_KEYS if key in meta] + sorted(key for key in meta if key not in META_KEYS)
+    items: list[tuple[str, str]] = []
+    for key in keys:
+        value = meta[key]
+        if isinstance(value, dict):
+            items.extend((f"{key}.{name}", _text(inner)) for name, inner in value.items())
+        else:
+            items.append((key, _text(value)))
+    items.append(("result rows read", str(len(run.rows))))
+    items.append(("unreadable lines skipped", str(run.skipped_lines)))
+    return Table("Run metadata", pd.DataFrame(items, columns=["field", "value"]))
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, list):
+        return ", ".join(_text(item) for item in value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _visible(text: str) -> str:
+    """Control characters (EOS remnants, NUL) as their Unicode pictures: raw, they corrupt HTML and hide in tables."""
+    return _CONTROL.sub(lambda match: chr(0x2400 + ord(match.group())), text)
+
+
+def _format_samples(samples: pd.DataFrame) -> pd.DataFrame:
+    """Refused cells show the method's reason in place of an answer, and no score."""
+    refused = samples["refused"]
+    return pd.DataFrame(
+        {
+            "task": samples["task"].astype(str),
+            "length": [_cell(value, "d") for value in samples["length"]],
+            "sample": [_cell(value, "d") for value in samples["sample_id"]],
+            "method": samples["method"].astype(str),
+            "budget": [_cell(value, "g") for value in samples["budget"]],
+            "score": ["refused" if no else _cell(value, ".2f") for no, value in zip(refused, samples["score"])],
+            "output": [
+                _visible(f"refused: {error}" if no else (output if isinstance(output, str) else ""))
+                for no, error, output in zip(refused, samples["error"], samples["output"])
+            ],
+            "references": [_visible(_text(refs)) if isinstance(refs, list) else "" for refs in samples["references"]],
+        }
+    )

@@ -1,0 +1,23 @@
+"""The public entry point: one run directory in, report.md, report.html and plots/ out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbench.reports.content import build_report
+from kvbench.reports.html_writer import write_html
+from kvbench.reports.markdown_writer import write_markdown
+from kvbench.reports.store import load_run
+
+
+def render_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Render the run in `run_dir` next to its results, so a report always travels with its data.
+
+    Returns the paths of report.md and report.html. Raises ReportError (one line) for a
+    directory that is not a readable run.
+    """
+    run = load_run(run_dir)
+    report = build_report(run, run.run_dir / "plots")
+    markdown = write_markdown(report, run.run_dir / "report.md")
+    page = write_html(report, run.run_dir / "report.html")
+    return markdown, page

@@ -1,0 +1,126 @@
+"""Read one run directory's result store into pandas.
+
+The store is the single source of truth (DESIGN §1), so reports never import the runner:
+they must render a run written by any kvbench version, or one killed halfway through.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kvbench.reports.errors import ReportError
+
+# tasks.md §11.1 post-processing, restated here because reports may import nothing but the store's
+# format: an answer is empty when nothing is left after stripping and control characters.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
+
+REQUIRED_COLUMNS = ("task", "length", "sample_id", "method", "budget", "score", "metric")
+# Later row producers (lm-eval, generation-quality tasks) may leave these out.
+OPTIONAL_COLUMNS = (
+    "kv_bytes",
+    "kv_bytes_full",
+    "kv_ratio",
+    "prefill_s",
+    "compress_s",
+    "decode_s",
+    "new_tokens",
+    "output",
+    "references",
+    "depth",
+    "peak_memory_bytes",
+    "error",
+)
+NUMERIC_COLUMNS = (
+    "length",
+    "sample_id",
+    "budget",
+    "score",
+    "kv_bytes",
+    "kv_bytes_full",
+    "kv_ratio",
+    "prefill_s",
+    "compress_s",
+    "decode_s",
+    "new_tokens",
+    "depth",
+    "peak_memory_bytes",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run: its metadata, its rows, and how many store lines could not be read."""
+
+    run_dir: Path
+    meta: dict[str, Any]
+    rows: pd.DataFrame
+    skipped_lines: int
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Load `run.json` and `results.jsonl`, adding the columns every report needs.
+
+    Added columns: `refused` (the method declined the cell; its score is not a zero), `null`
+    (an empty answer after the scorer's post-processing, tasks.md §11.4).
+    """
+    run_dir = Path(run_dir)
+    meta = _read_meta(run_dir / "run.json")
+    records, skipped = _read_rows(run_dir / "results.jsonl")
+    rows = pd.DataFrame.from_records(records)
+    missing = [name for name in REQUIRED_COLUMNS if name not in rows.columns]
+    if missing:
+        raise ReportError(f"{run_dir / 'results.jsonl'} rows lack {', '.join(missing)}; was it written by kvbench?")
+    for name in OPTIONAL_COLUMNS:
+        if name not in rows.columns:
+            rows[name] = None
+    for name in NUMERIC_COLUMNS:
+        rows[name] = pd.to_numeric(rows[name], errors="coerce")
+    rows["refused"] = rows["error"].map(lambda error: isinstance(error, str) and error != "").astype(bool)
+    rows.loc[rows["refused"], "score"] = float("nan")
+    rows["null"] = ~rows["refused"] & rows["output"].map(_is_empty).astype(bool)
+    return Run(run_dir=run_dir, meta=meta, rows=rows, skipped_lines=skipped)
+
+
+def _is_empty(output: Any) -> bool:
+    """Only generated text can be empty; rows without an output (perplexity, say) are not nulls."""
+    return isinstance(output, str) and not _CONTROL_CHARS.sub("", output).strip()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ReportError(f"no run.json in {path.parent}; pass a run directory written by `kvbench run`")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); rerun or repair it") from None
+    if not isinstance(meta, dict):
+        raise ReportError(f"{path} must hold a JSON object; rerun or repair it")
+    return meta
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Parse one row per line, skipping lines a killed run left half-written."""
+    if not path.is_file():
+        raise ReportError(f"no results.jsonl in {path.parent}; the run wrote no results yet")
+    records: list[dict[str, Any]] = []
+    skipped = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            skipped += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            skipped += 1
+    if not records:
+        raise ReportError(f"{path} holds no readable rows; the run wrote no results yet")
+    return records, skipped
