@@ -18,6 +18,7 @@ from functools import partial
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
+
 from kvbench.harness.cache import KVBenchCache  # noqa: E402
 from kvbench.harness.decode import greedy_decode  # noqa: E402
 from kvbench.harness.measure import timed  # noqa: E402

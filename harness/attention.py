@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.prefix import PrefixKV
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.prefix import PrefixKV
 
 ATTENTION_NAME = "kvbench"
 

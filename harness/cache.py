@@ -10,8 +10,9 @@ attention modules call `update`, which only grows the tail; kvbench's attention 
 from __future__ import annotations
 
 import torch
-from kvbench.harness.prefix import LayerPrefix, stored_bytes
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.harness.prefix import LayerPrefix, stored_bytes
 
 
 class CompressedLayer(CacheLayerMixin):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list registered methods or tasks")
     listing.add_argument("what", choices=["methods", "tasks"])
+
+    run = commands.add_parser("run", help="sweep tasks x lengths x methods x budgets into a result store and report")
+    _add_model_options(run)
+    run.add_argument("--methods", required=True, help="comma-separated methods, e.g. full,snapkv,streaming_llm")
+    run.add_argument("--budgets", required=True, help="comma-separated budgets in (0, 1], e.g. 0.1,0.25,0.5")
+    run.add_argument("--tasks", required=True, help="comma-separated tasks (kvbench list tasks)")
+    run.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, generation included")
+    run.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--out", required=True, help="run directory: results.jsonl, run.json, report.md, report.html")
+    run.add_argument("--query-aware", action="store_true", help="compress the question with the context")
+    run.add_argument("--force", action="store_true", help="replace results of another model/seed/setting in --out")
+    run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    report = commands.add_parser("report", help="render report.md and report.html from a run directory")
+    report.add_argument("run_dir")
 
     generate = commands.add_parser(
         "generate", help="compress one prompt, answer it, print output, kv bytes and timings"
@@ -139,6 +157,43 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
+    from kvbench.harness.sweep import SweepSpec, parse_lengths, parse_list, run_sweep
+
+    budgets = []
+    for item in parse_list(args.budgets, "budgets"):
+        budgets.append(check_budget(item))
+    spec = SweepSpec(
+        model=args.model,
+        methods=parse_list(args.methods, "methods"),
+        budgets=list(dict.fromkeys(budgets)),
+        tasks=parse_list(args.tasks, "tasks"),
+        lengths=parse_lengths(args.lengths),
+        samples=args.samples,
+        out=Path(args.out),
+        seed=args.seed,
+        query_aware=args.query_aware,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        command=shlex.join(["kvbench", *argv]),
+    )
+    store = run_sweep(spec, progress=not args.no_progress)
+    print(f"results: {store.results_path}")
+    if not args.no_report:
+        _render(store.directory)
+
+
+def _render(run_dir: Path) -> None:
+    from kvbench.reports import ReportError, render_report
+
+    try:
+        markdown, html = render_report(run_dir)
+    except ReportError as error:
+        raise KVBenchError(str(error)) from None
+    print(f"report: {markdown}\nreport: {html}")
+
+
 def _quiet_loaders() -> None:
     """Model loading prints progress bars and warnings that drown kvbench's one-screen answer."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (GGUF dequantisation uses it)
@@ -149,13 +204,19 @@ def _quiet_loaders() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command == "list":
             _cmd_list(args)
+        elif args.command == "report":
+            _render(Path(args.run_dir))
         elif args.command == "generate":
             _quiet_loaders()
             _cmd_generate(args)
+        else:
+            _quiet_loaders()
+            _cmd_run(args, argv)
     except KVBenchError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE

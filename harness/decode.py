@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from kvbench.harness.attention import kvbench_attention_enabled
 from kvbench.harness.cache import KVBenchCache
 

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
 from kvbench.harness.errors import KVBenchError, UnknownNameError
 
 

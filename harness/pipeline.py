@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
+from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
@@ -106,6 +108,30 @@ def run_cell(
     )
 
 
+def iter_context_cells(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    cells: Sequence[tuple[Method, float]],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+) -> Iterator[tuple[Method, float, CellResult | BudgetError]]:
+    """Every cell for one context, yielded as each finishes: one shared prefill, plus a private one for each
+    method that needs its own. A budget a method refuses is yielded as its BudgetError, not raised."""
+    methods = [method for method, _ in cells]
+    shared = None
+    if any(not m.needs().own_prefill for m in methods):
+        shared = observe(loaded, context_ids, shared_needs(methods))
+    for method, budget in cells:
+        observed = observe(loaded, context_ids, method.needs()) if method.needs().own_prefill else shared
+        try:
+            result = run_cell(loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings)
+        except BudgetError as refusal:
+            yield method, budget, refusal
+            continue
+        yield method, budget, result
+
+
 def run_context(
     loaded: LoadedModel,
     context_ids: Sequence[int],
@@ -114,13 +140,10 @@ def run_context(
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
 ) -> list[CellResult]:
-    """Every cell for one context: one shared prefill, plus a private one for each method that needs its own."""
-    methods = [method for method, _ in cells]
-    shared = (
-        observe(loaded, context_ids, shared_needs(methods)) if any(not m.needs().own_prefill for m in methods) else None
-    )
+    """All cells for one context; a refused budget raises its BudgetError."""
     results = []
-    for method, budget in cells:
-        observed = observe(loaded, context_ids, method.needs()) if method.needs().own_prefill else shared
-        results.append(run_cell(loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings))
+    for _, _, outcome in iter_context_cells(loaded, context_ids, question_ids, cells, max_new_tokens, stop_strings):
+        if isinstance(outcome, BudgetError):
+            raise outcome
+        results.append(outcome)
     return results

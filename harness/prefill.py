@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from kvbench.harness.attention import kvbench_attention_enabled
 from kvbench.harness.cache import KVBenchCache
 

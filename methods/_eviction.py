@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.prefill import Observation
 from kvbench.harness.prefix import TokenPrefix

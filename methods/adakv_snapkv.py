@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import LayerPrefix
 from kvbench.methods._eviction import gather_heads, keep_window_and_top, snapkv_prefix_scores, tokens_for_budget

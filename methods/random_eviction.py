@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
 from kvbench.harness.prefill import Observation
 from kvbench.harness.prefix import LayerPrefix
 from kvbench.methods._eviction import keep_top, tokens_for_budget

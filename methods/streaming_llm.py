@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.prefill import Observation
 from kvbench.harness.prefix import LayerPrefix

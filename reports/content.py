@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from kvbench.reports import tables
 from kvbench.reports.plots import Plot, draw_all
 from kvbench.reports.store import Run

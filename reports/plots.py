@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 import seaborn as sns
-from kvbench.reports import tables
-from kvbench.reports.tables import MEAN_OVER_TASKS, REFERENCE_METHOD
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from kvbench.reports import tables
+from kvbench.reports.tables import MEAN_OVER_TASKS, REFERENCE_METHOD
 
 DPI = 110
 STYLE = "whitegrid"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from kvbench.reports.errors import ReportError
 
 # tasks.md §11.1 post-processing, restated here because reports may import nothing but the store's

@@ -34,7 +34,7 @@ def render(rng: Random, units: int) -> Draft:
         question=QUESTION,
         answer_prefix=ANSWER_PREFIX,
         references=[key],
-        metadata={"depth": depth},
+        metadata={"depths": [round(100 * depth, 2)]},
     )
 
 

@@ -3,13 +3,14 @@
 import math
 
 import torch
+from tiny_models import random_ids, tiny_model
+
 from kvbench.harness.attention import attend_compressed
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.harness.prefix import LowRankPrefix, PrefixKV, TokenPrefix, stored_bytes
 from kvbench.methods import get_method
-from tiny_models import random_ids, tiny_model
 
 
 def decode_with(model, observation, prefixes, question, steps=8, hook=None):

@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from kvbench.harness.cli import main
 from tiny_models import tiny_model, tiny_tokenizer
+
+from kvbench.harness.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import ARCHITECTURES, random_ids, tiny_model
+
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods import get_method
-from tiny_models import ARCHITECTURES, random_ids, tiny_model
 
 NEW_TOKENS = 16
 

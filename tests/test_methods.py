@@ -3,13 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import random_ids, tiny_model
+
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.errors import BudgetError, KVBenchError, UnknownNameError
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods import REGISTRY, get_method, list_methods, load_all
 from kvbench.methods.adakv_snapkv import adaptive_head_indices
 from kvbench.methods.pyramidkv import pyramid_budgets
-from tiny_models import random_ids, tiny_model
 
 load_all()
 METHODS = sorted(REGISTRY)

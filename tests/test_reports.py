@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from kvbench.reports import ReportError, render_report
 
 CHROMIUM = Path("/usr/bin/chromium")

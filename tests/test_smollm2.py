@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
+
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.models import load_model
@@ -11,7 +13,6 @@ from kvbench.harness.pipeline import run_context
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods import REGISTRY, get_method, load_all
 from kvbench.tasks.prompting import split_prompt
-from transformers import DynamicCache
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "passkey.txt"
 NEW_TOKENS = 10

@@ -9,7 +9,9 @@ from collections import Counter
 from random import Random
 
 import pytest
+
 from kvbench.tasks import (
+    GENERATOR_VERSION,
     TASK_SETS,
     TASKS,
     TaskError,
@@ -138,7 +140,7 @@ def test_same_seed_same_samples_and_each_index_stands_alone(tasks_chat_tokenizer
 
 def test_metadata_identifies_the_data(tasks_chat_tokenizer, tasks_plain_tokenizer, generated):
     meta = generated("niah_single_2", 1024)[0].metadata
-    assert meta["target_length"] == 1024 and meta["seed"] == 42 and meta["generator_version"] == "1"
+    assert meta["target_length"] == 1024 and meta["seed"] == 42 and meta["generator_version"] == GENERATOR_VERSION
     assert meta["haystack"] == "essay" and re.fullmatch(r"[0-9a-f]{64}", meta["haystack_sha256"])
     assert re.fullmatch(r"[0-9a-f]{64}", meta["chat_template_sha256"])
     assert meta["wonderwords_version"] == "3.0.1"
@@ -393,7 +395,7 @@ def test_passkey_layout_and_depth(generated, length):
         )
         assert needle == f"The pass key is {key}. Remember it. {key} is the pass key." and end == ""
         assert (sample.question, sample.answer_prefix) == ("What is the pass key?", " The pass key is")
-        units, depth = sample.metadata["num_units"], sample.metadata["depth"]
+        units, depth = sample.metadata["num_units"], sample.metadata["depths"][0] / 100
         assert depth in {i / 10 for i in range(11)}
         assert before == " ".join([NOISE] * round(depth * units))
         assert after == " ".join([NOISE] * (units - round(depth * units)))

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+
 from kvbench.tasks import TaskError, generate_samples, load_hf_samples, load_jsonl_samples
 from kvbench.tasks.loaders import split_ruler_input
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvbench.tasks import TaskError, split_prompt
 
 CONTEXT = "Some context line.\nMore {braces} and ünïcode.\n"

@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+
 from kvbench.tasks import METRICS, Sample, TaskError, postprocess, score
 from kvbench.tasks.haystacks import essay_text, essay_words, haystack_sha256, split_sentences
 from kvbench.tasks.scoring import passkey_exact, string_match_all, string_match_part

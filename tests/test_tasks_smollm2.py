@@ -6,6 +6,7 @@ import importlib.util
 from random import Random
 
 import pytest
+
 from kvbench.tasks import TASKS, generate_samples, split_prompt
 from kvbench.tasks.fingerprint import derive_seed
 from kvbench.tasks.fitting import Fitter, Setup

@@ -1,0 +1,119 @@
+"""The result store of one run directory: `run.json` (what was run, where, with what) and `results.jsonl`.
+
+Rows are appended, flushed and fsync'ed as each cell finishes, so a killed run loses nothing finished; a line
+cut short by the kill is dropped when the store is reopened, and rerunning the same command skips every cell
+whose row is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kvbench.harness.errors import KVBenchError
+
+RESULTS = "results.jsonl"
+RUN_META = "run.json"
+CellKey = tuple[str, int, int, str, float]
+
+
+def cell_key(row: dict[str, Any]) -> CellKey:
+    return (row["task"], int(row["length"]), int(row["sample_id"]), row["method"], round(float(row["budget"]), 6))
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ResultStore:
+    """Append-only rows plus run metadata in one directory."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self.results_path = self.directory / RESULTS
+        self.meta_path = self.directory / RUN_META
+
+    def open(self, identity: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
+        """Make the directory writable and ours: results of another run identity are refused unless `force`,
+        which clears them. Returns the metadata of the run being resumed, if any."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / ".kvbench-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise KVBenchError(
+                f"cannot write to output directory {self.directory}: {error.strerror or error}"
+            ) from None
+        previous = self.read_meta()
+        if previous is None:
+            if self.results_path.exists() and not force:
+                raise KVBenchError(f"{self.directory} has {RESULTS} but no {RUN_META}; use another --out or --force")
+            if force:
+                self.clear()
+            return None
+        clashes = [name for name in identity if previous.get(name) != identity[name]]
+        if clashes and not force:
+            described = ", ".join(f"{f} {previous.get(f)!r} (now {identity[f]!r})" for f in clashes)
+            raise KVBenchError(
+                f"{self.directory} holds results of another run: {described}; use another --out or --force to replace them"
+            )
+        if clashes:
+            self.clear()
+            return None
+        self._repair_tail()
+        return previous
+
+    def clear(self) -> None:
+        for path in (self.results_path, self.meta_path):
+            path.unlink(missing_ok=True)
+        for derived in ("report.md", "report.html"):
+            (self.directory / derived).unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "plots", ignore_errors=True)
+
+    def read_meta(self) -> dict[str, Any] | None:
+        if not self.meta_path.exists():
+            return None
+        try:
+            return json.loads(self.meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            raise KVBenchError(f"{self.meta_path} is unreadable; remove it or use another --out") from None
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        temporary = self.meta_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(temporary, self.meta_path)
+
+    def _repair_tail(self) -> None:
+        """Drop a last line cut short by a kill, so the next row starts on a line of its own."""
+        if not self.results_path.exists():
+            return
+        data = self.results_path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.results_path, "r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.results_path.exists():
+            return []
+        rows = []
+        for line in self.results_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    def done(self) -> set[CellKey]:
+        return {cell_key(row) for row in self.rows()}
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with open(self.results_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,220 @@
+"""`kvbench run`: tasks × lengths × samples, one prefill per sample, every (method, budget) from it.
+
+Everything a user can get wrong is checked before the model loads; each finished cell is one row in the
+store at once, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from kvbench.harness.pipeline import CellResult, iter_context_cells
+from kvbench.harness.store import ResultStore, cell_key, now
+from kvbench.methods import Method, get_method
+from kvbench.tasks import Sample, generate_samples, get_task, score, split_prompt
+
+
+@dataclass
+class SweepSpec:
+    model: str
+    methods: list[str]
+    budgets: list[float]
+    tasks: list[str]
+    lengths: list[int]
+    samples: int
+    out: Path
+    seed: int = 42
+    query_aware: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    force: bool = False
+    command: str = ""
+    sample_cache: Path | None = field(default=None)
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise KVBenchError(f"--{what} is empty; give a comma-separated list")
+    return list(dict.fromkeys(items))
+
+
+def parse_lengths(text: str) -> list[int]:
+    lengths = []
+    for item in parse_list(text, "lengths"):
+        try:
+            value = int(item)
+        except ValueError:
+            raise KVBenchError(f"length {item!r} is not a whole number of tokens") from None
+        if value < 1:
+            raise KVBenchError(f"length {value} must be a positive number of tokens")
+        lengths.append(value)
+    return lengths
+
+
+def default_sample_cache() -> Path:
+    return Path(os.environ.get("KVBENCH_CACHE_DIR", Path.home() / ".cache" / "kvbench")) / "samples"
+
+
+def validate(spec: SweepSpec) -> list[Method]:
+    """Check every user input that needs no model; return the methods to run."""
+    methods = [get_method(name) for name in spec.methods]
+    for budget in spec.budgets:
+        check_budget(budget)
+    for task in spec.tasks:
+        get_task(task)
+    if spec.samples < 1:
+        raise KVBenchError(f"--samples {spec.samples} must be at least 1")
+    resolve_dtype(spec.dtype, resolve_device(spec.device))
+    return methods
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata(spec: SweepSpec, loaded: LoadedModel) -> dict[str, Any]:
+    return {
+        "model": spec.model,
+        "model_source": loaded.source,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "attention_backend": "kvbench (transformers SDPA for the prefill and unbiased uniform prefixes)",
+        "versions": {
+            "kvbench": _version("kvbench"),
+            "torch": _version("torch"),
+            "transformers": _version("transformers"),
+            "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+        "git_commit": _git_commit(),
+        "command": spec.command,
+        "seed": spec.seed,
+        "samples": spec.samples,
+        "tasks": spec.tasks,
+        "lengths": spec.lengths,
+        "methods": spec.methods,
+        "budgets": spec.budgets,
+        "query_aware": spec.query_aware,
+        "started_at": now(),
+        "finished_at": None,
+    }
+
+
+def cells_for(methods: list[Method], budgets: list[float]) -> list[tuple[Method, float]]:
+    """Every (method, budget); a method that ignores the budget runs once, at 1.0."""
+    cells = []
+    for method in methods:
+        for budget in budgets if method.uses_budget else [1.0]:
+            cells.append((method, budget))
+    return cells
+
+
+def _row(sample: Sample, length: int, method: Method, budget: float, outcome: CellResult | BudgetError, parts, spec):
+    depths = sample.metadata.get("depths") or ([sample.metadata["depth"]] if "depth" in sample.metadata else [])
+    row = {
+        "task": sample.task,
+        "length": length,
+        "sample_id": sample.sample_id,
+        "method": method.name,
+        "budget": budget,
+        "metric": sample.metric,
+        "references": sample.references,
+        "context_tokens": len(parts.context_ids),
+        "question_tokens": len(parts.question_ids),
+        "depth": float(depths[0]) if depths else None,
+        "query_aware": spec.query_aware,
+        "seed": spec.seed,
+    }
+    if isinstance(outcome, BudgetError):
+        return {**row, "score": None, "error": str(outcome)}
+    return {
+        **row,
+        "score": round(100 * score(sample, outcome.output), 2),
+        "output": outcome.output,
+        "kv_bytes": outcome.kv_bytes,
+        "kv_bytes_full": outcome.kv_bytes_full,
+        "kv_ratio": round(outcome.kv_ratio, 6),
+        "prefill_s": round(outcome.prefill_s, 4),
+        "compress_s": round(outcome.compress_s, 4),
+        "decode_s": round(outcome.decode_s, 4),
+        "new_tokens": outcome.new_tokens,
+        "stopped_by": outcome.stopped_by,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+    }
+
+
+def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
+    methods = validate(spec)
+    store = ResultStore(spec.out)
+    # What must match for new rows to belong with those already in --out; checked before the model loads.
+    identity = {"model": spec.model, "seed": spec.seed, "query_aware": spec.query_aware}
+    previous = store.open(identity, force=spec.force)
+    loaded = load_model(spec.model, spec.device, spec.dtype)
+    too_long = [n for n in spec.lengths if n > loaded.max_length]
+    if too_long:
+        raise KVBenchError(f"length {too_long[0]} exceeds {spec.model}'s maximum of {loaded.max_length} tokens")
+    meta = run_metadata(spec, loaded)
+    if previous is not None:
+        meta["started_at"] = previous.get("started_at", meta["started_at"])
+    store.write_meta(meta)
+    done = store.done()
+    cells = cells_for(methods, spec.budgets)
+    cache_dir = spec.sample_cache or default_sample_cache()
+
+    plan = []
+    for task in spec.tasks:
+        for length in spec.lengths:
+            samples = generate_samples(
+                task, loaded.tokenizer, length, spec.samples, spec.seed, spec.query_aware, cache_dir=cache_dir
+            )
+            for sample in samples:
+                todo = [(m, b) for m, b in cells if (task, length, sample.sample_id, m.name, round(b, 6)) not in done]
+                if todo:
+                    plan.append((length, sample, todo))
+    total = sum(len(todo) for _, _, todo in plan)
+    skipped = len(spec.tasks) * len(spec.lengths) * spec.samples * len(cells) - total
+    bar = tqdm(total=total, disable=not progress, unit="cell", desc="kvbench run", file=sys.stderr, dynamic_ncols=True)
+    if skipped:
+        bar.write(f"kvbench: {skipped} finished cells found in {spec.out}; running the {total} left")
+    with bar:
+        for length, sample, todo in plan:
+            parts = split_prompt(
+                loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=spec.query_aware
+            )
+            outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens)
+            for method, budget, outcome in outcomes:
+                row = _row(sample, length, method, budget, outcome, parts, spec)
+                store.append(row)
+                done.add(cell_key(row))
+                bar.set_postfix_str(f"{sample.task}@{length} {method.name}@{budget:g}", refresh=False)
+                bar.update(1)
+    meta["finished_at"] = now()
+    store.write_meta(meta)
+    return store
