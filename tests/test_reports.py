@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import CHROMIUM, decoded_image_widths
 
 from kvbench.reports import ReportError, render_report
 
-CHROMIUM = Path("/usr/bin/chromium")
 TASKS = {"niah_single_1": "string_match_all", "vt": "string_match_all", "passkey": "passkey_exact"}
 LENGTHS = (1024, 2048)
 SAMPLES = 4
@@ -263,22 +263,6 @@ def test_reports_import_only_the_store(rendered):
 def test_chromium_decodes_every_plot(rendered, tmp_path):
     """A real browser, offline, records each image's decoded width; a broken data URI gives 0."""
     _, _, _, page = rendered
-    probe = "<script>addEventListener('load', () => { for (const img of document.images) img.dataset.width = img.naturalWidth; });</script>"
-    probe_page = tmp_path / "probe.html"
-    probe_page.write_text(page.read_text().replace("</body>", probe + "</body>"))
-    flags = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
-    dom = subprocess.run([*flags, "--dump-dom", probe_page.as_uri()], capture_output=True, text=True, timeout=60).stdout
-    widths = [int(width) for width in re.findall(r'data-width="(\d+)"', dom)]
+    widths = decoded_image_widths(page, tmp_path)
     assert len(widths) == page.read_text().count("<img ") >= 3
     assert all(width > 100 for width in widths)

@@ -17,11 +17,11 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(kind: str = "llama-gqa", layers: int = 3, seed: int = 0) -> torch.nn.Module:
+def tiny_model(kind: str = "llama-gqa", layers: int = 3, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     """A random causal LM of the given architecture, fp32, eval mode, deterministic from `seed`."""
     arch, heads, kv_heads = ARCHITECTURES[kind]
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=16 * heads,
         intermediate_size=64,
         num_hidden_layers=layers,
