@@ -61,6 +61,16 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.keys[..., :tokens_to_remove, :]
         self.values = self.values[..., :tokens_to_remove, :]
 
+    def absorb_tail(self, prefix: LayerPrefix) -> None:
+        """Replace the prefix by one that now also covers the tail (a method recompressed prefix + tail).
+
+        Positions stay logical: the prefix now stands for prefix_length + tail_length positions, so later
+        tokens still continue after everything seen so far.
+        """
+        self.prefix_length += self.tail_length
+        self.prefix = prefix
+        self.reset_tail()
+
     def reset_tail(self) -> None:
         if self.keys is not None:
             self.keys = self.keys[..., :0, :]

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    calibrate = commands.add_parser("calibrate", help="compute and cache a method's calibration artifacts")
+    calibrate.add_argument("method", help="a method that needs calibration")
+    _add_model_options(calibrate)
+    calibrate.add_argument("--force", action="store_true", help="recompute even if cached")
+
     report = commands.add_parser("report", help="render report.md and report.html from a run directory")
     report.add_argument("run_dir")
 
@@ -112,10 +117,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     prompt = _read_prompt(args)
     resolve_dtype(args.dtype, resolve_device(args.device))
 
+    from kvbench.harness.calibration import ensure_calibrated
     from kvbench.harness.pipeline import run_context
     from kvbench.tasks.prompting import split_prompt
 
     loaded = load_model(args.model, args.device, args.dtype)
+    ensure_calibrated(loaded, method)
     question = f"\n{args.question}" if args.question else ""
     parts = split_prompt(loaded.tokenizer, prompt, question, args.answer_prefix)
     total = len(parts.context_ids) + len(parts.question_ids) + args.max_new_tokens
@@ -184,6 +191,21 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         _render(store.directory)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from kvbench.harness.calibration import calibration_meta, ensure_calibrated
+    from kvbench.harness.models import load_model
+    from kvbench.methods import REGISTRY, get_method
+
+    method = get_method(args.method)
+    if not method.needs_calibration:
+        calibrated = sorted(name for name, cls in REGISTRY.items() if cls.needs_calibration)
+        raise KVBenchError(f"{method.name} needs no calibration; methods that do: {', '.join(calibrated) or 'none'}")
+    loaded = load_model(args.model, args.device, args.dtype)
+    path = ensure_calibrated(loaded, method, force=args.force)
+    meta = calibration_meta(path)
+    print(f"{method.name} for {args.model}: {path} (calibrated in {meta['seconds']} s on {meta['data']})")
+
+
 def _render(run_dir: Path) -> None:
     from kvbench.reports import ReportError, render_report
 
@@ -214,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             _quiet_loaders()
             _cmd_generate(args)
+        elif args.command == "calibrate":
+            _quiet_loaders()
+            _cmd_calibrate(args)
         else:
             _quiet_loaders()
             _cmd_run(args, argv)

@@ -60,34 +60,67 @@ def observe(loaded: LoadedModel, context_ids: Sequence[int], needs: ObservationN
     return TimedObservation(observation, watch.seconds)
 
 
+def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
+    """Bytes of an uncompressed K and V cache for `context_length` tokens: the budget's denominator."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_length
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class _Compressed:
+    cache: KVBenchCache
+    last_logits: torch.Tensor
+    kv_bytes_full: int
+    prefill_s: float
+    compress_s: float
+
+
+def _compress(
+    loaded: LoadedModel, observed: TimedObservation | None, method: Method, budget: float, context_ids: Sequence[int]
+) -> _Compressed:
+    if method.needs().own_prefill:
+        # The method prunes while it prefills: its compression time is inside its prefill.
+        with timed(loaded.device) as watch:
+            cache, last_logits = method.prefill_and_compress(loaded.model, list(context_ids), budget)
+        if any(layer.tail_length for layer in cache.layers):
+            raise RuntimeError(f"{method.name} left part of the context uncompressed in the cache tail")
+        full = full_kv_bytes(loaded.model.config, len(context_ids), loaded.dtype)
+        return _Compressed(cache, last_logits, full, watch.seconds, 0.0)
+    observation = observed.observation
+    with timed(loaded.device) as watch:
+        prefixes = method.compress(observation, budget)
+    cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
+    return _Compressed(cache, observation.last_logits, observation.kv_bytes_full(), observed.prefill_s, watch.seconds)
+
+
 def run_cell(
     loaded: LoadedModel,
-    observed: TimedObservation,
+    observed: TimedObservation | None,
     method: Method,
     budget: float,
     question_ids: Sequence[int],
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
     keep_logits: bool = False,
+    context_ids: Sequence[int] = (),
 ) -> CellResult:
-    """Compress the observed context with `method` at `budget`, then answer greedily against that cache."""
-    observation = observed.observation
+    """Compress the context with `method` at `budget` (from the shared observation, or through the method's
+    own prefill of `context_ids`), then answer greedily against that cache."""
     effective_budget = budget if method.uses_budget else 1.0
     reset_peak_memory(loaded.device)
-    with timed(loaded.device) as compress_watch:
-        prefixes = method.compress(observation, effective_budget)
-    cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
-    kv_bytes = cache.kv_bytes()
+    compressed = _compress(loaded, observed, method, effective_budget, context_ids)
+    kv_bytes = compressed.cache.kv_bytes()
     with timed(loaded.device) as decode_watch:
         generation = greedy_decode(
             loaded.model,
-            cache,
+            compressed.cache,
             list(question_ids),
             max_new_tokens,
             loaded.eos_token_ids,
             tokenizer=loaded.tokenizer,
             stop_strings=stop_strings,
-            first_logits=observation.last_logits,
+            first_logits=compressed.last_logits,
             step_hook=method.on_decode_step,
             keep_logits=keep_logits,
         )
@@ -99,9 +132,9 @@ def run_cell(
         new_tokens=len(generation.token_ids),
         stopped_by=generation.stopped_by,
         kv_bytes=kv_bytes,
-        kv_bytes_full=observation.kv_bytes_full(),
-        prefill_s=observed.prefill_s,
-        compress_s=compress_watch.seconds,
+        kv_bytes_full=compressed.kv_bytes_full,
+        prefill_s=compressed.prefill_s,
+        compress_s=compressed.compress_s,
         decode_s=decode_watch.seconds,
         peak_memory_bytes=peak_memory_bytes(loaded.device),
         step_logits=generation.step_logits,
@@ -123,9 +156,11 @@ def iter_context_cells(
     if any(not m.needs().own_prefill for m in methods):
         shared = observe(loaded, context_ids, shared_needs(methods))
     for method, budget in cells:
-        observed = observe(loaded, context_ids, method.needs()) if method.needs().own_prefill else shared
+        observed = None if method.needs().own_prefill else shared
         try:
-            result = run_cell(loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings)
+            result = run_cell(
+                loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings, context_ids=context_ids
+            )
         except BudgetError as refusal:
             yield method, budget, refusal
             continue

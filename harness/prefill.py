@@ -6,6 +6,7 @@ prefill once, compress many. Observations are read-only for methods; a method bu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -153,3 +154,47 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
         hidden_states=[h[0] for h in out.hidden_states[:num_layers]] if needs.hidden_states else None,
         model=model,
     )
+
+
+# Called after each chunk of a streaming prefill with (cache, chunk index, chunk's window queries per layer);
+# a method that prunes or merges while prefilling rewrites each layer here (e.g. with `absorb_tail`).
+ChunkHook = Callable[[KVBenchCache, int, list[torch.Tensor]], None]
+
+
+@torch.inference_mode()
+def streaming_prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor | list[int], chunk_size: int, after_chunk: ChunkHook
+) -> tuple[KVBenchCache, torch.Tensor]:
+    """Prefill in chunks of `chunk_size` tokens, letting a method compress the cache between chunks.
+
+    For methods that change the prefill itself (online pruning every P tokens): each chunk attends to the
+    compressed cache the previous chunks left. Returns the cache and the next-token logits after the context.
+    """
+    device = model.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    n = ids.shape[1]
+    if n == 0:
+        raise ValueError("cannot prefill an empty context")
+    num_layers = model.config.num_hidden_layers
+    cache = KVBenchCache(num_layers)
+    logits = None
+    with kvbench_attention_enabled(model):
+        for index, start in enumerate(range(0, n, chunk_size)):
+            stop = min(start + chunk_size, n)
+            cache.recorder = Recorder(ObservationNeeds(window=stop - start), num_layers)
+            out = model(
+                input_ids=ids[:, start:stop],
+                position_ids=torch.arange(cache.get_seq_length(), cache.get_seq_length() + stop - start, device=device)[
+                    None
+                ],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                kvbench_cache=cache,
+            )
+            logits = out.logits[0, -1]
+            queries = cache.recorder.window_queries
+            cache.recorder = None
+            after_chunk(cache, index, queries)
+    cache.context_length = n
+    return cache, logits

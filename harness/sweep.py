@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvbench.harness.pipeline import CellResult, iter_context_cells
@@ -183,6 +184,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     meta = run_metadata(spec, loaded)
     if previous is not None:
         meta["started_at"] = previous.get("started_at", meta["started_at"])
+    calibrated = {m.name: ensure_calibrated(loaded, m) for m in methods if m.needs_calibration}
+    meta["calibration"] = {name: str(path) for name, path in calibrated.items()}
     store.write_meta(meta)
     done = store.done()
     cells = cells_for(methods, spec.budgets)

@@ -10,6 +10,8 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
+
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
 from kvbench.harness.prefill import Observation, ObservationNeeds
@@ -25,6 +27,8 @@ class Method(ABC):
     Config: ClassVar[type]
     # False for methods that keep everything whatever the budget (full): sweeps run them once.
     uses_budget: ClassVar[bool] = True
+    # True for methods that need per-model artifacts (bases, head scores, groups) computed once, offline.
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -46,6 +50,27 @@ class Method(ABC):
 
     @abstractmethod
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]: ...
+
+    def prefill_and_compress(
+        self, model: torch.nn.Module, input_ids: list[int], budget: float
+    ) -> tuple[KVBenchCache, torch.Tensor]:
+        """For methods whose needs() declare own_prefill: prefill while compressing (see
+        `kvbench.harness.prefill.streaming_prefill`); return the cache, whole context in its prefixes, and the
+        next-token logits after the context."""
+        raise NotImplementedError(f"{self.name} compresses from the shared prefill; call compress()")
+
+    def calibrate(self, model: torch.nn.Module, tokenizer) -> dict[str, torch.Tensor]:
+        """Compute this method's per-model artifacts from offline data (see `calibration_ids`); the harness
+        caches them per model and config and hands them back through `load_calibration`."""
+        raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
+        """Take artifacts made by `calibrate` (fresh or from the cache) before the first compress."""
+        raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def calibration_key(self) -> str:
+        """What the artifacts depend on besides the model: by default the whole config."""
+        return repr(self.config)
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
