@@ -1,0 +1,109 @@
+"""The contract every registered method meets, checked through the real pipeline on a tiny model.
+
+A new method file is picked up here automatically: budget 1 answers like `full`, the measured bytes meet the
+budget (or the method refuses it with a BudgetError), the shared prefill gives the same result as the
+method's own, and results are deterministic.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import build_tasks_tokenizer
+from tiny_models import random_ids, tiny_model
+
+from kvbench.harness.calibration import ensure_calibrated
+from kvbench.harness.errors import BudgetError
+from kvbench.harness.models import LoadedModel
+from kvbench.harness.pipeline import TimedObservation, run_cell, shared_needs
+from kvbench.harness.prefill import ObservationNeeds, prefill
+from kvbench.methods import REGISTRY, get_method, load_all
+
+load_all()
+METHODS = sorted(REGISTRY)
+CONTEXT = 400
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    previous = os.environ.get("KVBENCH_CACHE_DIR")
+    os.environ["KVBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("calibration"))
+    tokenizer = build_tasks_tokenizer(chat_template=True)
+    model = tiny_model("llama-gqa", layers=4, vocab=len(tokenizer))
+    yield LoadedModel("tiny", "memory:tiny-llama-gqa", model, tokenizer, torch.device("cpu"), torch.float32)
+    if previous is None:
+        del os.environ["KVBENCH_CACHE_DIR"]
+    else:
+        os.environ["KVBENCH_CACHE_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def context():
+    return random_ids(CONTEXT, seed=11), random_ids(5, seed=12)
+
+
+@pytest.fixture(scope="module")
+def shared(loaded, context):
+    """One prefill with everything any registered method may ask for."""
+    needs = shared_needs([get_method(name) for name in METHODS]).union(
+        ObservationNeeds(window=128, column_sums=True, hidden_states=True)
+    )
+    return TimedObservation(prefill(loaded.model, context[0], needs), 0.0)
+
+
+def method_for(loaded, name, **options):
+    method = get_method(name, **options)
+    ensure_calibrated(loaded, method, say=lambda _: None)
+    return method
+
+
+def cell(loaded, shared, context, method, budget):
+    observed = None if method.needs().own_prefill else shared
+    return run_cell(loaded, observed, method, budget, context[1], NEW_TOKENS, keep_logits=True, context_ids=context[0])
+
+
+@pytest.fixture(scope="module")
+def full(loaded, shared, context):
+    return cell(loaded, shared, context, get_method("full"), 1.0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_budget_one_answers_like_full(loaded, shared, context, full, name):
+    result = cell(loaded, shared, context, method_for(loaded, name), 1.0)
+    assert result.token_ids == full.token_ids
+    for ours, reference in zip(result.step_logits, full.step_logits, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"full"}))
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_measured_bytes_meet_the_budget(loaded, shared, context, name, budget):
+    method = method_for(loaded, name)
+    try:
+        result = cell(loaded, shared, context, method, budget)
+    except BudgetError as refusal:
+        assert str(refusal) and "\n" not in str(refusal)  # a documented, one-line refusal
+        return
+    assert budget - 0.02 <= result.kv_bytes / result.kv_bytes_full <= budget + 0.02
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if not REGISTRY[n]().needs().own_prefill])
+def test_shared_prefill_equals_own_prefill(loaded, shared, context, name):
+    method = method_for(loaded, name)
+    own = TimedObservation(prefill(loaded.model, context[0], method.needs()), 0.0)
+    try:
+        from_shared = cell(loaded, shared, context, method, 0.25)
+    except BudgetError:
+        pytest.skip(f"{name} refuses budget 0.25 on this context")
+    from_own = cell(loaded, own, context, method, 0.25)
+    assert from_shared.token_ids == from_own.token_ids and from_shared.kv_bytes == from_own.kv_bytes
+    for a, b in zip(from_shared.step_logits, from_own.step_logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_results_are_deterministic(loaded, shared, context, name):
+    first = cell(loaded, shared, context, method_for(loaded, name), 0.5)
+    second = cell(loaded, shared, context, method_for(loaded, name), 0.5)
+    assert first.token_ids == second.token_ids and first.kv_bytes == second.kv_bytes
