@@ -123,7 +123,7 @@ def _check_supported(name: str, model: torch.nn.Module) -> None:
         raise KVBenchError(
             f"model {name} has sliding-window or linear attention layers; kvbench supports full attention only"
         )
-    if not model._can_set_attn_implementation():
+    if not getattr(model, "_can_set_attn_implementation", lambda: True)():
         raise KVBenchError(
             f"model {name} does not use transformers' AttentionInterface, so kvbench cannot attach its cache"
         )

@@ -12,13 +12,18 @@ from kvbench.harness.prefix import TokenPrefix
 from kvbench.methods.base import Method
 
 
+def seen_so_far(layer):
+    """Keys and values of everything a layer holds: its (uniform) prefix, then its tail."""
+    keys, values = layer.keys[0], layer.values[0]
+    if layer.prefix is not None:
+        kv = layer.prefix.materialize()
+        keys, values = torch.cat([kv.keys, keys], dim=1), torch.cat([kv.values, values], dim=1)
+    return keys, values
+
+
 def keep_everything(cache, index, queries):
     for layer in cache.layers:
-        kv = layer.prefix.materialize() if layer.prefix is not None else None
-        keys, values = layer.keys[0], layer.values[0]
-        if kv is not None:
-            keys, values = torch.cat([kv.keys, keys], dim=1), torch.cat([kv.values, values], dim=1)
-        layer.absorb_tail(TokenPrefix(keys, values))
+        layer.absorb_tail(TokenPrefix(*seen_so_far(layer)))
 
 
 def test_chunked_prefill_without_compression_equals_one_pass():
@@ -69,10 +74,7 @@ class RecentWhilePrefilling(Method):
 
         def hook(cache, index, queries):
             for layer in cache.layers:
-                kv = layer.prefix.materialize() if layer.prefix is not None else None
-                keys, values = layer.keys[0], layer.values[0]
-                if kv is not None:
-                    keys, values = torch.cat([kv.keys, keys], dim=1), torch.cat([kv.values, values], dim=1)
+                keys, values = seen_so_far(layer)
                 layer.absorb_tail(TokenPrefix(keys[:, -keep:], values[:, -keep:]))
 
         return streaming_prefill(model, input_ids, self.config.chunk, hook)
