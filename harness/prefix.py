@@ -108,30 +108,51 @@ class TokenPrefix(LayerPrefix):
         return PrefixKV(list(self.keys.split(sizes)), list(self.values.split(sizes)), bias)
 
 
+Bases = torch.Tensor | list[torch.Tensor | None]
+
+
+def _project(states: torch.Tensor, basis: Bases) -> tuple[Heads, Bases]:
+    """Codes and the bases to keep: one [H, n, r] block for uniform ranks, else one tensor per head.
+
+    A per-head basis of None keeps that head's d channels as they are: at full rank a basis buys nothing but
+    its own d² bytes, so such heads store no basis at all.
+    """
+    if isinstance(basis, torch.Tensor):
+        return _own(states @ basis), _own(basis)
+    codes = [_own(head if b is None else head @ b) for head, b in zip(states, basis, strict=True)]
+    return codes, [None if b is None else _own(b) for b in basis]
+
+
+def _restore(codes: Heads, basis: Bases) -> torch.Tensor:
+    """[H, n, d] channels back from the codes: every head has the same tokens, only ranks differ."""
+    if isinstance(codes, torch.Tensor):
+        return codes @ basis.transpose(-1, -2)
+    return torch.stack([c if b is None else c @ b.transpose(0, 1) for c, b in zip(codes, basis)])
+
+
 class LowRankPrefix(LayerPrefix):
     """Channel reduction: per KV head, keys and values projected onto orthonormal bases.
 
-    Stores K·B_k ([H, n, r_k]), V·B_v ([H, n, r_v]) and the bases ([H, d, r]); attention uses
-    K ≈ (K·B_k)·B_kᵀ, which is exact when the bases span the head's key/value space (full rank).
+    With bases given as [H, d, r] tensors (one rank for every head) it stores K·B_k ([H, n, r_k]),
+    V·B_v ([H, n, r_v]) and the bases. With bases given as a list of [d, r_h] per head (ranks differ per
+    head) it stores one code tensor [n, r_h] and one basis per head, never padded to a common rank; a
+    head whose basis is None keeps its raw [n, d] channels and no basis. Attention uses
+    K ≈ (K·B_k)·B_kᵀ, exact when the bases span the head's key/value space (full rank).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_basis: torch.Tensor, value_basis: torch.Tensor):
-        self.key_codes = _own(keys @ key_basis)
-        self.value_codes = _own(values @ value_basis)
-        self.key_basis = _own(key_basis)
-        self.value_basis = _own(value_basis)
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_basis: Bases, value_basis: Bases):
+        self.key_codes, self.key_basis = _project(keys, key_basis)
+        self.value_codes, self.value_basis = _project(values, value_basis)
 
     @property
     def num_heads(self) -> int:
-        return int(self.key_codes.shape[0])
+        return len(self.key_codes)
 
     def head_lengths(self) -> list[int]:
-        return [int(self.key_codes.shape[1])] * self.num_heads
+        return [int(codes.shape[0]) for codes in self.key_codes]
 
     def materialize(self) -> PrefixKV:
-        keys = self.key_codes @ self.key_basis.transpose(-1, -2)
-        values = self.value_codes @ self.value_basis.transpose(-1, -2)
-        return PrefixKV(keys, values)
+        return PrefixKV(_restore(self.key_codes, self.key_basis), _restore(self.value_codes, self.value_basis))
 
 
 def stored_bytes(obj: object, _seen: set[int] | None = None) -> int:

@@ -1,0 +1,206 @@
+"""ZACK: per-head channel reduction of K and V with offline SVD bases (Zhang & Shen, arXiv 2408.04107).
+
+Keys are projected after RoPE, never folded into W_K: with rotary embeddings the paper's "zero overhead"
+folding is not exact, so the cache stores RoPE(K)·R_K and V·R_V and attention decompresses them
+transiently (`LowRankPrefix.materialize`). Decompressing rather than projecting the queries keeps
+attention on the harness's SDPA path; (Q·R_K)(K·R_K)ᵀ = Q·(K·R_K·R_Kᵀ)ᵀ, so the logits are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
+from kvbench.harness.prefix import LayerPrefix, LowRankPrefix
+from kvbench.methods._calibration_data import calibration_ids
+from kvbench.methods.base import Method, register
+
+
+@dataclass(frozen=True)
+class ZACKConfig:
+    """arXiv 2408.04107 (ZACK; v1 "ZeroC", v3 "FDC") as specified in specs/baselines.md §1.
+
+    Calibration: `calibration_samples` × `calibration_tokens` tokens of offline prose (Python's
+    documentation topics, `calibration_ids` with seeds seed, seed+1, ...). The spec's default is 32 × 2048;
+    kvbench uses 4 × 1024 so that calibrating SmolLM2 on two idle CPU cores takes about ten seconds (a d×d
+    basis per head needs thousands of rows, not millions).
+
+    Budget: b counts the stored bases too (the spec reports them separately): a head at rank r < d holds
+    (N + d)·r elements against N·d uncompressed, so the bases cost d/N of every kept channel (6% at 1k
+    tokens on SmolLM2) and no b below 1/d + 1/N is reachable. A rank that would cost as much as the raw
+    head (r ≥ N·d/(N + d)) is stored raw instead (exact, no basis), so b = 1 is the full cache. Ranks
+    therefore depend on N and are chosen per context from the calibrated energies, not stored at calibration.
+
+    Ranks: every head's K and V first get `r_min` = 8 channels (the spec's floor); the rest of the budget goes
+    to the globally largest normalised σ², K and V each taking half of it (same ratio for K and V). Where the
+    budget cannot pay r_min channels plus their bases for every head (e.g. b = 0.1 on SmolLM2, d = 64), the
+    floor drops to the largest rank it can pay for every head, so small budgets stay reachable; below one
+    channel per head the budget is refused.
+    """
+
+    calibration_samples: int = 4
+    calibration_tokens: int = 1024
+    seed: int = 0
+    r_min: int = 8
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _principal_axes(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors (columns, σ descending) and normalised σ² of the rows whose Gram matrix is given.
+
+    The SVD of a row-stack X has Xᵀ X = R S² Rᵀ, so accumulating Xᵀ X over the calibration samples gives
+    the same bases with memory independent of the calibration length.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    eigenvalues = eigenvalues.flip(-1).clamp_min(0)
+    energy = eigenvalues / eigenvalues.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
+    return eigenvectors.flip(-1), energy
+
+
+@torch.inference_mode()
+def calibrate_bases(model: torch.nn.Module, samples: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Per (layer, KV head): R_K from [the group's post-RoPE queries; K_j], R_V from [V_j; W_O slices of the group].
+
+    Returns key_bases/value_bases [L, H_kv, d, d] (float32, columns by σ descending) and
+    key_energy/value_energy [L, H_kv, d] (σ² / Σσ², the order ranks are handed out in).
+    """
+    config = model.config
+    num_layers, h_q, h_kv = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    d, group = _head_dim(config), config.num_attention_heads // config.num_key_value_heads
+    key_gram = torch.zeros(num_layers, h_kv, d, d, dtype=torch.float64)
+    value_gram = torch.zeros_like(key_gram)
+    for ids in samples:
+        observation = prefill(model, ids, ObservationNeeds(window=len(ids)))
+        for layer in range(num_layers):
+            queries = observation.window_queries[layer].to("cpu", torch.float64).reshape(h_kv, group * len(ids), d)
+            keys = observation.keys[layer].to("cpu", torch.float64)
+            values = observation.values[layer].to("cpu", torch.float64)
+            key_gram[layer] += queries.transpose(-1, -2) @ queries + keys.transpose(-1, -2) @ keys
+            value_gram[layer] += values.transpose(-1, -2) @ values
+    for layer, block in enumerate(model.model.layers):
+        # o_proj.weight is [D, H_q·d]; its columns for head h are W_O,hᵀ (D×d), stacked under V_j.
+        out = block.self_attn.o_proj.weight.detach().to("cpu", torch.float64).reshape(-1, h_q, d).transpose(0, 1)
+        grouped = out.reshape(h_kv, group * out.shape[1], d)
+        value_gram[layer] += grouped.transpose(-1, -2) @ grouped
+    key_bases, key_energy = _principal_axes(key_gram)
+    value_bases, value_energy = _principal_axes(value_gram)
+    return {
+        "key_bases": key_bases.float(),
+        "value_bases": value_bases.float(),
+        "key_energy": key_energy.float(),
+        "value_energy": value_energy.float(),
+    }
+
+
+def allocate_ranks(energy: torch.Tensor, capacity: int, context_length: int, r_min: int) -> list[int]:
+    """Ranks per head ([heads, d] normalised σ², descending per head) whose codes plus bases fit `capacity` elements.
+
+    A head at rank r stores (N + d)·r elements (codes and basis); from r ≥ N·d/(N + d) on, storing its
+    raw N·d channels is no dearer and exact, so it is stored raw (rank d, no basis). After the floor, the
+    next channel always goes to the head with the largest remaining normalised σ² (global greedy).
+    """
+    heads, d = energy.shape
+    n = context_length
+    raw_from = math.ceil(n * d / (n + d))
+
+    def cost(rank: int) -> int:
+        return n * d if rank >= raw_from else (n + d) * rank
+
+    floor = min(r_min, d)
+    while floor >= 1 and heads * cost(floor) > capacity:
+        floor -= 1
+    if floor < 1:
+        needed = heads * cost(1) / (heads * n * d)
+        raise BudgetError(
+            f"zack cannot keep one channel per head plus its basis at {n} tokens within this budget "
+            f"(needs b >= {needed:.3g}); raise the budget"
+        )
+    ranks = [d if floor >= raw_from else floor] * heads
+    spent = heads * cost(floor)
+    owners = torch.arange(heads, device=energy.device).repeat_interleave(d - floor)
+    order = torch.sort(energy[:, floor:].flatten(), descending=True, stable=True).indices
+    for head in owners[order].tolist():
+        if ranks[head] == d:
+            continue
+        grown = d if ranks[head] + 1 >= raw_from else ranks[head] + 1
+        step = cost(grown) - cost(ranks[head])
+        if spent + step > capacity:
+            break
+        ranks[head], spent = grown, spent + step
+    return ranks
+
+
+def _bases_for(bases: torch.Tensor, ranks: list[int], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Each head's first r columns; None for heads kept raw (full rank)."""
+    d = bases.shape[-1]
+    return [None if r == d else bases[h, :, :r].to(dtype) for h, r in enumerate(ranks)]
+
+
+@register
+class ZACK(Method):
+    name = "zack"
+    family = "channel reduction"
+    description = "Per-head SVD bases of post-RoPE K (fit with its queries) and V (with W_O); ranks by global energy"
+    Config = ZACKConfig
+    needs_calibration = True
+
+    def __init__(self, config: ZACKConfig | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        self.artifacts: dict[str, torch.Tensor] | None = None
+
+    def calibrate(self, model: torch.nn.Module, tokenizer) -> dict[str, torch.Tensor]:
+        config = self.config
+        samples = [
+            calibration_ids(tokenizer, config.calibration_tokens, config.seed + i)
+            for i in range(config.calibration_samples)
+        ]
+        return calibrate_bases(model, samples)
+
+    def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
+        self.artifacts = artifacts
+
+    def calibration_key(self) -> str:
+        """The bases depend on the calibration data only; r_min acts at compress time."""
+        config = self.config
+        return f"samples={config.calibration_samples} tokens={config.calibration_tokens} seed={config.seed}"
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        artifacts = self._artifacts_for(observation)
+        num_layers, h_kv, n, d = (
+            observation.num_layers,
+            observation.num_kv_heads,
+            observation.context_length,
+            observation.head_dim,
+        )
+        # K and V get the same share of the budget's elements; each pool is allocated globally over (layer, head).
+        capacity = int(budget * num_layers * h_kv * n * d)
+        key_ranks = allocate_ranks(artifacts["key_energy"].flatten(0, 1), capacity, n, self.config.r_min)
+        value_ranks = allocate_ranks(artifacts["value_energy"].flatten(0, 1), capacity, n, self.config.r_min)
+        dtype = observation.keys[0].dtype
+        prefixes = []
+        for layer in range(num_layers):
+            heads = slice(layer * h_kv, (layer + 1) * h_kv)
+            key_basis = _bases_for(artifacts["key_bases"][layer], key_ranks[heads], dtype)
+            value_basis = _bases_for(artifacts["value_bases"][layer], value_ranks[heads], dtype)
+            prefixes.append(LowRankPrefix(observation.keys[layer], observation.values[layer], key_basis, value_basis))
+        return prefixes
+
+    def _artifacts_for(self, observation: Observation) -> dict[str, torch.Tensor]:
+        if self.artifacts is None:
+            raise KVBenchError("zack has no calibration loaded; run 'kvbench calibrate zack --model <model>' first")
+        expected = (observation.num_layers, observation.num_kv_heads, observation.head_dim, observation.head_dim)
+        if tuple(self.artifacts["key_bases"].shape) != expected:
+            raise KVBenchError(
+                f"zack's calibration is for another model shape {tuple(self.artifacts['key_bases'].shape)}, "
+                f"not {expected}; recalibrate with 'kvbench calibrate zack --model <model> --force'"
+            )
+        device = observation.keys[0].device
+        return {name: tensor.to(device) for name, tensor in self.artifacts.items()}
