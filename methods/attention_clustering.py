@@ -1,0 +1,270 @@
+"""Attention-guided pruning + online k-means merging while prefilling (seed 003, specs/seed_methods.md (c)).
+
+Every P context tokens the cache is pruned to the B entries the last Δ queries attended to most, and the
+kept entries are merged into K centroid pairs per layer and KV head, each with the logit bias ln(count).
+Pruning changes what later tokens attend to, so the method runs its own chunked prefill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.harness.cache import CompressedLayer, KVBenchCache
+from kvbench.harness.errors import BudgetError, check_budget
+from kvbench.harness.prefill import Observation, ObservationNeeds, streaming_prefill
+from kvbench.harness.prefix import LayerPrefix, TokenPrefix
+from kvbench.methods._eviction import group_mean, tokens_for_budget
+from kvbench.methods._kmeans import CENTROID_RULES, merge
+from kvbench.methods.base import Method, register
+
+SCOPES = ("shared", "per_layer_head")
+
+
+@dataclass(frozen=True)
+class AttentionClusteringConfig:
+    """Seed 003 (chchenhui/mlrbench, `iclr2025_scope`, an automatically generated paper; no arXiv id).
+
+    Paper defaults: prune every P = 512 tokens (`pruning_interval`), importance from the last Δ = 256
+    queries (`lookback_window`), k-means rate η = 0.01, importance shared by all layers and heads, B = 1024
+    kept entries and K = 256 centroids. In kvbench the budget sets K = ⌊b·N·2d/(2d+1)⌋ (a centroid also
+    stores its bias), with B = min(N, 4·K) keeping the paper's B/K (`prune_per_cluster`); `cluster=False`
+    is the prune-only ablation, where the budget sets B = ⌊b·N⌋. The lookback spans the chunks since the
+    last prune; the end of the context always prunes and merges down to the budget.
+    `centroid_rule="batch_mean"` replaces the paper's online update by the count-weighted member mean;
+    `merge_bias=False` drops the ln(count) bias (paper parity: every stored entry then counts as one
+    token). The seeded random init draws one permutation per merge, shared by every layer and head.
+    The paper's distillation fine-tuning is not part of this method: it compresses a frozen model.
+    """
+
+    pruning_interval: int = 512
+    lookback_window: int = 256
+    kmeans_rate: float = 0.01
+    centroid_rule: str = "online"
+    scope: str = "shared"
+    cluster: bool = True
+    prune_per_cluster: int = 4
+    merge_bias: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.centroid_rule not in CENTROID_RULES:
+            raise ValueError(f"centroid_rule must be one of {', '.join(CENTROID_RULES)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        if self.pruning_interval < 1 or self.lookback_window < 1 or self.prune_per_cluster < 1:
+            raise ValueError("pruning_interval, lookback_window and prune_per_cluster must be positive")
+        if not 0.0 < self.kmeans_rate < 1.0:
+            raise ValueError("kmeans_rate must lie in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EntryPlan:
+    """Entries per KV head: `keep` (B) after a prune, `clusters` (K ≤ B) after a merge; K = B prunes only."""
+
+    keep: int
+    clusters: int
+
+
+def plan_entries(config: AttentionClusteringConfig, context_length: int, budget: float, head_dim: int) -> EntryPlan:
+    """Map the budget to B and K so the final cache holds at most b of the full bytes, biases included.
+
+    A centroid stores a key, a value and a bias in the cache dtype, 2d + 1 numbers against a token's 2d.
+    """
+    n = context_length
+    if budget >= 1.0:
+        return EntryPlan(n, n)
+    if not config.cluster:
+        keep = tokens_for_budget(n, budget)
+        return EntryPlan(keep, keep)
+    numbers_per_centroid = 2 * head_dim + int(config.merge_bias)
+    clusters = int(budget * n * 2 * head_dim / numbers_per_centroid)
+    if clusters < 1:
+        raise BudgetError(f"budget {budget:g} leaves no centroid for a {n}-token context; raise the budget")
+    return EntryPlan(min(n, config.prune_per_cluster * clusters), clusters)
+
+
+def attention_importance(
+    queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention each stored entry got from `queries` ([H_q, m, d], those of the last m entries): [H_kv, n] fp32.
+
+    Recomputed as the model attended: over every stored entry with its logit bias (a merged token weighs
+    like its members together) and causally among the last m entries. Summed over the query rows,
+    averaged over each KV head's query group.
+    """
+    h_q, rows, dim = queries.shape
+    h_kv, n = keys.shape[:2]
+    grouped = queries.float().reshape(h_kv, (h_q // h_kv) * rows, dim)
+    logits = (grouped @ keys.float().transpose(-1, -2)) * scaling
+    if bias is not None:
+        logits = logits + bias.float()[:, None, :]
+    positions = torch.arange(n - rows, n, device=keys.device)
+    future = torch.arange(n, device=keys.device)[None, :] > positions[:, None]
+    logits = logits.reshape(h_q, rows, n).masked_fill(future, float("-inf"))
+    return group_mean(torch.softmax(logits, dim=-1).sum(dim=1), h_kv)
+
+
+def select_kept(importance: list[torch.Tensor], keep: int, scope: str) -> list[torch.Tensor]:
+    """Per layer, the `keep` entries to retain per KV head ([H_kv, keep]), in their original order.
+
+    "shared" (paper): one score summed over all layers and heads, so every head keeps the same entries;
+    "per_layer_head": each layer and KV head keeps its own top entries.
+    """
+    if scope == "shared":
+        top = torch.stack(importance).sum(dim=(0, 1)).topk(keep).indices.sort().values
+        return [top.expand(scores.shape[0], -1) for scores in importance]
+    return [scores.topk(keep, dim=-1).indices.sort(dim=-1).values for scores in importance]
+
+
+@dataclass
+class Entries:
+    """One layer's stored entries per KV head, with how many context tokens each stands for."""
+
+    keys: torch.Tensor  # [H, n, d]
+    values: torch.Tensor  # [H, n, d]
+    bias: torch.Tensor | None  # [H, n], the logit bias the model attended with
+    counts: torch.Tensor  # [H, n] int64
+
+    def take(self, indices: torch.Tensor) -> Entries:
+        rows = indices[..., None].expand(-1, -1, self.keys.shape[-1])
+        bias = self.bias.gather(1, indices) if self.bias is not None else None
+        return Entries(self.keys.gather(1, rows), self.values.gather(1, rows), bias, self.counts.gather(1, indices))
+
+
+def attention_scalings(model: torch.nn.Module) -> dict[int, float]:
+    """Each layer's softmax scale, read from its attention module (transformers' `layer_idx`/`scaling`)."""
+    scalings = {
+        int(m.layer_idx): float(m.scaling) for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")
+    }
+    if len(scalings) != model.config.num_hidden_layers:
+        raise RuntimeError("attention_clustering cannot find the attention scale of every layer of this model")
+    return scalings
+
+
+def _stored_length(layer: CompressedLayer) -> int:
+    return (layer.prefix.head_lengths()[0] if layer.prefix is not None else 0) + layer.tail_length
+
+
+class ClusteringStream:
+    """One context's pruning and merging, as a `streaming_prefill` hook.
+
+    A fresh stream serves each context, so no count, centroid or random draw crosses sequences; each
+    layer keeps its own counts. Chunks between prunes stay in the raw tail, with their queries: the
+    lookback may span chunks back to the last prune (before it, the model attended to entries that are
+    gone). The last chunk always ends with the whole context in the prefixes, at most K entries per head.
+    """
+
+    def __init__(
+        self, config: AttentionClusteringConfig, plan: EntryPlan, scalings: dict[int, float], context_length: int
+    ):
+        self.config = config
+        self.plan = plan
+        self.scalings = scalings
+        # A prune fires only once more than B entries are stored: with B ≥ N nothing happens before the end
+        # of the context, so it is prefilled in one pass (the same result, and bit-exact full at budget 1).
+        self.chunk_size = config.pruning_interval if plan.keep < context_length else context_length
+        self.num_chunks = math.ceil(context_length / self.chunk_size)
+        self.counts: dict[int, torch.Tensor] = {}
+        self.recent_queries: list[torch.Tensor] | None = None
+        self.merged = False
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def after_chunk(self, cache: KVBenchCache, index: int, queries: list[torch.Tensor]) -> None:
+        self._remember(queries)
+        final = index == self.num_chunks - 1
+        limit = self.plan.clusters if final else self.plan.keep
+        stored = _stored_length(cache.layers[0])
+        if stored <= limit and not final:
+            return
+        entries = [self._entries(i, layer) for i, layer in enumerate(cache.layers)]
+        if stored > limit:
+            entries = self._compress(entries, self.recent_queries)
+        for i, (layer, kept) in enumerate(zip(cache.layers, entries)):
+            self.counts[i] = kept.counts
+            bias = None
+            if self.merged and self.config.merge_bias:
+                bias = kept.counts.double().log().to(kept.keys.dtype)
+            layer.absorb_tail(TokenPrefix(kept.keys, kept.values, bias))
+        self.recent_queries = None
+
+    def _remember(self, queries: list[torch.Tensor]) -> None:
+        """Keep the last Δ queries of the tokens still in the tail, per layer."""
+        lookback = self.config.lookback_window
+        if self.recent_queries is not None:
+            queries = [torch.cat([old, new], dim=1) for old, new in zip(self.recent_queries, queries)]
+        self.recent_queries = [q[:, -lookback:] for q in queries]
+
+    def _entries(self, index: int, layer: CompressedLayer) -> Entries:
+        """Prefix entries followed by the raw tail tokens (count 1, bias 0)."""
+        tail_keys, tail_values = layer.keys[0], layer.values[0]
+        ones = torch.ones(tail_keys.shape[:2], dtype=torch.int64, device=tail_keys.device)
+        if layer.prefix is None:
+            return Entries(tail_keys, tail_values, None, ones)
+        prefix = layer.prefix.materialize()
+        bias = None
+        if prefix.bias is not None:
+            bias = torch.cat([prefix.bias, torch.zeros_like(ones, dtype=prefix.bias.dtype)], dim=1)
+        return Entries(
+            torch.cat([prefix.keys, tail_keys], dim=1),
+            torch.cat([prefix.values, tail_values], dim=1),
+            bias,
+            torch.cat([self.counts[index], ones], dim=1),
+        )
+
+    def _compress(self, entries: list[Entries], queries: list[torch.Tensor]) -> list[Entries]:
+        """Prune to B by importance (when over B), then merge into K centroids (when K is smaller)."""
+        stored = entries[0].keys.shape[1]
+        if stored > self.plan.keep:
+            importance = [
+                attention_importance(q, e.keys, e.bias, self.scalings[i])
+                for i, (q, e) in enumerate(zip(queries, entries))
+            ]
+            kept = select_kept(importance, self.plan.keep, self.config.scope)
+            entries = [e.take(indices) for e, indices in zip(entries, kept)]
+            stored = self.plan.keep
+        if self.plan.clusters < stored:
+            seeds = torch.randperm(stored, generator=self.generator)[: self.plan.clusters].sort().values
+            entries = [self._merge(e, seeds.to(e.keys.device)) for e in entries]
+            self.merged = True
+        return entries
+
+    def _merge(self, entries: Entries, seeds: torch.Tensor) -> Entries:
+        counts = entries.counts if self.config.merge_bias else torch.ones_like(entries.counts)
+        merged = merge(entries.keys, entries.values, counts, seeds, self.config.centroid_rule, self.config.kmeans_rate)
+        merged_counts = merged.counts if self.config.merge_bias else torch.ones_like(merged.counts)
+        return Entries(merged.keys, merged.values, None, merged_counts)
+
+
+@register
+class AttentionClustering(Method):
+    name = "attention_clustering"
+    family = "merging"
+    description = "Prunes to the most-attended entries every P tokens while prefilling and merges them into K centroids"
+    Config = AttentionClusteringConfig
+
+    def needs(self) -> ObservationNeeds:
+        return ObservationNeeds(own_prefill=True)
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        raise RuntimeError(
+            f"{self.name} prunes while it prefills and cannot compress a finished prefill; "
+            "call prefill_and_compress (run_cell does)"
+        )
+
+    def stream(self, model: torch.nn.Module, context_length: int, budget: float) -> ClusteringStream:
+        """The chunk hook for one context of `context_length` tokens at `budget`."""
+        if context_length < 1:
+            raise ValueError("cannot prefill an empty context")
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim)
+        return ClusteringStream(self.config, plan, attention_scalings(model), context_length)
+
+    def prefill_and_compress(
+        self, model: torch.nn.Module, input_ids: list[int], budget: float
+    ) -> tuple[KVBenchCache, torch.Tensor]:
+        stream = self.stream(model, len(input_ids), budget)
+        return streaming_prefill(model, input_ids, stream.chunk_size, stream.after_chunk)
