@@ -12,6 +12,8 @@ from kvbench.harness.cache import KVBenchCache
 
 # Called after every generated token's forward pass: (cache, step index). Decode-time methods evict here.
 StepHook = Callable[[KVBenchCache, int], None]
+# Called once before the first forward after the context: decode-time methods attach their state here.
+StartHook = Callable[[KVBenchCache], None]
 
 
 @dataclass
@@ -48,6 +50,7 @@ def greedy_decode(
     first_logits: torch.Tensor | None = None,
     step_hook: StepHook | None = None,
     keep_logits: bool = False,
+    start_hook: StartHook | None = None,
 ) -> Generation:
     """Feed the question after the compressed context, then pick argmax tokens until EOS, a stop string or the limit.
 
@@ -59,6 +62,8 @@ def greedy_decode(
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     eos = set(int(t) for t in eos_token_ids)
+    if start_hook is not None:
+        start_hook(cache)
     with kvbench_attention_enabled(model):
         logits = _forward(model, cache, question_ids) if question_ids else first_logits
         tokens: list[int] = []

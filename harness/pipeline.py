@@ -123,6 +123,7 @@ def run_cell(
             first_logits=compressed.last_logits,
             step_hook=method.on_decode_step,
             keep_logits=keep_logits,
+            start_hook=method.on_decode_start,
         )
     return CellResult(
         method=method.name,

@@ -72,6 +72,10 @@ class Method(ABC):
         """What the artifacts depend on besides the model: by default the whole config."""
         return repr(self.config)
 
+    def on_decode_start(self, cache: KVBenchCache) -> None:
+        """Once per answer, before anything after the context (question or first token) is fed: decode-time
+        methods attach their per-sequence state to the cache here (e.g. a query recorder)."""
+
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
 

@@ -1,0 +1,174 @@
+"""UNComp's defining properties (specs/baselines.md §4, §5): entropy, head groups, graded budgets, decode eviction.
+
+The model here has SmolLM2's head layout (9 query heads over 3 KV heads), so odd head counts are exercised.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+from conftest import build_tasks_tokenizer
+from tiny_models import random_ids
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.decode import greedy_decode
+from kvbench.harness.errors import BudgetError
+from kvbench.harness.prefill import prefill
+from kvbench.methods._head_scores import truncated_matrix_entropy
+from kvbench.methods.uncomp import UNComp, entropy_groups, head_capacities, rank_groups
+
+CONTEXT = 300
+
+
+def test_entropy_of_isotropic_and_rank_one_queries():
+    dim = 64
+    basis = torch.eye(dim)
+    isotropic = torch.cat([basis, -basis]) * 3.0  # centred, Σ = I/d
+    assert truncated_matrix_entropy(isotropic, dim).item() == pytest.approx(1.0, abs=1e-6)
+    assert truncated_matrix_entropy(isotropic, 32).item() == pytest.approx(0.5, abs=1e-6)  # top 32 of 64 equal σ
+    line = torch.linspace(-2, 5, 100)[:, None] * torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    assert truncated_matrix_entropy(line + 7.0, 32).item() == pytest.approx(0.0, abs=1e-6)
+    # In between: two directions with weights 3/4 and 1/4.
+    two = torch.cat([basis[:1].repeat(3, 1), -basis[:1].repeat(3, 1), basis[1:2], -basis[1:2]])
+    expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(dim)
+    assert truncated_matrix_entropy(two, 32).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize(("heads", "groups", "sizes"), [(3, 2, [2, 1]), (9, 2, [5, 4]), (5, 3, [2, 2, 1]), (1, 2, [1])])
+def test_groups_cover_every_head_exactly_once(heads, groups, sizes):
+    keys = torch.rand(4, heads, generator=torch.Generator().manual_seed(heads))
+    ids = rank_groups(keys, groups)
+    for layer in range(4):
+        assert sorted(torch.bincount(ids[layer], minlength=len(sizes)).tolist(), reverse=True) == sizes
+        order = keys[layer].argsort().tolist()  # lower keys → earlier groups
+        assert ids[layer, order].tolist() == sorted(ids[layer].tolist())
+
+
+def test_entropy_groups_follow_the_majority_of_samples():
+    # 9 query heads over 3 KV heads; KV head 2 is the most uncertain in every sample, KV head 0 in two of three.
+    def sample(order):
+        entropy = torch.zeros(1, 9)
+        for rank, kv in enumerate(order):
+            entropy[0, kv * 3 : kv * 3 + 3] = 1.0 - rank * 0.3 + torch.arange(3) * 0.01
+        return entropy
+
+    ids = entropy_groups([sample([2, 0, 1]), sample([2, 1, 0]), sample([0, 2, 1])], num_kv_heads=3, groups=2)
+    assert ids.tolist() == [[0, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    ("groups", "mean", "expected"),
+    [([[0, 1]], 150, [200, 100]), ([[0, 0, 1]], 100, [120, 120, 60]), ([[1, 0]], 30, [20, 40])],
+)
+def test_group_budgets_are_graded_two_to_one(groups, mean, expected):
+    # Equal groups: C_hi = 4B/3, C_lo = 2B/3; SmolLM2's 2 + 1 KV heads: C_lo = 3B/5, C_hi = 6B/5.
+    assert head_capacities(torch.tensor(groups), CONTEXT, mean / CONTEXT, UNComp().config) == [expected]
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.1, 0.25, 0.33, 0.5, 0.7, 0.9, 1.0])
+def test_group_budgets_average_to_the_budget_within_bounds(budget):
+    groups = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    mean = math.floor(budget * CONTEXT + 0.5)
+    for caps, layer in zip(head_capacities(groups, CONTEXT, budget, UNComp().config), groups):
+        assert sum(caps) == 3 * mean  # the per-KV-head mean is round(b·N), not 1.125×
+        assert all(9 <= c <= CONTEXT for c in caps)
+        high = [c for c, g in zip(caps, layer) if g == 0]
+        low = [c for c, g in zip(caps, layer) if g == 1]
+        if max(high) < CONTEXT and min(low) > 9:  # neither bound binds: high : low = 2 : 1 up to rounding
+            assert all(abs(h - 2 * lo) <= 2 for h in high for lo in low)
+    if budget == 1.0:
+        assert head_capacities(groups, CONTEXT, budget, UNComp().config) == [[CONTEXT] * 3] * 3
+
+
+def test_refuses_budgets_below_the_window():
+    with pytest.raises(BudgetError, match="lowest reachable budget is 0.03") as refusal:
+        head_capacities(torch.tensor([[0, 1]]), CONTEXT, 0.02, UNComp().config)
+    assert "\n" not in str(refusal.value)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """SmolLM2's head layout in miniature: 9 query heads, 3 KV heads, head_dim 16."""
+    config = LlamaConfig(
+        vocab_size=4000,
+        hidden_size=144,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(40)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def method(model):
+    method = UNComp(calibration_samples=2, calibration_tokens=256)
+    method.load_calibration(method.calibrate(model, build_tasks_tokenizer(chat_template=False)))
+    return method
+
+
+def test_calibrated_groups_split_three_kv_heads_two_and_one(method):
+    assert method.group_ids.shape == (2, 3)
+    for layer in method.group_ids:
+        assert sorted(layer.tolist()) == [0, 0, 1]
+
+
+def test_compressed_heads_keep_their_group_budgets(model, method):
+    observation = prefill(model, random_ids(CONTEXT, seed=3), method.needs())
+    budget = 0.3
+    prefixes = method.compress(observation, budget)
+    expected = head_capacities(method.group_ids, CONTEXT, budget, method.config)
+    for prefix, caps in zip(prefixes, expected):
+        assert prefix.head_lengths() == caps and prefix.lengths is not None  # ragged, stored packed
+        assert sum(caps) == 3 * round(budget * CONTEXT)
+
+
+def test_each_decode_step_evicts_one_token_per_head_keeping_the_size(model, method):
+    observation = prefill(model, random_ids(CONTEXT, seed=4), method.needs())
+    prefixes = method.compress(observation, 0.3)
+    capacities = [p.head_lengths() for p in prefixes]
+    cache = KVBenchCache(observation.num_layers, prefixes, CONTEXT)
+    question = random_ids(5, seed=5)
+    sizes, seen_queries = [], []
+
+    def step_hook(cache, step):
+        seen_queries.append(sum(q.shape[1] for q in method.state.log.queries[0]))
+        method.on_decode_step(cache, step)
+        assert all(layer.tail_length == 0 for layer in cache.layers)  # new tokens were absorbed or evicted
+        sizes.append([layer.prefix.head_lengths() for layer in cache.layers])
+        for layer, positions in method.state.positions.items():
+            for head, kept in enumerate(positions):
+                assert len(kept) == sizes[-1][layer][head]
+                newest = CONTEXT + len(question) + step  # the w most recent positions always stay
+                assert kept[-8:].tolist() == list(range(newest - 7, newest + 1))
+
+    greedy_decode(model, cache, question, 7, eos_token_ids=[], step_hook=step_hook, start_hook=method.on_decode_start)
+    assert len(sizes) == 6
+    # The question's queries and the first new token's reached the running window before the first eviction.
+    assert seen_queries == [len(question) + 1] + [1] * 5
+    expected = [[c + len(question) for c in layer] for layer in capacities]
+    assert all(step == expected for step in sizes)
+
+
+def test_budget_one_keeps_everything_and_never_evicts(model, method):
+    observation = prefill(model, random_ids(CONTEXT, seed=6), method.needs())
+    prefixes = method.compress(observation, 1.0)
+    assert method.state is None
+    for layer, prefix in enumerate(prefixes):
+        assert torch.equal(prefix.materialize().keys, observation.keys[layer])
+
+
+def test_missing_calibration_is_one_line(model):
+    observation = prefill(model, random_ids(50, seed=7), UNComp().needs())
+    with pytest.raises(Exception, match=re.escape("run 'kvbench calibrate uncomp")):
+        UNComp().compress(observation, 0.5)
