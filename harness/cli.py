@@ -53,6 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    lm_eval = commands.add_parser(
+        "lm-eval", help="run lm-eval tasks through KVBenchLM for every method and budget into a result store"
+    )
+    _add_model_options(lm_eval)
+    lm_eval.add_argument("--methods", required=True, help="comma-separated methods, e.g. full,snapkv,streaming_llm")
+    lm_eval.add_argument("--budgets", required=True, help="comma-separated budgets in (0, 1], e.g. 0.25,0.5")
+    lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm_eval.add_argument(
+        "--include-path", action="append", default=[], help="directory of task YAMLs (repeatable), e.g. an export"
+    )
+    lm_eval.add_argument("--limit", type=int, help="first N docs of each task")
+    lm_eval.add_argument("--out", required=True, help="run directory: results.jsonl, run.json, report.md, report.html")
+    lm_eval.add_argument(
+        "--question-tokens",
+        type=int,
+        default=64,
+        help="tokens left uncompressed at the end of a prompt whose doc gives no kvbench_context split",
+    )
+    lm_eval.add_argument("--apply-chat-template", action="store_true", help="let lm-eval apply the chat template")
+    lm_eval.add_argument("--seed", type=int, default=42)
+    lm_eval.add_argument("--force", action="store_true", help="replace results of another model/seed in --out")
+    lm_eval.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
+    lm_eval.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    export = commands.add_parser(
+        "export-lm-eval", help="write kvbench tasks as lm-eval YAML + JSONL tasks for one model's tokenizer"
+    )
+    _add_model_options(export)
+    export.add_argument("--tasks", required=True, help="comma-separated kvbench tasks (kvbench list tasks)")
+    export.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens")
+    export.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    export.add_argument("--seed", type=int, default=42)
+    export.add_argument("--out", required=True, help="directory for the YAML, JSONL and utils.py files")
+
     calibrate = commands.add_parser("calibrate", help="compute and cache a method's calibration artifacts")
     calibrate.add_argument("method", help="a method that needs calibration")
     _add_model_options(calibrate)
@@ -191,6 +225,54 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         _render(store.directory)
 
 
+def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
+    from kvbench.harness.lm_eval_run import LmEvalSpec, run_lm_eval
+    from kvbench.harness.sweep import parse_list
+
+    spec = LmEvalSpec(
+        model=args.model,
+        methods=parse_list(args.methods, "methods"),
+        budgets=list(dict.fromkeys(check_budget(item) for item in parse_list(args.budgets, "budgets"))),
+        tasks=parse_list(args.tasks, "tasks"),
+        out=Path(args.out),
+        include_paths=[Path(path) for path in args.include_path],
+        limit=args.limit,
+        seed=args.seed,
+        question_tokens=args.question_tokens,
+        apply_chat_template=args.apply_chat_template,
+        device=args.device,
+        dtype=args.dtype,
+        force=args.force,
+        command=shlex.join(["kvbench", *argv]),
+    )
+    store = run_lm_eval(spec, progress=not args.no_progress)
+    print(f"results: {store.results_path}")
+    if not args.no_report:
+        _render(store.directory)
+
+
+def _cmd_export_lm_eval(args: argparse.Namespace) -> None:
+    from kvbench.harness.models import load_model
+    from kvbench.harness.sweep import default_sample_cache, parse_lengths, parse_list
+    from kvbench.tasks import generate_samples, get_task
+    from kvbench.tasks.lm_eval_export import export_task
+
+    tasks = parse_list(args.tasks, "tasks")
+    for task in tasks:
+        get_task(task)
+    lengths = parse_lengths(args.lengths)
+    if args.samples < 1:
+        raise KVBenchError(f"--samples {args.samples} must be at least 1")
+    loaded = load_model(args.model, args.device, args.dtype)
+    for task in tasks:
+        for length in lengths:
+            samples = generate_samples(
+                task, loaded.tokenizer, length, args.samples, args.seed, cache_dir=default_sample_cache()
+            )
+            print(f"{export_task(samples, loaded.tokenizer, length, args.out)}: {len(samples)} docs")
+    print(f"tasks: {Path(args.out).resolve()} (lm-eval --include_path, or kvbench lm-eval --include-path)")
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> None:
     from kvbench.harness.calibration import calibration_meta, ensure_calibrated
     from kvbench.harness.models import load_model
@@ -236,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             _quiet_loaders()
             _cmd_generate(args)
+        elif args.command == "lm-eval":
+            _quiet_loaders()
+            _cmd_lm_eval(args, argv)
+        elif args.command == "export-lm-eval":
+            _quiet_loaders()
+            _cmd_export_lm_eval(args)
         elif args.command == "calibrate":
             _quiet_loaders()
             _cmd_calibrate(args)

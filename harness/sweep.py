@@ -21,9 +21,10 @@ from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from kvbench.harness.pipeline import CellResult, iter_context_cells
+from kvbench.harness.scoring_cells import ScoredCell, iter_scoring_cells
 from kvbench.harness.store import ResultStore, cell_key, now
 from kvbench.methods import Method, get_method
-from kvbench.tasks import Sample, generate_samples, get_task, score, split_prompt
+from kvbench.tasks import Sample, generate_samples, get_task, row_metrics, score_metric, split_prompt, token_split
 
 
 @dataclass
@@ -137,7 +138,16 @@ def cells_for(methods: list[Method], budgets: list[float]) -> list[tuple[Method,
     return cells
 
 
-def _row(sample: Sample, length: int, method: Method, budget: float, outcome: CellResult | BudgetError, parts, spec):
+def _row(
+    sample: Sample,
+    length: int,
+    method: Method,
+    budget: float,
+    outcome: CellResult | BudgetError,
+    parts,
+    spec,
+    metric: str,
+):
     depths = sample.metadata.get("depths") or ([sample.metadata["depth"]] if "depth" in sample.metadata else [])
     row = {
         "task": sample.task,
@@ -145,7 +155,7 @@ def _row(sample: Sample, length: int, method: Method, budget: float, outcome: Ce
         "sample_id": sample.sample_id,
         "method": method.name,
         "budget": budget,
-        "metric": sample.metric,
+        "metric": metric,
         "references": sample.references,
         "context_tokens": len(parts.context_ids),
         "question_tokens": len(parts.question_ids),
@@ -157,7 +167,7 @@ def _row(sample: Sample, length: int, method: Method, budget: float, outcome: Ce
         return {**row, "score": None, "error": str(outcome)}
     return {
         **row,
-        "score": round(100 * score(sample, outcome.output), 2),
+        "score": round(100 * score_metric(sample, outcome.output, metric), 2),
         "output": outcome.output,
         "kv_bytes": outcome.kv_bytes,
         "kv_bytes_full": outcome.kv_bytes_full,
@@ -169,6 +179,74 @@ def _row(sample: Sample, length: int, method: Method, budget: float, outcome: Ce
         "stopped_by": outcome.stopped_by,
         "peak_memory_bytes": outcome.peak_memory_bytes,
     }
+
+
+def _perplexity_row(
+    sample: Sample,
+    length: int,
+    method: Method,
+    budget: float,
+    outcome: ScoredCell | BudgetError,
+    context_ids: list[int],
+    continuation_ids: list[int],
+    spec,
+):
+    """A perplexity cell (lower is better): nothing is generated, so there is no output and no new token;
+    decode_s is the teacher-forced scoring pass over the reference."""
+    row = {
+        "task": sample.task,
+        "length": length,
+        "sample_id": sample.sample_id,
+        "method": method.name,
+        "budget": budget,
+        "metric": sample.metric,
+        "references": sample.references,
+        "context_tokens": len(context_ids),
+        "question_tokens": 0,
+        "scored_tokens": len(continuation_ids),
+        "depth": None,
+        "query_aware": spec.query_aware,
+        "seed": spec.seed,
+    }
+    if isinstance(outcome, BudgetError):
+        return {**row, "score": None, "error": str(outcome)}
+    (scored,) = outcome.scores
+    return {
+        **row,
+        "score": round(scored.perplexity, 4),
+        "kv_bytes": outcome.kv_bytes,
+        "kv_bytes_full": outcome.kv_bytes_full,
+        "kv_ratio": round(outcome.kv_ratio, 6),
+        "prefill_s": round(outcome.prefill_s, 4),
+        "compress_s": round(outcome.compress_s, 4),
+        "decode_s": round(outcome.score_s, 4),
+        "new_tokens": 0,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+    }
+
+
+def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, spec: SweepSpec):
+    """(method, budget, rows) for each cell of one sample as it finishes: generated answers are scored with every
+    metric the task reports (one row each); perplexity samples are scored, not generated."""
+    if sample.metric == "perplexity":
+        context_ids, continuation_ids = token_split(loaded.tokenizer, sample)
+        for method, budget, outcome in iter_scoring_cells(loaded, context_ids, [], [continuation_ids], todo):
+            yield (
+                method,
+                budget,
+                [_perplexity_row(sample, length, method, budget, outcome, context_ids, continuation_ids, spec)],
+            )
+        return
+    parts = split_prompt(
+        loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=spec.query_aware
+    )
+    outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens)
+    for method, budget, outcome in outcomes:
+        yield (
+            method,
+            budget,
+            [_row(sample, length, method, budget, outcome, parts, spec, m) for m in row_metrics(sample)],
+        )
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
@@ -187,7 +265,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     calibrated = {m.name: ensure_calibrated(loaded, m) for m in methods if m.needs_calibration}
     meta["calibration"] = {name: str(path) for name, path in calibrated.items()}
     store.write_meta(meta)
-    done = store.done()
+    # A cell is done when every metric its task reports has a row (a kill can fall between a cell's rows).
+    done_metrics = {(cell_key(row), row["metric"]) for row in store.rows()}
     cells = cells_for(methods, spec.budgets)
     cache_dir = spec.sample_cache or default_sample_cache()
 
@@ -198,7 +277,14 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
                 task, loaded.tokenizer, length, spec.samples, spec.seed, spec.query_aware, cache_dir=cache_dir
             )
             for sample in samples:
-                todo = [(m, b) for m, b in cells if (task, length, sample.sample_id, m.name, round(b, 6)) not in done]
+                metrics = row_metrics(sample)
+                todo = [
+                    (m, b)
+                    for m, b in cells
+                    if any(
+                        ((task, length, sample.sample_id, m.name, round(b, 6)), x) not in done_metrics for x in metrics
+                    )
+                ]
                 if todo:
                     plan.append((length, sample, todo))
     total = sum(len(todo) for _, _, todo in plan)
@@ -208,14 +294,11 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
         bar.write(f"kvbench: {skipped} finished cells found in {spec.out}; running the {total} left")
     with bar:
         for length, sample, todo in plan:
-            parts = split_prompt(
-                loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=spec.query_aware
-            )
-            outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens)
-            for method, budget, outcome in outcomes:
-                row = _row(sample, length, method, budget, outcome, parts, spec)
-                store.append(row)
-                done.add(cell_key(row))
+            for method, budget, rows in _cell_rows(loaded, sample, length, todo, spec):
+                for row in rows:
+                    if (cell_key(row), row["metric"]) not in done_metrics:
+                        store.append(row)
+                        done_metrics.add((cell_key(row), row["metric"]))
                 bar.set_postfix_str(f"{sample.task}@{length} {method.name}@{budget:g}", refresh=False)
                 bar.update(1)
     meta["finished_at"] = now()

@@ -105,17 +105,30 @@ def build_report(run: Run, plots_dir: Path) -> Report:
             f"{MEAN_OVER_TASKS}: per-task mean scores averaged with equal weight within one metric (metrics "
             f"are never averaged together); {MISSING} where a task has no scored row. KV ratio: mean stored "
             "KV bytes / full-cache KV bytes. nulls: empty answers. refused: cells the method declined "
-            "(e.g. budget unreachable); they count here and are left out of every mean, never scored as zero.",
+            "(e.g. budget unreachable); they count here and are left out of every mean, never scored as zero. "
+            "Scores are higher-is-better except perplexity, where lower is better.",
             _tables([("Summary per metric, method and budget", tables.summary(rows))]),
         ),
         Section(
             "Scores per task",
             "Mean score per task over all lengths and samples; refused cells left out.",
             _tables(
-                [(f"Mean score — {metric}", table) for metric, table in tables.task_scores(rows).items()]
+                [
+                    (f"Mean score — {tables.metric_label(metric)}", table)
+                    for metric, table in tables.task_scores(rows).items()
+                ]
                 + [(f"Empty answers — {metric}", table) for metric, table in tables.task_nulls(rows).items()]
             ),
             _pick(plots, "score_vs_budget"),
+        ),
+        Section(
+            "Generation quality",
+            "ROUGE-1/2/L F-measures (rouge-score, stemmed) and BERTScore F1 (bert-score on the packaged "
+            "all-MiniLM-L6-v2, 6 layers, not rescaled) of generated text against the references, x100; "
+            "perplexity of the reference tokens scored after the compressed context, where lower is better "
+            "(it is a cost, not an accuracy). Means over all tasks, lengths and samples reporting each metric.",
+            _tables([("Generation quality per method and budget", tables.quality_scores(rows))]),
+            _pick(plots, "quality_vs_budget"),
         ),
         Section(
             "Score vs stored KV bytes",
@@ -235,6 +248,7 @@ def _format_samples(samples: pd.DataFrame) -> pd.DataFrame:
             "sample": [_cell(value, "d") for value in samples["sample_id"]],
             "method": samples["method"].astype(str),
             "budget": [_cell(value, "g") for value in samples["budget"]],
+            "metric": samples["metric"].astype(str),
             "score": ["refused" if no else _cell(value, ".2f") for no, value in zip(refused, samples["score"])],
             "output": [
                 _visible(f"refused: {error}" if no else (output if isinstance(output, str) else ""))

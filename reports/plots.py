@@ -52,6 +52,7 @@ def draw_all(rows: pd.DataFrame, plots_dir: Path) -> list[Plot]:
     scored = rows[~rows["refused"]]
     plots = [
         score_vs_budget(scored, colors, plots_dir / "score_vs_budget.png"),
+        quality_vs_budget(scored, colors, plots_dir / "quality_vs_budget.png"),
         score_vs_kv_bytes(rows, colors, plots_dir / "score_vs_kv_bytes.png"),
     ]
     needles = tables.needle_depths(rows)
@@ -83,45 +84,72 @@ def _legend(figure: Figure, methods: list[str], colors: dict, reference: dict) -
     figure.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), frameon=False)
 
 
-def _score_limits(axes, values: pd.Series) -> None:
-    """Fix the axis to 0–100 for percentage scores, so panels compare at a glance."""
-    if values.between(0, 100).all():
+def _score_limits(axes, values: pd.Series, metric: str) -> None:
+    """Fix the axis to 0–100 for percentage scores, so panels compare at a glance (perplexity is no percentage)."""
+    if metric not in tables.LOWER_IS_BETTER and values.between(0, 100).all():
         axes.set_ylim(-3, 103)
 
 
+def _budget_panel(ax, means: pd.DataFrame, colors: dict, metric: str, title: str) -> None:
+    """Mean score against budget, one line per compressed method; `full` is a horizontal reference line."""
+    compressed = means[means["method"] != REFERENCE_METHOD]
+    if not compressed.empty:
+        sns.lineplot(
+            data=compressed,
+            x="budget",
+            y="score",
+            hue="method",
+            palette={name: colors[name] for name in compressed["method"].unique()},
+            marker="o",
+            errorbar=None,
+            legend=False,
+            ax=ax,
+        )
+    for score in means.loc[means["method"] == REFERENCE_METHOD, "score"]:
+        ax.axhline(score, linewidth=1.2, **REFERENCE_LINE)
+    _score_limits(ax, means["score"], metric)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("budget (fraction of full KV)")
+    ax.set_ylabel("mean score")
+
+
 def score_vs_budget(scored: pd.DataFrame, colors: dict, path: Path) -> Plot | None:
-    """Mean score against budget, one panel per task; `full` is a horizontal reference line."""
+    """Mean score against budget, one panel per (task, metric): a task may report several metrics."""
     if scored.empty:
         return None
     means = scored.groupby(["task", "metric", "method", "budget"])["score"].mean().reset_index()
-    task_list = sorted(means["task"].unique())
-    figure, axes = _figure(len(task_list), 3, 4.2, 3.1)
-    for ax, task in zip(axes, task_list):
-        task_means = means[means["task"] == task]
-        compressed = task_means[task_means["method"] != REFERENCE_METHOD]
-        if not compressed.empty:
-            sns.lineplot(
-                data=compressed,
-                x="budget",
-                y="score",
-                hue="method",
-                palette={name: colors[name] for name in compressed["method"].unique()},
-                marker="o",
-                errorbar=None,
-                legend=False,
-                ax=ax,
-            )
-        for score in task_means.loc[task_means["method"] == REFERENCE_METHOD, "score"]:
-            ax.axhline(score, linewidth=1.2, **REFERENCE_LINE)
-        _score_limits(ax, task_means["score"])
-        ax.set_title(f"{task} ({task_means['metric'].iloc[0]})", fontsize=10)
-        ax.set_xlabel("budget (fraction of full KV)")
-        ax.set_ylabel("mean score")
+    panels = sorted(means.groupby(["task", "metric"]).groups)
+    figure, axes = _figure(len(panels), 3, 4.2, 3.1)
+    for ax, (task, metric) in zip(axes, panels):
+        panel = means[(means["task"] == task) & (means["metric"] == metric)]
+        _budget_panel(ax, panel, colors, metric, f"{task} ({tables.metric_label(metric)})")
     _legend(figure, tables.method_order(means["method"]), colors, REFERENCE_LINE)
     figure.savefig(path)
     return Plot(
         title="Score vs budget",
-        caption="Mean score per task at each budget; the dashed line is the uncompressed full cache.",
+        caption="Mean score per task and metric at each budget; the dashed line is the uncompressed full cache.",
+        path=path,
+    )
+
+
+def quality_vs_budget(scored: pd.DataFrame, colors: dict, path: Path) -> Plot | None:
+    """One panel per generation-quality metric (ROUGE, BERTScore, perplexity), over every task reporting it."""
+    quality = scored[scored["metric"].isin(tables.QUALITY_METRICS)]
+    if quality.empty:
+        return None
+    means = quality.groupby(["metric", "method", "budget"])["score"].mean().reset_index()
+    metrics = [metric for metric in tables.QUALITY_METRICS if metric in set(means["metric"])]
+    figure, axes = _figure(len(metrics), 3, 4.2, 3.1)
+    for ax, metric in zip(axes, metrics):
+        _budget_panel(ax, means[means["metric"] == metric], colors, metric, tables.metric_label(metric))
+        if metric in tables.LOWER_IS_BETTER:
+            ax.set_ylabel("mean (lower is better)")
+    _legend(figure, tables.method_order(means["method"]), colors, REFERENCE_LINE)
+    figure.savefig(path)
+    return Plot(
+        title="Generation quality vs budget",
+        caption="Mean of each quality metric at each budget (perplexity: lower is better); the dashed line is "
+        "the uncompressed full cache.",
         path=path,
     )
 
@@ -148,9 +176,9 @@ def score_vs_kv_bytes(rows: pd.DataFrame, colors: dict, path: Path) -> Plot | No
                     fontsize=7,
                     color=colors[method],
                 )
-        _score_limits(ax, metric_points[MEAN_OVER_TASKS])
+        _score_limits(ax, metric_points[MEAN_OVER_TASKS], metric)
         ax.set_xlim(left=0)
-        ax.set_title(metric, fontsize=10)
+        ax.set_title(tables.metric_label(metric), fontsize=10)
         ax.set_xlabel("mean stored KV cache (MiB)")
         ax.set_ylabel(MEAN_OVER_TASKS)
     _legend(figure, tables.method_order(points["method"]), colors, REFERENCE_POINT)
@@ -158,7 +186,7 @@ def score_vs_kv_bytes(rows: pd.DataFrame, colors: dict, path: Path) -> Plot | No
     return Plot(
         title="Score vs stored KV bytes",
         caption="Mean over tasks against mean stored KV cache per (method, budget), labelled with the budget; "
-        "up and to the left is better. The star is the uncompressed full cache.",
+        "up and to the left is better (down and to the left for perplexity). The star is the uncompressed full cache.",
         path=path,
     )
 

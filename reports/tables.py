@@ -9,6 +9,10 @@ from __future__ import annotations
 import pandas as pd
 
 MEAN_OVER_TASKS = "mean over tasks"
+# Restated from kvbench.tasks (reports read only the store): metrics where lower is better, and the
+# generation-quality metrics that get their own report section.
+LOWER_IS_BETTER = frozenset({"perplexity"})
+QUALITY_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_f1", "perplexity")
 REFERENCE_METHOD = "full"
 MIB = 2**20
 CELL = ["method", "budget"]
@@ -26,6 +30,21 @@ def sort_cells(frame: pd.DataFrame, leading: list[str] | None = None) -> pd.Data
     ranked = frame.assign(_method_rank=frame["method"].map(order))
     ranked = ranked.sort_values([*(leading or []), "_method_rank", "budget"], kind="stable")
     return ranked.drop(columns="_method_rank").reset_index(drop=True)
+
+
+def metric_label(metric: str) -> str:
+    """The metric's name, flagged when a lower value is better so no reader takes it for an accuracy."""
+    return f"{metric} (lower is better)" if metric in LOWER_IS_BETTER else metric
+
+
+def quality_scores(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each generation-quality metric per (method, budget), one column per metric, refused rows left out."""
+    quality = rows[rows["metric"].isin(QUALITY_METRICS) & ~rows["refused"]]
+    if quality.empty:
+        return pd.DataFrame()
+    wide = quality.groupby([*CELL, "metric"])["score"].mean().unstack("metric")
+    wide = wide.reindex(columns=[metric for metric in QUALITY_METRICS if metric in wide.columns])
+    return sort_cells(wide.rename(columns=metric_label).reset_index())
 
 
 def task_scores(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -124,5 +143,7 @@ def needle_depths(rows: pd.DataFrame) -> pd.DataFrame:
 
 def sample_outputs(rows: pd.DataFrame) -> pd.DataFrame:
     """Every row's answer next to its references, ordered so one sample's methods sit together."""
-    columns = ["task", "length", "sample_id", "method", "budget", "score", "refused", "error", "output", "references"]
+    columns = [
+        "task", "length", "sample_id", "method", "budget", "metric", "score", "refused", "error", "output", "references",
+    ]  # fmt: skip
     return sort_cells(rows[columns], leading=["task", "length", "sample_id"])

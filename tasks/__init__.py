@@ -5,6 +5,7 @@ The harness uses only what is exported here.
 
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.loaders import load_hf_samples, load_jsonl_samples
+from kvbench.tasks.perplexity import token_split
 from kvbench.tasks.prompting import PromptParts, split_prompt
 from kvbench.tasks.registry import (
     GENERATOR_VERSION,
@@ -14,13 +15,16 @@ from kvbench.tasks.registry import (
     generate_samples,
     get_task,
     list_tasks,
+    row_metrics,
     score,
+    score_metric,
 )
 from kvbench.tasks.sample import Sample
-from kvbench.tasks.scoring import METRICS, postprocess
+from kvbench.tasks.scoring import LOWER_IS_BETTER, METRICS, postprocess
 
 __all__ = [
     "GENERATOR_VERSION",
+    "LOWER_IS_BETTER",
     "METRICS",
     "TASKS",
     "TASK_SETS",
@@ -34,6 +38,9 @@ __all__ = [
     "load_hf_samples",
     "load_jsonl_samples",
     "postprocess",
+    "row_metrics",
     "score",
+    "score_metric",
     "split_prompt",
+    "token_split",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from kvbench.tasks import cache, cwe, fwe, niah, passkey, vt
+from kvbench.tasks import cache, cwe, fwe, niah, passkey, perplexity, reconstruction, vt
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.fingerprint import chat_template_sha256, derive_seed, tokenizer_id, vocab_sha256
 from kvbench.tasks.fitting import Fitter, Setup, UnitPlan
@@ -36,6 +36,8 @@ class TaskSpec:
     metric: str
     haystack: str
     plan: Callable[[Setup], UnitPlan]
+    # Further metrics reported on the same output, one result row each (e.g. BERTScore next to ROUGE-L).
+    extra_metrics: tuple[str, ...] = ()
 
 
 def _niah(name: str, description: str, variant: NiahVariant) -> TaskSpec:
@@ -105,12 +107,29 @@ TASKS: dict[str, TaskSpec] = {
             haystack="noise",
             plan=passkey.plan,
         ),
+        TaskSpec(
+            name="reconstruction",
+            description="repeat a marked 40-word passage of an essay document (ROUGE-1/2/L, BERTScore)",
+            max_new_tokens=96,
+            metric="rougeL",
+            haystack="essay",
+            plan=reconstruction.plan,
+            extra_metrics=("rouge1", "rouge2", "bertscore_f1"),
+        ),
+        TaskSpec(
+            name="perplexity",
+            description="perplexity of the next 256 tokens of an essay text after the compressed context",
+            max_new_tokens=perplexity.CONTINUATION_TOKENS,
+            metric="perplexity",
+            haystack="essay",
+            plan=perplexity.plan,
+        ),
     )
 }
 
 # Report averages over a named set (tasks.md §11.5); qa_1/qa_2 need downloads and are omitted.
 TASK_SETS: dict[str, tuple[str, ...]] = {
-    "RULER-11 offline": tuple(name for name in TASKS if name != "passkey"),
+    "RULER-11 offline": tuple(name for name in TASKS if name not in ("passkey", "reconstruction", "perplexity")),
 }
 
 
@@ -199,6 +218,17 @@ def generate_samples(
     if cache_dir is not None:
         cache.store(cache_dir, key, samples)
     return samples
+
+
+def row_metrics(sample: Sample) -> list[str]:
+    """Every metric reported for the sample: its own first, then its task's extra metrics."""
+    spec = TASKS.get(sample.task)
+    return [sample.metric, *(spec.extra_metrics if spec is not None and spec.metric == sample.metric else ())]
+
+
+def score_metric(sample: Sample, output_text: str, metric: str) -> float:
+    """One named metric of a raw generation against the sample's references, in [0, 1]."""
+    return METRICS[metric](output_text, sample.references)
 
 
 def score(sample: Sample, output_text: str) -> float:

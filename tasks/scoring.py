@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from kvbench.tasks.errors import TaskError
+from kvbench.tasks.quality import bertscore_f1, rouge1, rouge2, rougeL
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
 
@@ -49,8 +50,21 @@ def passkey_exact(prediction: str, references: Sequence[str]) -> float:
     return found / len(references)
 
 
+def perplexity(prediction: str, references: Sequence[str]) -> float:
+    """Perplexity comes from the model's log-probabilities of the reference, never from generated text."""
+    raise TaskError("perplexity is scored from the model's log-probabilities (the harness does it), not from text")
+
+
+# Metrics where a lower value is better; every other metric is a score where higher is better.
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
 METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "passkey_exact": passkey_exact,
+    "rouge1": rouge1,
+    "rouge2": rouge2,
+    "rougeL": rougeL,
+    "bertscore_f1": bertscore_f1,
+    "perplexity": perplexity,
 }

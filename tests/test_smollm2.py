@@ -65,8 +65,10 @@ def test_full_equals_transformers_generate_on_smollm2(smollm2, prompt):
 
 
 def test_every_method_at_budget_one_answers_like_full(smollm2, prompt):
+    """Methods that need calibration are left out here (minutes of CPU on this model); the contract tests
+    check them at budget 1 on tiny models."""
     load_all()
-    cells = [(get_method(name), 1.0) for name in sorted(REGISTRY)]
+    cells = [(get_method(name), 1.0) for name in sorted(REGISTRY) if not REGISTRY[name].needs_calibration]
     results = run_context(smollm2, prompt.context_ids, prompt.question_ids, cells, NEW_TOKENS)
     full = next(r for r in results if r.method == "full")
     for result in results:

@@ -64,6 +64,8 @@ def test_registry_lists_the_offline_suite():
         "cwe",
         "fwe",
         "passkey",
+        "reconstruction",
+        "perplexity",
     ]
     assert all(description and "\n" not in description for _, description in list_tasks())
     assert {TASKS[n].max_new_tokens for n in names[:8]} == {128}

@@ -47,7 +47,10 @@ def test_passkey_exact_needs_the_whole_number():
 
 
 def test_score_dispatches_on_the_sample_metric():
-    assert set(METRICS) == {"string_match_all", "string_match_part", "passkey_exact"}
+    assert set(METRICS) == {
+        "string_match_all", "string_match_part", "passkey_exact", "rouge1", "rouge2", "rougeL", "bertscore_f1",
+        "perplexity",
+    }  # fmt: skip
     assert score(make_sample("string_match_all", ["a1", "b2"]), "b2") == 0.5
     assert score(make_sample("string_match_part", ["a1", "b2"]), "b2") == 1.0
     assert score(make_sample("passkey_exact", ["12345"]), "123456") == 0.0

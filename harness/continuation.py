@@ -1,0 +1,82 @@
+"""Teacher-forced scoring of given tokens against a compressed cache: the loglikelihood counterpart of decoding.
+
+Generation quality hides how much a compressed context still predicts; the log-probability of a known
+continuation (perplexity, lm-eval's loglikelihood requests) measures it directly, with no sampling noise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.harness.attention import kvbench_attention_enabled
+from kvbench.harness.cache import KVBenchCache
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Per-token log-probabilities of a continuation, and whether greedy decoding would have produced it."""
+
+    logprobs: list[float]
+    greedy: bool
+
+    @property
+    def total(self) -> float:
+        return sum(self.logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.logprobs)
+
+
+def perplexity(logprobs: Sequence[float]) -> float:
+    """exp of the mean negative log-likelihood per token."""
+    if not logprobs:
+        raise ValueError("perplexity needs at least one scored token")
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+@torch.inference_mode()
+def score_continuation(
+    model: torch.nn.Module,
+    cache: KVBenchCache,
+    continuation_ids: Sequence[int],
+    question_ids: Sequence[int] = (),
+    first_logits: torch.Tensor | None = None,
+) -> ContinuationScore:
+    """Feed the question and the continuation (but its last token) after the cache in one pass, and read each
+    continuation token's log-probability from the logits before it.
+
+    `first_logits` are the prefill's next-token logits: they score the first continuation token when no
+    question follows the context. Positions continue after the cache (the original context length), as in
+    `greedy_decode`, so with `full` this equals a plain forward pass over context + continuation.
+    """
+    if not continuation_ids:
+        raise ValueError("nothing to score: the continuation is empty")
+    if not question_ids and first_logits is None:
+        raise ValueError("give question tokens or the prefill's last logits to score the first token")
+    fed = [*question_ids, *continuation_ids[:-1]]
+    start = cache.get_seq_length()
+    device = model.device
+    rows = []
+    if not question_ids:
+        rows.append(first_logits.reshape(1, -1))
+    if fed:
+        with kvbench_attention_enabled(model):
+            out = model(
+                input_ids=torch.tensor([fed], dtype=torch.long, device=device),
+                position_ids=torch.arange(start, start + len(fed), device=device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=len(continuation_ids) - (0 if question_ids else 1),
+                kvbench_cache=cache,
+            )
+        rows.append(out.logits[0])
+    logits = torch.cat(rows).float()
+    targets = torch.tensor(list(continuation_ids), dtype=torch.long, device=logits.device)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    greedy = bool((logits.argmax(dim=-1) == targets).all())
+    return ContinuationScore([float(value) for value in logprobs.cpu()], greedy)

@@ -1,0 +1,98 @@
+"""Cells that score given continuations against a compressed context instead of decoding an answer.
+
+Perplexity and loglikelihood requests follow the same prefill → compress path as generation cells (one shared
+prefill per context, every (method, budget) compressed from it), then score each continuation with the cache
+cut back to its compressed context, so all continuations of a context see the same compressed cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from kvbench.harness.continuation import ContinuationScore, score_continuation
+from kvbench.harness.errors import BudgetError
+from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
+from kvbench.harness.models import LoadedModel
+from kvbench.harness.pipeline import TimedObservation, _compress, observe, shared_needs
+from kvbench.methods.base import Method
+
+
+@dataclass
+class ScoredCell:
+    """One (method, budget) on one context: the scores of its continuations and what they cost."""
+
+    method: str
+    budget: float
+    scores: list[ContinuationScore]
+    kv_bytes: int
+    kv_bytes_full: int
+    prefill_s: float
+    compress_s: float
+    score_s: float
+    peak_memory_bytes: int | None = None
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_full
+
+
+def run_scoring_cell(
+    loaded: LoadedModel,
+    observed: TimedObservation | None,
+    method: Method,
+    budget: float,
+    question_ids: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    context_ids: Sequence[int] = (),
+) -> ScoredCell:
+    """Compress the context once with `method` at `budget`, then score every continuation after `question_ids`."""
+    effective_budget = budget if method.uses_budget else 1.0
+    reset_peak_memory(loaded.device)
+    compressed = _compress(loaded, observed, method, effective_budget, context_ids)
+    kv_bytes = compressed.cache.kv_bytes()
+    scores = []
+    with timed(loaded.device) as watch:
+        for continuation in continuations:
+            compressed.cache.reset_tail()
+            scores.append(
+                score_continuation(
+                    loaded.model, compressed.cache, continuation, question_ids, first_logits=compressed.last_logits
+                )
+            )
+    return ScoredCell(
+        method=method.name,
+        budget=effective_budget,
+        scores=scores,
+        kv_bytes=kv_bytes,
+        kv_bytes_full=compressed.kv_bytes_full,
+        prefill_s=compressed.prefill_s,
+        compress_s=compressed.compress_s,
+        score_s=watch.seconds,
+        peak_memory_bytes=peak_memory_bytes(loaded.device),
+    )
+
+
+def iter_scoring_cells(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+    cells: Sequence[tuple[Method, float]],
+) -> Iterator[tuple[Method, float, ScoredCell | BudgetError]]:
+    """Every cell for one context, yielded as each finishes, from one shared prefill (plus a private one for
+    each method that needs its own). A budget a method refuses is yielded as its BudgetError."""
+    methods = [method for method, _ in cells]
+    shared = None
+    if any(not m.needs().own_prefill for m in methods):
+        shared = observe(loaded, context_ids, shared_needs(methods))
+    for method, budget in cells:
+        observed = None if method.needs().own_prefill else shared
+        try:
+            result = run_scoring_cell(
+                loaded, observed, method, budget, question_ids, continuations, context_ids=context_ids
+            )
+        except BudgetError as refusal:
+            yield method, budget, refusal
+            continue
+        yield method, budget, result
