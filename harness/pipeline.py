@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -14,6 +15,8 @@ from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
 from kvbench.methods.base import Method
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,7 +71,9 @@ def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
 
 
 @dataclass
-class _Compressed:
+class CompressedContext:
+    """A context in a method's compressed cache, with what it cost to get there."""
+
     cache: KVBenchCache
     last_logits: torch.Tensor
     kv_bytes_full: int
@@ -76,9 +81,9 @@ class _Compressed:
     compress_s: float
 
 
-def _compress(
+def compress_context(
     loaded: LoadedModel, observed: TimedObservation | None, method: Method, budget: float, context_ids: Sequence[int]
-) -> _Compressed:
+) -> CompressedContext:
     if method.needs().own_prefill:
         # The method prunes while it prefills: its compression time is inside its prefill.
         with timed(loaded.device) as watch:
@@ -86,12 +91,14 @@ def _compress(
         if any(layer.tail_length for layer in cache.layers):
             raise RuntimeError(f"{method.name} left part of the context uncompressed in the cache tail")
         full = full_kv_bytes(loaded.model.config, len(context_ids), loaded.dtype)
-        return _Compressed(cache, last_logits, full, watch.seconds, 0.0)
+        return CompressedContext(cache, last_logits, full, watch.seconds, 0.0)
     observation = observed.observation
     with timed(loaded.device) as watch:
         prefixes = method.compress(observation, budget)
     cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
-    return _Compressed(cache, observation.last_logits, observation.kv_bytes_full(), observed.prefill_s, watch.seconds)
+    return CompressedContext(
+        cache, observation.last_logits, observation.kv_bytes_full(), observed.prefill_s, watch.seconds
+    )
 
 
 def run_cell(
@@ -109,7 +116,7 @@ def run_cell(
     own prefill of `context_ids`), then answer greedily against that cache."""
     effective_budget = budget if method.uses_budget else 1.0
     reset_peak_memory(loaded.device)
-    compressed = _compress(loaded, observed, method, effective_budget, context_ids)
+    compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
     with timed(loaded.device) as decode_watch:
         generation = greedy_decode(
@@ -142,6 +149,28 @@ def run_cell(
     )
 
 
+def iter_cells(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    cells: Sequence[tuple[Method, float]],
+    run: Callable[[TimedObservation | None, Method, float], T],
+) -> Iterator[tuple[Method, float, T | BudgetError]]:
+    """Every cell for one context, yielded as each finishes: one shared prefill, plus a private one for each
+    method that needs its own; `run(observed, method, budget)` does the cell. A budget a method refuses is
+    yielded as its BudgetError, not raised, so a sweep records it and goes on."""
+    methods = [method for method, _ in cells]
+    shared = None
+    if any(not m.needs().own_prefill for m in methods):
+        shared = observe(loaded, context_ids, shared_needs(methods))
+    for method, budget in cells:
+        try:
+            result = run(None if method.needs().own_prefill else shared, method, budget)
+        except BudgetError as refusal:
+            yield method, budget, refusal
+            continue
+        yield method, budget, result
+
+
 def iter_context_cells(
     loaded: LoadedModel,
     context_ids: Sequence[int],
@@ -150,22 +179,14 @@ def iter_context_cells(
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
 ) -> Iterator[tuple[Method, float, CellResult | BudgetError]]:
-    """Every cell for one context, yielded as each finishes: one shared prefill, plus a private one for each
-    method that needs its own. A budget a method refuses is yielded as its BudgetError, not raised."""
-    methods = [method for method, _ in cells]
-    shared = None
-    if any(not m.needs().own_prefill for m in methods):
-        shared = observe(loaded, context_ids, shared_needs(methods))
-    for method, budget in cells:
-        observed = None if method.needs().own_prefill else shared
-        try:
-            result = run_cell(
-                loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings, context_ids=context_ids
-            )
-        except BudgetError as refusal:
-            yield method, budget, refusal
-            continue
-        yield method, budget, result
+    """Every (method, budget) answering the question after one context (see `iter_cells`)."""
+
+    def answer(observed: TimedObservation | None, method: Method, budget: float) -> CellResult:
+        return run_cell(
+            loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings, context_ids=context_ids
+        )
+
+    return iter_cells(loaded, context_ids, cells, answer)
 
 
 def run_context(

@@ -14,7 +14,7 @@ from kvbench.harness.continuation import ContinuationScore, score_continuation
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, _compress, observe, shared_needs
+from kvbench.harness.pipeline import TimedObservation, compress_context, iter_cells
 from kvbench.methods.base import Method
 
 
@@ -49,7 +49,7 @@ def run_scoring_cell(
     """Compress the context once with `method` at `budget`, then score every continuation after `question_ids`."""
     effective_budget = budget if method.uses_budget else 1.0
     reset_peak_memory(loaded.device)
-    compressed = _compress(loaded, observed, method, effective_budget, context_ids)
+    compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
     scores = []
     with timed(loaded.device) as watch:
@@ -80,19 +80,9 @@ def iter_scoring_cells(
     continuations: Sequence[Sequence[int]],
     cells: Sequence[tuple[Method, float]],
 ) -> Iterator[tuple[Method, float, ScoredCell | BudgetError]]:
-    """Every cell for one context, yielded as each finishes, from one shared prefill (plus a private one for
-    each method that needs its own). A budget a method refuses is yielded as its BudgetError."""
-    methods = [method for method, _ in cells]
-    shared = None
-    if any(not m.needs().own_prefill for m in methods):
-        shared = observe(loaded, context_ids, shared_needs(methods))
-    for method, budget in cells:
-        observed = None if method.needs().own_prefill else shared
-        try:
-            result = run_scoring_cell(
-                loaded, observed, method, budget, question_ids, continuations, context_ids=context_ids
-            )
-        except BudgetError as refusal:
-            yield method, budget, refusal
-            continue
-        yield method, budget, result
+    """Every (method, budget) scoring the continuations after one context (see `pipeline.iter_cells`)."""
+
+    def scored(observed: TimedObservation | None, method: Method, budget: float) -> ScoredCell:
+        return run_scoring_cell(loaded, observed, method, budget, question_ids, continuations, context_ids=context_ids)
+
+    return iter_cells(loaded, context_ids, cells, scored)
