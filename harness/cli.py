@@ -199,15 +199,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
-    from kvbench.harness.sweep import SweepSpec, parse_lengths, parse_list, run_sweep
+    from kvbench.harness.sweep import SweepSpec, parse_budgets, parse_lengths, parse_list, run_sweep
 
-    budgets = []
-    for item in parse_list(args.budgets, "budgets"):
-        budgets.append(check_budget(item))
     spec = SweepSpec(
         model=args.model,
         methods=parse_list(args.methods, "methods"),
-        budgets=list(dict.fromkeys(budgets)),
+        budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         lengths=parse_lengths(args.lengths),
         samples=args.samples,
@@ -227,12 +224,12 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
 def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
     from kvbench.harness.lm_eval_run import LmEvalSpec, run_lm_eval
-    from kvbench.harness.sweep import parse_list
+    from kvbench.harness.sweep import parse_budgets, parse_list
 
     spec = LmEvalSpec(
         model=args.model,
         methods=parse_list(args.methods, "methods"),
-        budgets=list(dict.fromkeys(check_budget(item) for item in parse_list(args.budgets, "budgets"))),
+        budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         out=Path(args.out),
         include_paths=[Path(path) for path in args.include_path],

@@ -52,6 +52,10 @@ def parse_list(text: str, what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def parse_budgets(text: str) -> list[float]:
+    return list(dict.fromkeys(check_budget(item) for item in parse_list(text, "budgets")))
+
+
 def parse_lengths(text: str) -> list[int]:
     lengths = []
     for item in parse_list(text, "lengths"):
