@@ -92,16 +92,9 @@ class KVBenchCache(Cache):
         # Set by the prefill engine: collects the observations the methods declared while attention runs.
         self.recorder = None
 
-    @property
-    def prefixes(self) -> list[LayerPrefix | None]:
-        return [layer.prefix for layer in self.layers]
-
     def kv_bytes(self) -> int:
         """Bytes the compressed context holds, measured from the stored tensors."""
         return sum(stored_bytes(layer.prefix) for layer in self.layers if layer.prefix is not None)
-
-    def tail_bytes(self) -> int:
-        return sum(stored_bytes([layer.keys, layer.values]) for layer in self.layers if layer.keys is not None)
 
     def reset_tail(self) -> None:
         """Forget question and generated tokens, keeping the compressed context."""

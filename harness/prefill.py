@@ -74,10 +74,6 @@ class Observation:
         return int(self.keys[0].shape[0])
 
     @property
-    def num_query_heads(self) -> int:
-        return int(self.model.config.num_attention_heads) if self.model is not None else self.num_kv_heads
-
-    @property
     def head_dim(self) -> int:
         return int(self.keys[0].shape[-1])
 
@@ -156,9 +152,10 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
     )
 
 
-# Called after each chunk of a streaming prefill with (cache, chunk index, chunk's window queries per layer);
-# a method that prunes or merges while prefilling rewrites each layer here (e.g. with `absorb_tail`).
-ChunkHook = Callable[[KVBenchCache, int, list[torch.Tensor]], None]
+# Called after each chunk of a streaming prefill with (cache, chunk index, the chunk's post-RoPE queries per
+# layer, the attention's softmax scale); a method that prunes or merges while prefilling rewrites each layer
+# here (e.g. with `absorb_tail`).
+ChunkHook = Callable[[KVBenchCache, int, list[torch.Tensor], float], None]
 
 
 @torch.inference_mode()
@@ -193,8 +190,8 @@ def streaming_prefill(
                 kvbench_cache=cache,
             )
             logits = out.logits[0, -1]
-            queries = cache.recorder.window_queries
+            queries, scaling = cache.recorder.window_queries, cache.recorder.scaling
             cache.recorder = None
-            after_chunk(cache, index, queries)
+            after_chunk(cache, index, queries, scaling)
     cache.context_length = n
     return cache, logits

@@ -134,16 +134,6 @@ class Entries:
         return Entries(self.keys.gather(1, rows), self.values.gather(1, rows), bias, self.counts.gather(1, indices))
 
 
-def attention_scalings(model: torch.nn.Module) -> dict[int, float]:
-    """Each layer's softmax scale, read from its attention module (transformers' `layer_idx`/`scaling`)."""
-    scalings = {
-        int(m.layer_idx): float(m.scaling) for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")
-    }
-    if len(scalings) != model.config.num_hidden_layers:
-        raise RuntimeError("attention_clustering cannot find the attention scale of every layer of this model")
-    return scalings
-
-
 def _stored_length(layer: CompressedLayer) -> int:
     return (layer.prefix.head_lengths()[0] if layer.prefix is not None else 0) + layer.tail_length
 
@@ -157,12 +147,10 @@ class ClusteringStream:
     gone). The last chunk always ends with the whole context in the prefixes, at most K entries per head.
     """
 
-    def __init__(
-        self, config: AttentionClusteringConfig, plan: EntryPlan, scalings: dict[int, float], context_length: int
-    ):
+    def __init__(self, config: AttentionClusteringConfig, plan: EntryPlan, context_length: int):
         self.config = config
         self.plan = plan
-        self.scalings = scalings
+        self.scaling: float | None = None
         # A prune fires only once more than B entries are stored: with B ≥ N nothing happens before the end
         # of the context, so it is prefilled in one pass (the same result, and bit-exact full at budget 1).
         self.chunk_size = config.pruning_interval if plan.keep < context_length else context_length
@@ -172,7 +160,8 @@ class ClusteringStream:
         self.merged = False
         self.generator = torch.Generator().manual_seed(config.seed)
 
-    def after_chunk(self, cache: KVBenchCache, index: int, queries: list[torch.Tensor]) -> None:
+    def after_chunk(self, cache: KVBenchCache, index: int, queries: list[torch.Tensor], scaling: float) -> None:
+        self.scaling = scaling
         self._remember(queries)
         final = index == self.num_chunks - 1
         limit = self.plan.clusters if final else self.plan.keep
@@ -218,10 +207,7 @@ class ClusteringStream:
         """Prune to B by importance (when over B), then merge into K centroids (when K is smaller)."""
         stored = entries[0].keys.shape[1]
         if stored > self.plan.keep:
-            importance = [
-                attention_importance(q, e.keys, e.bias, self.scalings[i])
-                for i, (q, e) in enumerate(zip(queries, entries))
-            ]
+            importance = [attention_importance(q, e.keys, e.bias, self.scaling) for q, e in zip(queries, entries)]
             kept = select_kept(importance, self.plan.keep, self.config.scope)
             entries = [e.take(indices) for e, indices in zip(entries, kept)]
             stored = self.plan.keep
@@ -261,7 +247,7 @@ class AttentionClustering(Method):
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         plan = plan_entries(self.config, context_length, check_budget(budget), head_dim)
-        return ClusteringStream(self.config, plan, attention_scalings(model), context_length)
+        return ClusteringStream(self.config, plan, context_length)
 
     def prefill_and_compress(
         self, model: torch.nn.Module, input_ids: list[int], budget: float

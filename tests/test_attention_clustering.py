@@ -105,8 +105,8 @@ def run_with_spy(model, method, ids, budget):
     stream = method.stream(model, len(ids), budget)
     lengths, snapshots = [], []
 
-    def hook(cache, index, queries):
-        stream.after_chunk(cache, index, queries)
+    def hook(cache, index, queries, scaling):
+        stream.after_chunk(cache, index, queries, scaling)
         first = cache.layers[0]
         lengths.append(first.tail_length + (first.prefix.head_lengths()[0] if first.prefix is not None else 0))
         if first.prefix is not None:
@@ -198,8 +198,8 @@ def test_the_lookback_spans_the_chunks_since_the_last_prune(model):
     observation = prefill(model, ids[:64], ObservationNeeds(window=40))
     kept = []
 
-    def hook(cache, index, queries):
-        stream.after_chunk(cache, index, queries)
+    def hook(cache, index, queries, scaling):
+        stream.after_chunk(cache, index, queries, scaling)
         if index == 3:
             kept.extend(cache.layers[layer].prefix.materialize().keys for layer in range(2))
 

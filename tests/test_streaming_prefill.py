@@ -21,7 +21,7 @@ def seen_so_far(layer):
     return keys, values
 
 
-def keep_everything(cache, index, queries):
+def keep_everything(cache, index, queries, scaling):
     for layer in cache.layers:
         layer.absorb_tail(TokenPrefix(*seen_so_far(layer)))
 
@@ -31,12 +31,13 @@ def test_chunked_prefill_without_compression_equals_one_pass():
     context, question = random_ids(100, seed=1), random_ids(4, seed=2)
     seen_chunks = []
 
-    def hook(cache, index, queries):
-        seen_chunks.append((index, queries[0].shape[1]))
-        keep_everything(cache, index, queries)
+    def hook(cache, index, queries, scaling):
+        seen_chunks.append((index, queries[0].shape[1], scaling))
+        keep_everything(cache, index, queries, scaling)
 
     cache, logits = streaming_prefill(model, context, 32, hook)
-    assert seen_chunks == [(0, 32), (1, 32), (2, 32), (3, 4)]
+    scale = model.model.layers[0].self_attn.scaling
+    assert seen_chunks == [(0, 32, scale), (1, 32, scale), (2, 32, scale), (3, 4, scale)]
     observation = prefill(model, context, ObservationNeeds())
     torch.testing.assert_close(logits, observation.last_logits, rtol=0, atol=1e-5)
     for layer, keys in zip(cache.layers, observation.keys):
@@ -72,7 +73,7 @@ class RecentWhilePrefilling(Method):
     def prefill_and_compress(self, model, input_ids, budget):
         keep = max(1, int(len(input_ids) * budget))
 
-        def hook(cache, index, queries):
+        def hook(cache, index, queries, scaling):
             for layer in cache.layers:
                 keys, values = seen_so_far(layer)
                 layer.absorb_tail(TokenPrefix(keys[:, -keep:], values[:, -keep:]))
