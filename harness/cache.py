@@ -9,6 +9,9 @@ attention modules call `update`, which only grows the tail; kvbench's attention 
 
 from __future__ import annotations
 
+import inspect
+from functools import cache as _memoize
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -100,3 +103,17 @@ class KVBenchCache(Cache):
         """Forget question and generated tokens, keeping the compressed context."""
         for layer in self.layers:
             layer.reset_tail()
+
+
+@_memoize
+def _cache_parameter(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """The cache as the keyword argument the model's forward takes it by.
+
+    transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes away in
+    5.40); kvbench supports releases on both sides of the rename.
+    """
+    return {_cache_parameter(type(model)): cache}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache import KVBenchCache, cache_argument
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def score_continuation(
             out = model(
                 input_ids=torch.tensor([fed], dtype=torch.long, device=device),
                 position_ids=torch.arange(start, start + len(fed), device=device)[None],
-                past_key_values=cache,
+                **cache_argument(model, cache),
                 use_cache=True,
                 logits_to_keep=len(continuation_ids) - (0 if question_ids else 1),
                 kvbench_cache=cache,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache import KVBenchCache, cache_argument
 
 # Called after every generated token's forward pass: (cache, step index). Decode-time methods evict here.
 StepHook = Callable[[KVBenchCache, int], None]
@@ -30,7 +30,7 @@ def _forward(model: torch.nn.Module, cache: KVBenchCache, ids: Sequence[int]) ->
     out = model(
         input_ids=torch.tensor([list(ids)], dtype=torch.long, device=device),
         position_ids=torch.arange(start, start + len(ids), device=device)[None],
-        past_key_values=cache,
+        **cache_argument(model, cache),
         use_cache=True,
         logits_to_keep=1,
         kvbench_cache=cache,

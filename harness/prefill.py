@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache import KVBenchCache, cache_argument
 
 # Query rows per chunk when accumulating attention column sums, so the N×N matrix is never materialised.
 _COLUMN_SUM_CHUNK = 256
@@ -133,7 +133,7 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
         out = model(
             input_ids=ids,
             position_ids=torch.arange(n, device=device)[None],
-            past_key_values=cache,
+            **cache_argument(model, cache),
             use_cache=True,
             logits_to_keep=1,
             output_hidden_states=needs.hidden_states,
@@ -184,7 +184,7 @@ def streaming_prefill(
                 position_ids=torch.arange(cache.get_seq_length(), cache.get_seq_length() + stop - start, device=device)[
                     None
                 ],
-                past_key_values=cache,
+                **cache_argument(model, cache),
                 use_cache=True,
                 logits_to_keep=1,
                 kvbench_cache=cache,

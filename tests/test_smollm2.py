@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache import KVBenchCache, cache_argument
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.models import load_model
 from kvbench.harness.pipeline import run_context
@@ -46,7 +46,7 @@ def test_full_equals_transformers_generate_on_smollm2(smollm2, prompt):
     one_shot = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), **options)
     context_cache = DynamicCache(config=smollm2.model.config)
     with torch.no_grad():
-        smollm2.model(torch.tensor([prompt.context_ids]), past_key_values=context_cache)
+        smollm2.model(torch.tensor([prompt.context_ids]), **cache_argument(smollm2.model, context_cache))
     continued = smollm2.model.generate(
         ids, attention_mask=torch.ones_like(ids), past_key_values=context_cache, **options
     )
