@@ -7,6 +7,7 @@ text available on every Python installation.
 from __future__ import annotations
 
 import random
+import weakref
 
 import torch
 
@@ -23,9 +24,19 @@ def calibration_text() -> str:
     return "\n".join(lines)
 
 
+_TOKENIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prose_ids(tokenizer) -> list[int]:
+    """The prose tokenized once per tokenizer: calibrating takes many windows of the same half-million characters."""
+    if tokenizer not in _TOKENIZED:
+        _TOKENIZED[tokenizer] = tokenizer.encode(calibration_text(), add_special_tokens=False)
+    return _TOKENIZED[tokenizer]
+
+
 def calibration_ids(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
     """`num_tokens` tokens of documentation prose starting at a seeded offset."""
-    ids = tokenizer.encode(calibration_text(), add_special_tokens=False)
+    ids = _prose_ids(tokenizer)
     if len(ids) < num_tokens:
         ids = ids * (num_tokens // len(ids) + 1)
     start = random.Random(seed).randrange(0, len(ids) - num_tokens + 1)

@@ -26,25 +26,24 @@ class ZACKConfig:
     """arXiv 2408.04107 (ZACK; v1 "ZeroC", v3 "FDC") as specified in specs/baselines.md §1.
 
     Calibration: `calibration_samples` × `calibration_tokens` tokens of offline prose (Python's
-    documentation topics, `calibration_ids` with seeds seed, seed+1, ...). The spec's default is 32 × 2048;
-    kvbench uses 4 × 1024 so that calibrating SmolLM2 on two idle CPU cores takes about ten seconds (a d×d
-    basis per head needs thousands of rows, not millions).
+    documentation topics, `calibration_ids` with seeds seed, seed+1, ...), the spec's 32 × 2048. Fewer,
+    shorter samples fit the bases on keys rotated by early positions only; later positions turn RoPE's
+    slow channel pairs further than the bases ever saw.
 
     Budget: b counts the stored bases too (the spec reports them separately): a head at rank r < d holds
     (N + d)·r elements against N·d uncompressed, so the bases cost d/N of every kept channel (6% at 1k
-    tokens on SmolLM2) and no b below 1/d + 1/N is reachable. A rank that would cost as much as the raw
-    head (r ≥ N·d/(N + d)) is stored raw instead (exact, no basis), so b = 1 is the full cache. Ranks
-    therefore depend on N and are chosen per context from the calibrated energies, not stored at calibration.
+    tokens on SmolLM2). A rank that would cost as much as the raw head (r ≥ N·d/(N + d)) is stored raw
+    instead (exact, no basis), so b = 1 is the full cache. Ranks therefore depend on N and are chosen per
+    context from the calibrated energies, not stored at calibration.
 
     Ranks: every head's K and V first get `r_min` = 8 channels (the spec's floor); the rest of the budget goes
-    to the globally largest normalised σ², K and V each taking half of it (same ratio for K and V). Where the
-    budget cannot pay r_min channels plus their bases for every head (e.g. b = 0.1 on SmolLM2, d = 64), the
-    floor drops to the largest rank it can pay for every head, so small budgets stay reachable; below one
-    channel per head the budget is refused.
+    to the globally largest normalised σ², K and V each taking half of it (same ratio for K and V). A budget
+    that cannot pay r_min channels plus their bases for every head (b < r_min/d + r_min/N: b = 0.1 on SmolLM2,
+    d = 64) is refused, as the spec says, naming the lowest reachable budget.
     """
 
-    calibration_samples: int = 4
-    calibration_tokens: int = 1024
+    calibration_samples: int = 32
+    calibration_tokens: int = 2048
     seed: int = 0
     r_min: int = 8
 
@@ -100,38 +99,43 @@ def calibrate_bases(model: torch.nn.Module, samples: list[list[int]]) -> dict[st
     }
 
 
+def _rank_cost(rank: int, context_length: int, d: int) -> int:
+    """Elements one head stores at `rank`: codes plus basis, or its raw channels once that is no dearer."""
+    n = context_length
+    return n * d if rank >= math.ceil(n * d / (n + d)) else (n + d) * rank
+
+
+def lowest_budget(context_length: int, d: int, r_min: int) -> float:
+    """The smallest b that pays `r_min` channels and their basis for every head (b = r_min/d + r_min/N)."""
+    return _rank_cost(min(r_min, d), context_length, d) / (context_length * d)
+
+
 def allocate_ranks(energy: torch.Tensor, capacity: int, context_length: int, r_min: int) -> list[int]:
     """Ranks per head ([heads, d] normalised σ², descending per head) whose codes plus bases fit `capacity` elements.
 
     A head at rank r stores (N + d)·r elements (codes and basis); from r ≥ N·d/(N + d) on, storing its
-    raw N·d channels is no dearer and exact, so it is stored raw (rank d, no basis). After the floor, the
-    next channel always goes to the head with the largest remaining normalised σ² (global greedy).
+    raw N·d channels is no dearer and exact, so it is stored raw (rank d, no basis). After the floor of
+    `r_min` channels per head, the next channel always goes to the head with the largest remaining
+    normalised σ² (global greedy). A capacity below the floor is refused.
     """
     heads, d = energy.shape
     n = context_length
     raw_from = math.ceil(n * d / (n + d))
-
-    def cost(rank: int) -> int:
-        return n * d if rank >= raw_from else (n + d) * rank
-
     floor = min(r_min, d)
-    while floor >= 1 and heads * cost(floor) > capacity:
-        floor -= 1
-    if floor < 1:
-        needed = heads * cost(1) / (heads * n * d)
+    spent = heads * _rank_cost(floor, n, d)
+    if spent > capacity:
         raise BudgetError(
-            f"zack cannot keep one channel per head plus its basis at {n} tokens within this budget "
-            f"(needs b >= {needed:.3g}); raise the budget"
+            f"zack keeps at least {floor} of {d} channels per KV head plus their bases; {capacity} elements "
+            f"cannot pay that for {heads} heads at {n} tokens (needs b >= {lowest_budget(n, d, r_min):.3g})"
         )
     ranks = [d if floor >= raw_from else floor] * heads
-    spent = heads * cost(floor)
     owners = torch.arange(heads, device=energy.device).repeat_interleave(d - floor)
     order = torch.sort(energy[:, floor:].flatten(), descending=True, stable=True).indices
     for head in owners[order].tolist():
         if ranks[head] == d:
             continue
         grown = d if ranks[head] + 1 >= raw_from else ranks[head] + 1
-        step = cost(grown) - cost(ranks[head])
+        step = _rank_cost(grown, n, d) - _rank_cost(ranks[head], n, d)
         if spent + step > capacity:
             break
         ranks[head], spent = grown, spent + step
@@ -180,6 +184,13 @@ class ZACK(Method):
             observation.context_length,
             observation.head_dim,
         )
+        lowest = lowest_budget(n, d, self.config.r_min)
+        if budget < lowest:
+            raise BudgetError(
+                f"zack keeps at least {min(self.config.r_min, d)} of {d} channels per KV head plus their bases, "
+                f"so budget {budget:g} is unreachable on this {n}-token context; the lowest reachable budget is "
+                f"{math.ceil(lowest * 100) / 100:g}"
+            )
         # K and V get the same share of the budget's elements; each pool is allocated globally over (layer, head).
         capacity = int(budget * num_layers * h_kv * n * d)
         key_ranks = allocate_ranks(artifacts["key_energy"].flatten(0, 1), capacity, n, self.config.r_min)

@@ -52,8 +52,13 @@ def shared(loaded, context):
     return TimedObservation(prefill(loaded.model, context[0], needs), 0.0)
 
 
+# The tiny model's heads have d = 16: ZACK's floor of 8 channels (specs/baselines.md §1) would be half a head and
+# refuse every budget below 0.5 there.
+TINY_MODEL_OPTIONS = {"zack": {"r_min": 2}}
+
+
 def method_for(loaded, name, **options):
-    method = get_method(name, **options)
+    method = get_method(name, **{**TINY_MODEL_OPTIONS.get(name, {}), **options})
     ensure_calibrated(loaded, method, say=lambda _: None)
     return method
 

@@ -12,7 +12,7 @@ from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.harness.prefix import LowRankPrefix, stored_bytes
 from kvbench.methods import get_method
-from kvbench.methods.zack import ZACK, allocate_ranks
+from kvbench.methods.zack import ZACK, allocate_ranks, lowest_budget
 
 CONTEXT = 400
 SMALL_CALIBRATION = dict(calibration_samples=2, calibration_tokens=512)
@@ -30,7 +30,8 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def calibrated(model, tokenizer):
-    method = ZACK(**SMALL_CALIBRATION)
+    """r_min = 2: the tiny model's heads have d = 16, where the paper's floor of 8 channels is half a head."""
+    method = ZACK(**SMALL_CALIBRATION, r_min=2)
     method.load_calibration(method.calibrate(model, tokenizer))
     return method
 
@@ -125,6 +126,10 @@ def test_budget_one_keeps_raw_channels_without_bases(model, calibrated, observat
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 0.75, 0.9])
 def test_measured_bytes_with_bases_meet_the_budget(model, calibrated, context, budget):
     observation = prefill(model, random_ids(context, seed=5), ObservationNeeds())
+    if budget < lowest_budget(context, observation.head_dim, 2):  # b = 0.1 < 2/16 + 2/N
+        with pytest.raises(BudgetError, match=f"budget {budget:g} is unreachable on this {context}-token context"):
+            calibrated.compress(observation, budget)
+        return
     prefixes = calibrated.compress(observation, budget)
     assert budget - 0.02 <= ratio(observation, prefixes) <= budget
     d = observation.head_dim
@@ -146,12 +151,24 @@ def test_ranks_differ_per_head_and_are_stored_unpadded(calibrated, observation):
 
 
 def test_a_context_too_short_for_the_bases_is_refused(model, calibrated):
-    """At N tokens a rank-1 head costs (N + d) elements against N·d for the full head: b ≥ 1/d + 1/N."""
+    """At N tokens a rank-2 head costs 2·(N + d) elements against N·d for the full head: b ≥ 2/d + 2/N."""
     observation = prefill(model, random_ids(12, seed=6), ObservationNeeds())
-    with pytest.raises(BudgetError, match="raise the budget") as refusal:
-        calibrated.compress(observation, 0.1)
+    with pytest.raises(BudgetError, match="lowest reachable budget is 0.3") as refusal:
+        calibrated.compress(observation, 0.25)
     assert "\n" not in str(refusal.value)
     assert ratio(observation, calibrated.compress(observation, 1.0)) == 1.0
+
+
+def test_budgets_below_the_rank_floor_are_refused(model, tokenizer, observation):
+    """specs/baselines.md §1: b < r_min/d is infeasible. d = 16, r_min = 8: b >= 8/16 + 8/400 = 0.52."""
+    method = ZACK(**SMALL_CALIBRATION)
+    method.load_calibration(method.calibrate(model, tokenizer))
+    assert lowest_budget(CONTEXT, 16, 8) == pytest.approx(0.52)
+    with pytest.raises(
+        BudgetError, match="budget 0.5 is unreachable on this 400-token context; the lowest reachable budget is 0.52"
+    ):
+        method.compress(observation, 0.5)
+    assert 0.5 <= ratio(observation, method.compress(observation, 0.53)) <= 0.53
 
 
 def test_greedy_allocation_follows_normalised_energy():
@@ -161,10 +178,9 @@ def test_greedy_allocation_follows_normalised_energy():
     energy = torch.stack([concentrated, flat])
     # floor 2 for both, then 6 channels: the concentrated head's third (0.2) and five flat ones (1/16 each)
     assert allocate_ranks(energy, (2 * 2 + 6) * (n + d), n, r_min=2) == [3, 7]
-    # r_min = 8 cannot be paid for both heads at 5 channels each: the floor drops to what fits
-    assert allocate_ranks(energy, 10 * (n + d), n, r_min=8) == [5, 5]
-    with pytest.raises(BudgetError):
-        allocate_ranks(energy, 2 * (n + d) - 1, n, r_min=8)
+    # r_min = 8 cannot be paid for both heads with 10 channels' worth of elements: refused, never lowered
+    with pytest.raises(BudgetError, match="needs b >= 0.52"):
+        allocate_ranks(energy, 10 * (n + d), n, r_min=8)
 
 
 def test_heads_at_a_rank_costing_the_raw_head_are_stored_raw():
