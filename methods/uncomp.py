@@ -15,7 +15,7 @@ from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import LayerPrefix, TokenPrefix
 from kvbench.methods._calibration_data import calibration_ids
-from kvbench.methods._eviction import gather_heads, snapkv_prefix_scores, window_attention
+from kvbench.methods._eviction import gather_heads, snapkv_prefix_scores
 from kvbench.methods._head_scores import observe_all_queries, truncated_matrix_entropy
 from kvbench.methods.base import Method, register
 
@@ -186,17 +186,22 @@ class QueryLog:
 
 @dataclass
 class DecodeState:
-    """One sequence's eviction state, rebuilt by every compress.
+    """One sequence's eviction state, rebuilt by every compress; its size does not grow with the context.
 
-    positions: per evicting layer, per KV head, the logical position of each stored token (for causality and
-    recency); rows: per evicting layer, per KV head, the last w attention rows of its query group [g, w, n_h],
-    None for heads kept whole; sizes: per (layer, head), the size held while decoding.
+    queries / query_positions: per evicting layer, the post-RoPE queries [H_q, ≤w, d] of the last w tokens
+    and their logical positions: the running window, whose attention rows are recomputed over the stored
+    keys at each step (the rows themselves, [g, w, n] per head, would cost about a fifth of the fp32 KV
+    cache they score). positions: per evicting layer, per KV head, the logical position of each stored token
+    (for causality and recency). evicting: per layer, which KV heads were compressed (a head kept whole never
+    evicts). sizes: per (layer, head), the size held while decoding.
     """
 
     log: QueryLog
     scaling: float
+    queries: dict[int, torch.Tensor]
+    query_positions: dict[int, torch.Tensor]
     positions: dict[int, list[torch.Tensor]]
-    rows: dict[int, list[torch.Tensor | None]]
+    evicting: dict[int, list[bool]]
     sizes: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
@@ -251,28 +256,30 @@ class UNComp(Method):
         n, window = observation.context_length, self.config.window
         prefixes: list[LayerPrefix] = []
         positions: dict[int, list[torch.Tensor]] = {}
-        rows: dict[int, list[torch.Tensor | None]] = {}
+        evicting: dict[int, list[bool]] = {}
         for layer, caps in enumerate(capacities):
             if min(caps) >= n:
                 prefixes.append(TokenPrefix(observation.keys[layer], observation.values[layer]))
                 continue
             scores = snapkv_prefix_scores(observation, layer, window, self.config.kernel, "max")
-            attention = window_attention(observation, layer, window)
-            group = attention.shape[0] // len(caps)
             device = scores.device
             recent = torch.arange(n - window, n, device=device)
-            positions[layer], rows[layer] = [], []
+            positions[layer], evicting[layer] = [], []
             for head, cap in enumerate(caps):
+                evicting[layer].append(cap < n)
                 if cap >= n:
                     positions[layer].append(torch.arange(n, device=device))
-                    rows[layer].append(None)
                     continue
                 kept = torch.cat([scores[head].topk(cap - window).indices, recent]).sort().values
                 positions[layer].append(kept)
-                rows[layer].append(attention[head * group : (head + 1) * group][..., kept])
             prefixes.append(gather_heads(observation, layer, positions[layer]))
         if positions:
-            self.state = DecodeState(QueryLog(list(positions)), observation.scaling, positions, rows)
+            queries = {layer: observation.window_queries[layer][:, -window:] for layer in positions}
+            first = n - next(iter(queries.values())).shape[1]
+            query_positions = {layer: torch.arange(first, n, device=q.device) for layer, q in queries.items()}
+            self.state = DecodeState(
+                QueryLog(list(positions)), observation.scaling, queries, query_positions, positions, evicting
+            )
         return prefixes
 
     def _groups_for(self, observation: Observation) -> torch.Tensor:
@@ -302,29 +309,30 @@ class UNComp(Method):
             self._evict(state, layer, cache.layers[layer])
 
     def _evict(self, state: DecodeState, layer: int, cached: CompressedLayer) -> None:
-        queries = state.log.take(layer)
+        new_queries = state.log.take(layer)
         prefix = cached.prefix.materialize()
         tail_keys, tail_values = cached.keys[0], cached.values[0]
         new = tail_keys.shape[1]
-        if queries.shape[1] != new:
-            raise RuntimeError(f"uncomp saw {queries.shape[1]} new queries for {new} new tokens in layer {layer}")
+        if new_queries.shape[1] != new:
+            raise RuntimeError(f"uncomp saw {new_queries.shape[1]} new queries for {new} new tokens in layer {layer}")
         tail_positions = torch.arange(cached.prefix_length, cached.prefix_length + new, device=tail_keys.device)
         window = self.config.window
+        queries = torch.cat([state.queries[layer], new_queries], dim=1)[:, -window:]
+        query_positions = torch.cat([state.query_positions[layer], tail_positions])[-window:]
+        state.queries[layer], state.query_positions[layer] = queries, query_positions
         group = queries.shape[0] // tail_keys.shape[0]
         head_keys, head_values = [], []
         for head in range(tail_keys.shape[0]):
             keys = torch.cat([prefix.keys[head], tail_keys[head]])
             values = torch.cat([prefix.values[head], tail_values[head]])
             positions = torch.cat([state.positions[layer][head], tail_positions])
-            rows = state.rows[layer][head]
-            if rows is not None:
-                recent = queries[head * group : (head + 1) * group, -window:]
-                fresh = attention_rows(recent, keys, positions, tail_positions[-recent.shape[1] :], state.scaling)
-                rows = torch.cat([F.pad(rows, (0, new)), fresh], dim=1)[:, -window:]
+            if state.evicting[layer][head]:
+                rows = attention_rows(
+                    queries[head * group : (head + 1) * group], keys, positions, query_positions, state.scaling
+                )
                 size = state.sizes.setdefault((layer, head), keys.shape[0] - 1)
                 keep = kept_indices(rows, size, window, self.config.kernel)
                 keys, values, positions = keys[keep], values[keep], positions[keep]
-                state.rows[layer][head] = rows[..., keep]
             state.positions[layer][head] = positions
             head_keys.append(keys)
             head_values.append(values)

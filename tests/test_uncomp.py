@@ -160,6 +160,26 @@ def test_each_decode_step_evicts_one_token_per_head_keeping_the_size(model, meth
     assert all(step == expected for step in sizes)
 
 
+@pytest.mark.parametrize("context", [CONTEXT // 2, CONTEXT])
+def test_decode_state_is_the_last_w_queries_whatever_the_context(model, method, context):
+    """The running window is kept as queries (rows are recomputed each step), never as [g, w, n] rows."""
+    observation = prefill(model, random_ids(context, seed=7), method.needs())
+    cache = KVBenchCache(observation.num_layers, method.compress(observation, 0.3), context)
+    question = random_ids(5, seed=8)
+    window_shapes = []
+
+    def step_hook(cache, step):
+        method.on_decode_step(cache, step)
+        window_shapes.append({tuple(q.shape) for q in method.state.queries.values()})
+        newest = context + len(question) + step
+        for positions in method.state.query_positions.values():
+            assert positions.tolist() == list(range(newest - 7, newest + 1))
+
+    greedy_decode(model, cache, question, 5, eos_token_ids=[], step_hook=step_hook, start_hook=method.on_decode_start)
+    h_q, d = observation.window_queries[0].shape[0], observation.head_dim
+    assert len(window_shapes) == 4 and all(shapes == {(h_q, 8, d)} for shapes in window_shapes)
+
+
 def test_budget_one_keeps_everything_and_never_evicts(model, method):
     observation = prefill(model, random_ids(CONTEXT, seed=6), method.needs())
     prefixes = method.compress(observation, 1.0)
