@@ -48,7 +48,7 @@ def test_full_equals_transformers_generate_on_smollm2(smollm2, prompt):
     with torch.no_grad():
         smollm2.model(torch.tensor([prompt.context_ids]), **cache_argument(smollm2.model, context_cache))
     continued = smollm2.model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=context_cache, **options
+        ids, attention_mask=torch.ones_like(ids), **cache_argument(smollm2.model, context_cache), **options
     )
 
     observation = prefill(smollm2.model, prompt.context_ids, ObservationNeeds())
