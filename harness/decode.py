@@ -24,7 +24,8 @@ class Generation:
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
-def _forward(model: torch.nn.Module, cache: KVBenchCache, ids: Sequence[int]) -> torch.Tensor:
+def next_token_logits(model: torch.nn.Module, cache: KVBenchCache, ids: Sequence[int]) -> torch.Tensor:
+    """Feed `ids` after everything in the cache (positions continue from its length); the last position's logits."""
     start = cache.get_seq_length()
     device = model.device
     out = model(
@@ -65,7 +66,7 @@ def greedy_decode(
     if start_hook is not None:
         start_hook(cache)
     with kvbench_attention_enabled(model):
-        logits = _forward(model, cache, question_ids) if question_ids else first_logits
+        logits = next_token_logits(model, cache, question_ids) if question_ids else first_logits
         tokens: list[int] = []
         kept_logits: list[torch.Tensor] = []
         stopped_by = "max_new_tokens"
@@ -82,7 +83,7 @@ def greedy_decode(
                 break
             if step + 1 == max_new_tokens:
                 break
-            logits = _forward(model, cache, [token])
+            logits = next_token_logits(model, cache, [token])
             if step_hook is not None:
                 step_hook(cache, step)
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""

@@ -46,18 +46,33 @@ def run_scoring_cell(
     continuations: Sequence[Sequence[int]],
     context_ids: Sequence[int] = (),
 ) -> ScoredCell:
-    """Compress the context once with `method` at `budget`, then score every continuation after `question_ids`."""
+    """Compress the context with `method` at `budget`, then score every continuation after `question_ids`.
+
+    A method that evicts while decoding changes its compressed context token by token: each continuation is
+    then scored one token at a time with the method's decode hooks, from a fresh compression of the context
+    (the recompressions count in `score_s`). For every other method one compressed cache serves them all.
+    """
     effective_budget = budget if method.uses_budget else 1.0
     reset_peak_memory(loaded.device)
     compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
+    hooks = {}
+    if method.acts_while_decoding:
+        hooks = dict(start_hook=method.on_decode_start, step_hook=method.on_decode_step)
     scores = []
     with timed(loaded.device) as watch:
-        for continuation in continuations:
+        for index, continuation in enumerate(continuations):
+            if index and hooks:
+                compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
             compressed.cache.reset_tail()
             scores.append(
                 score_continuation(
-                    loaded.model, compressed.cache, continuation, question_ids, first_logits=compressed.last_logits
+                    loaded.model,
+                    compressed.cache,
+                    continuation,
+                    question_ids,
+                    first_logits=compressed.last_logits,
+                    **hooks,
                 )
             )
     return ScoredCell(

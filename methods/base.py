@@ -79,6 +79,12 @@ class Method(ABC):
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
 
+    @property
+    def acts_while_decoding(self) -> bool:
+        """Whether the cache changes token by token after the context (the method overrides `on_decode_step`):
+        such a method's cache must see every token one at a time, also when given tokens are scored."""
+        return type(self).on_decode_step is not Method.on_decode_step
+
 
 REGISTRY: dict[str, type[Method]] = {}
 

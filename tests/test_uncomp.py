@@ -15,7 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.errors import BudgetError
+from kvbench.harness.models import LoadedModel
+from kvbench.harness.pipeline import observe, run_cell
 from kvbench.harness.prefill import prefill
+from kvbench.harness.scoring_cells import iter_scoring_cells
+from kvbench.methods import get_method
 from kvbench.methods._head_scores import truncated_matrix_entropy
 from kvbench.methods.uncomp import UNComp, entropy_groups, head_capacities, rank_groups
 
@@ -192,3 +196,21 @@ def test_missing_calibration_is_one_line(model):
     observation = prefill(model, random_ids(50, seed=7), UNComp().needs())
     with pytest.raises(Exception, match=re.escape("run 'kvbench calibrate uncomp")):
         UNComp().compress(observation, 0.5)
+
+
+def test_scoring_a_continuation_evicts_as_decoding_it_would(model, method):
+    """Perplexity/loglikelihood cells feed uncomp token by token through its hooks: scoring the answer uncomp
+    generated reproduces the logits it generated it with, and continuations do not share eviction state."""
+    loaded = LoadedModel("tiny", "memory:tiny", model, None, torch.device("cpu"), torch.float32)
+    context, question = random_ids(CONTEXT, seed=9), random_ids(5, seed=10)
+    assert method.acts_while_decoding and not get_method("snapkv").acts_while_decoding
+    observed = observe(loaded, context, method.needs())
+    decoded = run_cell(loaded, observed, method, 0.3, question, 8, keep_logits=True)
+    other = random_ids(6, seed=11)
+    ((_, _, cell),) = iter_scoring_cells(loaded, context, question, [other, decoded.token_ids], [(method, 0.3)])
+    ((_, _, alone),) = iter_scoring_cells(loaded, context, question, [other], [(method, 0.3)])
+    expected = [
+        torch.log_softmax(step, dim=-1)[token].item() for step, token in zip(decoded.step_logits, decoded.token_ids)
+    ]
+    assert cell.scores[1].greedy and cell.scores[1].logprobs == expected
+    assert cell.scores[0].logprobs == alone.scores[0].logprobs
