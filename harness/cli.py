@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(calibrate)
     calibrate.add_argument("--force", action="store_true", help="recompute even if cached")
 
+    train = commands.add_parser(
+        "train", help="fine-tune a model to work with a method's compression (attention_clustering's distillation)"
+    )
+    train.add_argument("method", help="a method with a training step (attention_clustering)")
+    _add_model_options(train)
+    train.add_argument("--out", required=True, help="directory for the fine-tuned model; use it as --model DIR")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    train.add_argument("--length", type=int, help="tokens per training sequence (default 2048)")
+    train.add_argument("--batch", type=int, help="sequences per step (default 4)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
+    train.add_argument("--max-cache", type=int, help="entries B kept at each prune while training (default 1024)")
+    train.add_argument("--clusters", type=int, help="centroids K merged from them (default 256)")
+    train.add_argument("--seed", type=int, help="first seed of the training windows (default 0)")
+
     report = commands.add_parser("report", help="render report.md and report.html from a run directory")
     report.add_argument("run_dir")
 
@@ -285,6 +299,43 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"{method.name} for {args.model}: {path} (calibrated in {meta['seconds']} s on {meta['data']})")
 
 
+TRAIN_OPTIONS = {
+    "steps": "steps",
+    "length": "length",
+    "batch": "batch",
+    "lr": "learning_rate",
+    "max_cache": "max_cache_size",
+    "clusters": "num_clusters",
+    "seed": "seed",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from kvbench.harness.models import load_model
+    from kvbench.harness.store import ensure_writable_dir
+    from kvbench.methods import REGISTRY, get_method
+
+    method = get_method(args.method)
+    if not method.has_training_step:
+        trainable = sorted(name for name, cls in REGISTRY.items() if cls().has_training_step)
+        raise KVBenchError(f"{method.name} has no training step; methods that have one: {', '.join(trainable)}")
+    options = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
+    out = Path(args.out)
+    ensure_writable_dir(out)
+    # Training in bf16 loses most small updates: fp32 unless the user asks otherwise.
+    loaded = load_model(args.model, args.device, "float32" if args.dtype == "auto" else args.dtype)
+    record = method.train(loaded.model, loaded.tokenizer, options, say=lambda line: print(line, file=sys.stderr))
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    record.update(base_model=loaded.source, dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device))
+    (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    first, last = record["history"][0]["loss"], record["history"][-1]["loss"]
+    print(
+        f"{method.name}: fine-tuned {args.model} for {len(record['history'])} steps in {record['seconds']} s "
+        f"(loss {first:.4f} -> {last:.4f}); saved to {out} (use --model {out})"
+    )
+
+
 def _render(run_dir: Path) -> None:
     from kvbench.reports import ReportError, render_report
 
@@ -324,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "calibrate":
             _quiet_loaders()
             _cmd_calibrate(args)
+        elif args.command == "train":
+            _quiet_loaders()
+            _cmd_train(args)
         else:
             _quiet_loaders()
             _cmd_run(args, argv)

@@ -167,6 +167,25 @@ def streaming_prefill(
     For methods that change the prefill itself (online pruning every P tokens): each chunk attends to the
     compressed cache the previous chunks left. Returns the cache and the next-token logits after the context.
     """
+    cache, logits = _stream(model, input_ids, chunk_size, after_chunk, every_position=False)
+    return cache, logits[-1]
+
+
+def streaming_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor | list[int], chunk_size: int, after_chunk: ChunkHook
+) -> tuple[KVBenchCache, torch.Tensor]:
+    """`streaming_prefill` with the logits of every position ([n, vocab]) and autograd left to the caller: the
+    forward pass of a model trained to work with the compression (each chunk sees what the last one left)."""
+    return _stream(model, input_ids, chunk_size, after_chunk, every_position=True)
+
+
+def _stream(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | list[int],
+    chunk_size: int,
+    after_chunk: ChunkHook,
+    every_position: bool,
+) -> tuple[KVBenchCache, torch.Tensor]:
     device = model.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
     n = ids.shape[1]
@@ -174,7 +193,7 @@ def streaming_prefill(
         raise ValueError("cannot prefill an empty context")
     num_layers = model.config.num_hidden_layers
     cache = KVBenchCache(num_layers)
-    logits = None
+    logits = []
     with kvbench_attention_enabled(model):
         for index, start in enumerate(range(0, n, chunk_size)):
             stop = min(start + chunk_size, n)
@@ -186,12 +205,12 @@ def streaming_prefill(
                 ],
                 **cache_argument(model, cache),
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,
                 kvbench_cache=cache,
             )
-            logits = out.logits[0, -1]
+            logits.append(out.logits[0])
             queries, scaling = cache.recorder.window_queries, cache.recorder.scaling
             cache.recorder = None
             after_chunk(cache, index, queries, scaling)
     cache.context_length = n
-    return cache, logits
+    return cache, torch.cat(logits) if every_position else logits[-1]

@@ -29,6 +29,17 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def ensure_writable_dir(directory: Path) -> None:
+    """Create `directory` if needed and prove it writable, or say so in one line."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".kvbench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise KVBenchError(f"cannot write to output directory {directory}: {error.strerror or error}") from None
+
+
 class ResultStore:
     """Append-only rows plus run metadata in one directory."""
 
@@ -40,15 +51,7 @@ class ResultStore:
     def open(self, identity: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
         """Make the directory writable and ours: results of another run identity are refused unless `force`,
         which clears them. Returns the metadata of the run being resumed, if any."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            probe = self.directory / ".kvbench-write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise KVBenchError(
-                f"cannot write to output directory {self.directory}: {error.strerror or error}"
-            ) from None
+        ensure_writable_dir(self.directory)
         previous = self.read_meta()
         if previous is None:
             if self.results_path.exists() and not force:

@@ -31,8 +31,8 @@ def assign(keys: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     A seed entry always joins its own cluster: it is at distance 0 from it, but a tie or rounding in the
     distance could otherwise leave a cluster empty, with a bias of ln 0.
     """
-    centres = keys[:, seeds].float()
-    clusters = torch.cdist(keys.float(), centres).argmin(dim=-1)
+    with torch.no_grad():  # an assignment: nothing to differentiate when a model is trained through merging
+        clusters = torch.cdist(keys.float(), keys[:, seeds].float()).argmin(dim=-1)
     clusters[:, seeds] = torch.arange(seeds.numel(), device=keys.device)
     return clusters
 

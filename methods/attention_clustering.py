@@ -8,7 +8,9 @@ Pruning changes what later tokens attend to, so the method runs its own chunked 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +38,8 @@ class AttentionClusteringConfig:
     `centroid_rule="batch_mean"` replaces the paper's online update by the count-weighted member mean;
     `merge_bias=False` drops the ln(count) bias (paper parity: every stored entry then counts as one
     token). The seeded random init draws one permutation per merge, shared by every layer and head.
-    The paper's distillation fine-tuning is not part of this method: it compresses a frozen model.
+    The method compresses the model it is given; the paper's distillation fine-tuning, which teaches a model
+    to read through this compression, is `kvbench train attention_clustering` (`train`).
     """
 
     pruning_interval: int = 512
@@ -207,7 +210,8 @@ class ClusteringStream:
         """Prune to B by importance (when over B), then merge into K centroids (when K is smaller)."""
         stored = entries[0].keys.shape[1]
         if stored > self.plan.keep:
-            importance = [attention_importance(q, e.keys, e.bias, self.scaling) for q, e in zip(queries, entries)]
+            with torch.no_grad():  # only the ranking is used; training must not keep its graph
+                importance = [attention_importance(q, e.keys, e.bias, self.scaling) for q, e in zip(queries, entries)]
             kept = select_kept(importance, self.plan.keep, self.config.scope)
             entries = [e.take(indices) for e, indices in zip(entries, kept)]
             stored = self.plan.keep
@@ -254,3 +258,10 @@ class AttentionClustering(Method):
     ) -> tuple[KVBenchCache, torch.Tensor]:
         stream = self.stream(model, len(input_ids), budget)
         return streaming_prefill(model, input_ids, stream.chunk_size, stream.after_chunk)
+
+    def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
+        """The seed's distillation fine-tuning (`methods/_attention_clustering_distill.py`); `options` override
+        `DistillationConfig`'s defaults."""
+        from kvbench.methods._attention_clustering_distill import DistillationConfig, distill
+
+        return distill(model, tokenizer, DistillationConfig(**options), self.config, say)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -78,6 +79,15 @@ class Method(ABC):
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
+
+    def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
+        """Fine-tune `model` in place to work with this method's compression (`kvbench train`); returns a
+        JSON-able record of the data, settings and losses. Only methods whose paper trains the model have one."""
+        raise NotImplementedError(f"{self.name} has no training step")
+
+    @property
+    def has_training_step(self) -> bool:
+        return type(self).train is not Method.train
 
     @property
     def acts_while_decoding(self) -> bool:
