@@ -311,7 +311,7 @@ TRAIN_OPTIONS = {
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from kvbench.harness.models import load_model
+    from kvbench.harness.models import load_model_for_training, save_model
     from kvbench.harness.store import ensure_writable_dir
     from kvbench.methods import REGISTRY, get_method
 
@@ -323,10 +323,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     ensure_writable_dir(out)
     # Training in bf16 loses most small updates: fp32 unless the user asks otherwise.
-    loaded = load_model(args.model, args.device, "float32" if args.dtype == "auto" else args.dtype)
+    loaded = load_model_for_training(args.model, args.device, "float32" if args.dtype == "auto" else args.dtype)
     record = method.train(loaded.model, loaded.tokenizer, options, say=lambda line: print(line, file=sys.stderr))
-    loaded.model.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
+    save_model(loaded, out)
     record.update(base_model=loaded.source, dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device))
     (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     first, last = record["history"][0]["loss"], record["history"][-1]["loss"]

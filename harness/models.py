@@ -151,3 +151,37 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     return LoadedModel(
         name=name, source=source, model=model, tokenizer=tokenizer, device=torch_device, dtype=torch_dtype
     )
+
+
+def load_model_for_training(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """A private copy (never the process-wide cached one that `load_model` shares): training changes it."""
+    return load_model.__wrapped__(name, device, dtype)
+
+
+def save_model(loaded: LoadedModel, directory: Path) -> None:
+    """Save weights, config and tokenizer as a plain transformers model directory (`--model DIR` loads it).
+
+    A model read from a GGUF file was dequantized on load: it holds plain tensors, but transformers still marks
+    it GGUF-quantized and refuses to save it. It is saved as the plain model it is, and the GGUF marks stay
+    on the loaded model.
+    """
+    model = loaded.model
+    quantizer = getattr(model, "hf_quantizer", None)
+    marks = {}
+    if quantizer is not None:
+        settings = quantizer.quantization_config
+        method = getattr(settings.quant_method, "value", settings.quant_method)
+        packed = any("gguf" in type(module).__name__.lower() for module in model.modules())
+        if method != "gguf" or packed or not all(p.is_floating_point() for p in model.parameters()):
+            raise KVBenchError(f"cannot save {loaded.name}: its weights stay {method}-quantized")
+        marks["hf_quantizer"] = (model, quantizer)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            marks["quantization_config"] = (model.config, model.config.quantization_config)
+            del model.config.quantization_config
+    try:
+        model.save_pretrained(directory)
+        loaded.tokenizer.save_pretrained(directory)
+    finally:
+        for attribute, (owner, value) in marks.items():
+            setattr(owner, attribute, value)

@@ -120,8 +120,8 @@ def test_cli_trains_saves_and_the_result_loads(tmp_path, tokenizer, capsys):
     assert "fine-tuned" in captured.out and "step 2/2" in captured.err
     record = json.loads((out / "train.json").read_text())
     assert len(record["history"]) == 2 and record["dtype"] == "float32"
-    trained = load_model(str(out), "cpu", "float32")
-    original = load_model(str(source), "cpu", "float32")
+    trained = load_model(str(out), "auto", "float32")
+    original = load_model(str(source), "auto", "float32")  # training worked on a copy, not on this cached model
     assert any(
         not torch.equal(a, b) for a, b in zip(trained.model.parameters(), original.model.parameters(), strict=True)
     )

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from kvbench.harness.cache import KVBenchCache, cache_argument
 from kvbench.harness.decode import greedy_decode
-from kvbench.harness.models import load_model
+from kvbench.harness.models import load_model, save_model
 from kvbench.harness.pipeline import run_context
 from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods import REGISTRY, get_method, load_all
@@ -74,3 +74,14 @@ def test_every_method_at_budget_one_answers_like_full(smollm2, prompt):
     for result in results:
         assert result.token_ids == full.token_ids, result.method
         assert result.kv_bytes == result.kv_bytes_full
+
+
+def test_the_embedded_gguf_model_saves_as_a_plain_model_that_loads_back(smollm2, tmp_path):
+    """`kvbench train` saves what it fine-tuned; transformers refuses to save a model read from GGUF as is."""
+    save_model(smollm2, tmp_path)
+    assert smollm2.model.hf_quantizer is not None  # the loaded model keeps its marks
+    reloaded = load_model(str(tmp_path), "cpu", "float32")
+    ids = torch.tensor([smollm2.tokenizer.encode("The pass key is 68142.")])
+    with torch.no_grad():
+        assert torch.equal(smollm2.model(ids).logits, reloaded.model(ids).logits)
+    assert reloaded.tokenizer.encode("pass key") == smollm2.tokenizer.encode("pass key")
