@@ -84,7 +84,7 @@ class CompressedContext:
 def compress_context(
     loaded: LoadedModel, observed: TimedObservation | None, method: Method, budget: float, context_ids: Sequence[int]
 ) -> CompressedContext:
-    if method.needs().own_prefill:
+    if method.prefills_itself(loaded.model.config, len(context_ids), budget):
         # The method prunes while it prefills: its compression time is inside its prefill.
         with timed(loaded.device) as watch:
             cache, last_logits = method.prefill_and_compress(loaded.model, list(context_ids), budget)
@@ -92,6 +92,8 @@ def compress_context(
             raise RuntimeError(f"{method.name} left part of the context uncompressed in the cache tail")
         full = full_kv_bytes(loaded.model.config, len(context_ids), loaded.dtype)
         return CompressedContext(cache, last_logits, full, watch.seconds, 0.0)
+    if observed is None:  # a cell run on its own: the method's prefill is a plain one
+        observed = observe(loaded, context_ids, method.needs())
     observation = observed.observation
     with timed(loaded.device) as watch:
         prefixes = method.compress(observation, budget)
@@ -158,13 +160,13 @@ def iter_cells(
     """Every cell for one context, yielded as each finishes: one shared prefill, plus a private one for each
     method that needs its own; `run(observed, method, budget)` does the cell. A budget a method refuses is
     yielded as its BudgetError, not raised, so a sweep records it and goes on."""
-    methods = [method for method, _ in cells]
+    own = [method.prefills_itself(loaded.model.config, len(context_ids), budget) for method, budget in cells]
     shared = None
-    if any(not m.needs().own_prefill for m in methods):
-        shared = observe(loaded, context_ids, shared_needs(methods))
-    for method, budget in cells:
+    if not all(own):
+        shared = observe(loaded, context_ids, shared_needs([m for (m, _), mine in zip(cells, own) if not mine]))
+    for (method, budget), mine in zip(cells, own):
         try:
-            result = run(None if method.needs().own_prefill else shared, method, budget)
+            result = run(None if mine else shared, method, budget)
         except BudgetError as refusal:
             yield method, budget, refusal
             continue

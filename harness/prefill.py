@@ -25,7 +25,8 @@ class ObservationNeeds:
     window: the last `window` post-RoPE queries per layer (SnapKV-style scores).
     column_sums: attention received by each key, summed over all queries (H2O-style scores).
     hidden_states: each layer's input hidden states.
-    own_prefill: the method changes the prefill itself and cannot share one.
+    own_prefill: the method changes the prefill itself and cannot share one (at some budgets at least: the
+        method's `prefills_itself` says which cells need its own).
     """
 
     window: int = 0

@@ -238,11 +238,28 @@ class AttentionClustering(Method):
     def needs(self) -> ObservationNeeds:
         return ObservationNeeds(own_prefill=True)
 
-    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
-        raise RuntimeError(
-            f"{self.name} prunes while it prefills and cannot compress a finished prefill; "
-            "call prefill_and_compress (run_cell does)"
+    def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
+        """Only when a prune fires before the end of the context (B < N): with B ≥ N the stream is one pass,
+        the same forward as the shared prefill, and the merge at its end needs nothing but keys and values."""
+        head_dim = (
+            getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
         )
+        return plan_entries(self.config, context_length, check_budget(budget), head_dim).keep < context_length
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        n = observation.context_length
+        plan = plan_entries(self.config, n, budget, observation.head_dim)
+        if plan.keep < n:
+            raise RuntimeError(
+                f"{self.name} prunes while it prefills at budget {budget:g} on {n} tokens and cannot compress a "
+                "finished prefill; call prefill_and_compress (run_cell does)"
+            )
+        # The one-pass stream's single chunk, replayed from the shared prefill's keys and values.
+        cache = KVBenchCache(observation.num_layers)
+        for layer, keys, values in zip(cache.layers, observation.keys, observation.values, strict=True):
+            layer.update(keys[None], values[None])
+        ClusteringStream(self.config, plan, n).after_chunk(cache, 0, [], observation.scaling)
+        return [layer.prefix for layer in cache.layers]
 
     def stream(self, model: torch.nn.Module, context_length: int, budget: float) -> ClusteringStream:
         """The chunk hook for one context of `context_length` tokens at `budget`."""

@@ -45,6 +45,11 @@ class Method(ABC):
         """What the prefill must collect for this method (keys and values always come)."""
         return ObservationNeeds()
 
+    def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
+        """Whether this cell needs the method's own prefill (`prefill_and_compress`) rather than the shared one:
+        by default what needs() declares; a method whose prefill changes only at some budgets says which."""
+        return self.needs().own_prefill
+
     def compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
         """Compress the observed context to at most `budget` of its full-cache bytes."""
         return self._compress(observation, check_budget(budget))

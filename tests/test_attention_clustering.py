@@ -303,9 +303,28 @@ def test_a_budget_without_a_centroid_is_refused_in_one_line(model):
     assert "\n" not in str(refusal.value)
 
 
-def test_it_cannot_compress_a_shared_prefill(model, one_chunk):
+def test_it_cannot_compress_a_shared_prefill_where_it_prunes_while_prefilling(model):
+    ids = random_ids(200, seed=12)
+    observation = prefill(model, ids, ObservationNeeds())
+    method = AttentionClustering(pruning_interval=32, lookback_window=LOOKBACK)
+    assert method.prefills_itself(model.config, 200, 0.1)  # K = 19, B = 76 < 200: prunes every 32 tokens
     with pytest.raises(RuntimeError, match="prefill_and_compress"):
-        AttentionClustering().compress(one_chunk[1], 0.5)
+        method.compress(observation, 0.1)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 1.0])
+def test_where_nothing_is_pruned_before_the_end_the_shared_prefill_gives_the_same_cache(model, budget):
+    """B = min(N, 4K) = N: the stream is one pass, the shared prefill's forward; its merge is replayed bit for bit."""
+    ids = random_ids(200, seed=13)
+    method = AttentionClustering(pruning_interval=32, lookback_window=LOOKBACK)
+    assert not method.prefills_itself(model.config, 200, budget)
+    own, _ = method.prefill_and_compress(model, ids, budget)
+    shared = method.compress(prefill(model, ids, ObservationNeeds(window=8, column_sums=True)), budget)
+    for layer, prefix in zip(own.layers, shared, strict=True):
+        mine = layer.prefix
+        assert torch.equal(mine.keys, prefix.keys) and torch.equal(mine.values, prefix.values)
+        assert (mine.bias is None) == (prefix.bias is None) == (budget == 1.0)
+        assert mine.bias is None or torch.equal(mine.bias, prefix.bias)
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def method_for(loaded, name, **options):
 
 
 def cell(loaded, shared, context, method, budget):
-    observed = None if method.needs().own_prefill else shared
+    observed = None if method.prefills_itself(loaded.model.config, len(context[0]), budget) else shared
     return run_cell(loaded, observed, method, budget, context[1], NEW_TOKENS, keep_logits=True, context_ids=context[0])
 
 
