@@ -59,6 +59,11 @@ class LoadedModel:
         return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
+def head_dim(config) -> int:
+    """Channels per attention head: the config's own field, else hidden size over query heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")

@@ -12,7 +12,7 @@ from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
-from kvbench.harness.models import LoadedModel
+from kvbench.harness.models import LoadedModel, head_dim
 from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
 from kvbench.methods.base import Method
 
@@ -65,8 +65,7 @@ def observe(loaded: LoadedModel, context_ids: Sequence[int], needs: ObservationN
 
 def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
     """Bytes of an uncompressed K and V cache for `context_length` tokens: the budget's denominator."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * context_length
+    elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * context_length
     return elements * torch.empty((), dtype=dtype).element_size()
 
 

@@ -16,6 +16,7 @@ import torch
 
 from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.errors import BudgetError, check_budget
+from kvbench.harness.models import head_dim
 from kvbench.harness.prefill import Observation, ObservationNeeds, streaming_prefill
 from kvbench.harness.prefix import LayerPrefix, TokenPrefix
 from kvbench.methods._eviction import group_mean, tokens_for_budget
@@ -241,10 +242,8 @@ class AttentionClustering(Method):
     def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
         """Only when a prune fires before the end of the context (B < N): with B ≥ N the stream is one pass,
         the same forward as the shared prefill, and the merge at its end needs nothing but keys and values."""
-        head_dim = (
-            getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-        )
-        return plan_entries(self.config, context_length, check_budget(budget), head_dim).keep < context_length
+        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim(model_config))
+        return plan.keep < context_length
 
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
         n = observation.context_length
@@ -266,8 +265,7 @@ class AttentionClustering(Method):
         if context_length < 1:
             raise ValueError("cannot prefill an empty context")
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim)
+        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim(config))
         return ClusteringStream(self.config, plan, context_length)
 
     def prefill_and_compress(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.models import head_dim
 from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
 from kvbench.harness.prefix import LayerPrefix, LowRankPrefix
 from kvbench.methods._calibration_data import calibration_ids
@@ -48,10 +49,6 @@ class ZACKConfig:
     r_min: int = 8
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def _principal_axes(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors (columns, σ descending) and normalised σ² of the rows whose Gram matrix is given.
 
@@ -73,7 +70,7 @@ def calibrate_bases(model: torch.nn.Module, samples: list[list[int]]) -> dict[st
     """
     config = model.config
     num_layers, h_q, h_kv = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    d, group = _head_dim(config), config.num_attention_heads // config.num_key_value_heads
+    d, group = head_dim(config), config.num_attention_heads // config.num_key_value_heads
     key_gram = torch.zeros(num_layers, h_kv, d, d, dtype=torch.float64)
     value_gram = torch.zeros_like(key_gram)
     for ids in samples:
