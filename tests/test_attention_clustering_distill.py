@@ -15,6 +15,7 @@ from tiny_models import tiny_model
 from kvbench.harness.cli import main
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import load_model
+from kvbench.harness.prefill import streaming_forward
 from kvbench.methods import get_method
 from kvbench.methods._attention_clustering_distill import (
     DistillationConfig,
@@ -50,8 +51,6 @@ def test_student_reads_through_the_compression(tokenizer):
     torch.testing.assert_close(student[:64], teacher[:64], rtol=0, atol=1e-5)
     assert (student[64:] - teacher[64:]).abs().amax(dim=-1).min() > 1e-3
     stream = ClusteringStream(METHOD, PLAN, 128)
-    from kvbench.harness.prefill import streaming_forward
-
     cache, _ = streaming_forward(model, ids, stream.chunk_size, stream.after_chunk)
     assert all(layer.prefix.head_lengths() == [12, 12] and layer.tail_length == 0 for layer in cache.layers)
 
