@@ -1,8 +1,10 @@
-"""Attention-guided pruning + online k-means merging while prefilling (seed 003, specs/seed_methods.md (c)).
+"""Attention-guided pruning + online k-means merging while prefilling and decoding (seed 003,
+specs/seed_methods.md (c)).
 
-Every P context tokens the cache is pruned to the B entries the last Δ queries attended to most, and the
-kept entries are merged into K centroid pairs per layer and KV head, each with the logit bias ln(count).
-Pruning changes what later tokens attend to, so the method runs its own chunked prefill.
+Every P tokens the cache is pruned to the B entries the last Δ queries attended to most, and the kept
+entries are merged into K centroid pairs per layer and KV head, each with the logit bias ln(count).
+Pruning changes what later tokens attend to, so the method runs its own chunked prefill; after the
+context it goes on pruning every P tokens while the answer is decoded, so the cache stays bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kvbench.harness.prefill import Observation, ObservationNeeds, streaming_pre
 from kvbench.harness.prefix import LayerPrefix, TokenPrefix
 from kvbench.methods._eviction import group_mean, tokens_for_budget
 from kvbench.methods._kmeans import CENTROID_RULES, merge
+from kvbench.methods._query_log import QueryLog
 from kvbench.methods.base import Method, register
 
 SCOPES = ("shared", "per_layer_head")
@@ -35,7 +38,9 @@ class AttentionClusteringConfig:
     kept entries and K = 256 centroids. In kvbench the budget sets K = ⌊b·N·2d/(2d+1)⌋ (a centroid also
     stores its bias), with B = min(N, 4·K) keeping the paper's B/K (`prune_per_cluster`); `cluster=False`
     is the prune-only ablation, where the budget sets B = ⌊b·N⌋. The lookback spans the chunks since the
-    last prune; the end of the context always prunes and merges down to the budget.
+    last prune; the end of the context always prunes and merges down to the budget. While decoding, the
+    cache is pruned and merged again whenever the position t passes a multiple of P with more than B
+    entries stored (at budget 1 nothing is ever pruned: that is the full cache).
     `centroid_rule="batch_mean"` replaces the paper's online update by the count-weighted member mean;
     `merge_bias=False` drops the ln(count) bias (paper parity: every stored entry then counts as one
     token). The seeded random init draws one permutation per merge, shared by every layer and head.
@@ -143,10 +148,11 @@ def _stored_length(layer: CompressedLayer) -> int:
 
 
 class ClusteringStream:
-    """One context's pruning and merging, as a `streaming_prefill` hook.
+    """One sequence's pruning and merging: a `streaming_prefill` hook (`after_chunk`), then, while the answer
+    is decoded, `after_tokens`.
 
     A fresh stream serves each context, so no count, centroid or random draw crosses sequences; each
-    layer keeps its own counts. Chunks between prunes stay in the raw tail, with their queries: the
+    layer keeps its own counts. Tokens since the last prune stay in the raw tail, with their queries: the
     lookback may span chunks back to the last prune (before it, the model attended to entries that are
     gone). The last chunk always ends with the whole context in the prefixes, at most K entries per head.
     """
@@ -154,6 +160,8 @@ class ClusteringStream:
     def __init__(self, config: AttentionClusteringConfig, plan: EntryPlan, context_length: int):
         self.config = config
         self.plan = plan
+        self.context_length = context_length
+        self.position = 0  # tokens seen so far: prunes fire when it passes a multiple of P
         self.scaling: float | None = None
         # A prune fires only once more than B entries are stored: with B ≥ N nothing happens before the end
         # of the context, so it is prefilled in one pass (the same result, and bit-exact full at budget 1).
@@ -170,10 +178,30 @@ class ClusteringStream:
         final = index == self.num_chunks - 1
         limit = self.plan.clusters if final else self.plan.keep
         stored = _stored_length(cache.layers[0])
-        if stored <= limit and not final:
-            return
+        if stored > limit or final:
+            self._absorb(cache, compress=stored > limit)
+        self.position = cache.get_seq_length()
+
+    @property
+    def prunes_while_decoding(self) -> bool:
+        """Below budget 1: at budget 1 (B = K = N) the stream is the full cache, and must stay so."""
+        return self.plan.clusters < self.context_length
+
+    def after_tokens(self, cache: KVBenchCache, queries: list[torch.Tensor]) -> None:
+        """After tokens fed past the context (question or generated; `queries` per layer, [H_q, m, d]): once
+        the position t passes a multiple of P with more than B entries stored, prune to B and merge to K,
+        as between two chunks of the prefill."""
+        self._remember(queries)
+        length = cache.get_seq_length()
+        due = length // self.config.pruning_interval > self.position // self.config.pruning_interval
+        self.position = length
+        if due and _stored_length(cache.layers[0]) > self.plan.keep:
+            self._absorb(cache, compress=True)
+
+    def _absorb(self, cache: KVBenchCache, compress: bool) -> None:
+        """Move prefix and tail into a new prefix per layer, pruned and merged first when `compress`."""
         entries = [self._entries(i, layer) for i, layer in enumerate(cache.layers)]
-        if stored > limit:
+        if compress:
             entries = self._compress(entries, self.recent_queries)
         for i, (layer, kept) in enumerate(zip(cache.layers, entries)):
             self.counts[i] = kept.counts
@@ -233,8 +261,14 @@ class ClusteringStream:
 class AttentionClustering(Method):
     name = "attention_clustering"
     family = "merging"
-    description = "Prunes to the most-attended entries every P tokens while prefilling and merges them into K centroids"
+    description = "Prunes to the most-attended entries every P tokens (prefill and decode) and merges them into K centroids"
     Config = AttentionClusteringConfig
+
+    def __init__(self, config: AttentionClusteringConfig | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        # The stream of the latest compressed context, which goes on pruning while its answer is decoded.
+        self.stream_state: ClusteringStream | None = None
+        self.query_log: QueryLog | None = None
 
     def needs(self) -> ObservationNeeds:
         return ObservationNeeds(own_prefill=True)
@@ -257,7 +291,9 @@ class AttentionClustering(Method):
         cache = KVBenchCache(observation.num_layers)
         for layer, keys, values in zip(cache.layers, observation.keys, observation.values, strict=True):
             layer.update(keys[None], values[None])
-        ClusteringStream(self.config, plan, n).after_chunk(cache, 0, [], observation.scaling)
+        stream = ClusteringStream(self.config, plan, n)
+        stream.after_chunk(cache, 0, [], observation.scaling)
+        self._decode_with(stream)
         return [layer.prefix for layer in cache.layers]
 
     def stream(self, model: torch.nn.Module, context_length: int, budget: float) -> ClusteringStream:
@@ -272,7 +308,30 @@ class AttentionClustering(Method):
         self, model: torch.nn.Module, input_ids: list[int], budget: float
     ) -> tuple[KVBenchCache, torch.Tensor]:
         stream = self.stream(model, len(input_ids), budget)
-        return streaming_prefill(model, input_ids, stream.chunk_size, stream.after_chunk)
+        cache, logits = streaming_prefill(model, input_ids, stream.chunk_size, stream.after_chunk)
+        self._decode_with(stream)
+        return cache, logits
+
+    def _decode_with(self, stream: ClusteringStream) -> None:
+        self.stream_state = stream if stream.prunes_while_decoding else None
+        self.query_log = None
+
+    def on_decode_start(self, cache: KVBenchCache) -> None:
+        """Record the queries of every token after the context: a prune while decoding scores with them."""
+        if self.stream_state is not None:
+            self.query_log = QueryLog(list(range(len(cache.layers))))
+            cache.recorder = self.query_log
+
+    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
+        """Prune and merge when the position passes a multiple of P with more than B entries stored."""
+        stream = self.stream_state
+        if stream is None:
+            return
+        if self.query_log is None or cache.recorder is not self.query_log:
+            raise RuntimeError(
+                f"{self.name} decodes only the cache of its latest compress, after on_decode_start attached its query log"
+            )
+        stream.after_tokens(cache, [self.query_log.take(layer) for layer in range(len(cache.layers))])
 
     def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
         """The seed's distillation fine-tuning (`methods/_attention_clustering_distill.py`); `options` override

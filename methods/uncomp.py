@@ -17,6 +17,7 @@ from kvbench.harness.prefix import LayerPrefix, TokenPrefix
 from kvbench.methods._calibration_data import calibration_ids
 from kvbench.methods._eviction import gather_heads, snapkv_prefix_scores
 from kvbench.methods._head_scores import observe_all_queries, truncated_matrix_entropy
+from kvbench.methods._query_log import QueryLog
 from kvbench.methods.base import Method, register
 
 
@@ -163,25 +164,6 @@ def attention_rows(
     logits = (queries.float() @ keys.float().transpose(-1, -2)) * scaling
     future = key_positions[None, :] > query_positions[:, None]
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
-
-
-class QueryLog:
-    """Sits in the decode cache's recorder slot: the harness's attention hands it the post-RoPE queries of
-    every token fed after the context (question and generated tokens), which the running window needs.
-    Only the layers that evict keep theirs."""
-
-    def __init__(self, layers: list[int]):
-        self.queries: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-
-    def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        if layer_idx in self.queries:
-            self.queries[layer_idx].append(query[0])
-
-    def take(self, layer_idx: int) -> torch.Tensor:
-        """[H_q, m, d]: the queries observed since the last call, oldest first."""
-        queries = torch.cat(self.queries[layer_idx], dim=1)
-        self.queries[layer_idx] = []
-        return queries
 
 
 @dataclass

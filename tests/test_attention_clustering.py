@@ -11,10 +11,12 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
+from kvbench.harness.decode import greedy_decode
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.pipeline import TimedObservation, run_cell
 from kvbench.harness.prefill import ObservationNeeds, prefill, streaming_prefill
+from kvbench.harness.scoring_cells import iter_scoring_cells
 from kvbench.methods import get_method
 from kvbench.methods._kmeans import merge
 from kvbench.methods.attention_clustering import AttentionClustering, attention_importance
@@ -270,11 +272,12 @@ def loaded(model):
 
 
 def test_budget_one_equals_full_through_the_chunked_prefill(loaded):
+    """Also while decoding: the answer passes t = 160 and 192 with more than B = N entries, and nothing is pruned."""
     context, question = random_ids(150, seed=8), random_ids(4, seed=9)
     shared = TimedObservation(prefill(loaded.model, context, ObservationNeeds()), 0.0)
-    full = run_cell(loaded, shared, get_method("full"), 1.0, question, 6, keep_logits=True)
+    full = run_cell(loaded, shared, get_method("full"), 1.0, question, 40, keep_logits=True)
     method = AttentionClustering(pruning_interval=32, lookback_window=LOOKBACK)
-    ours = run_cell(loaded, None, method, 1.0, question, 6, keep_logits=True, context_ids=context)
+    ours = run_cell(loaded, None, method, 1.0, question, 40, keep_logits=True, context_ids=context)
     assert ours.token_ids == full.token_ids and ours.kv_bytes == full.kv_bytes_full
     for a, b in zip(ours.step_logits, full.step_logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -334,3 +337,82 @@ def test_where_nothing_is_pruned_before_the_end_the_shared_prefill_gives_the_sam
 def test_invalid_options_are_refused(options):
     with pytest.raises(ValueError):
         AttentionClustering(**options)
+
+
+def stored_entries(cache):
+    first = cache.layers[0]
+    return first.prefix.head_lengths()[0] + first.tail_length
+
+
+@pytest.mark.parametrize(
+    "options, budget, keep, clusters",
+    [
+        # N = 64: K = int(0.1·64·32/33) = 6, B = 4K = 24.
+        (dict(), 0.1, 24, 6),
+        # Prune only: B = K = 16.
+        (dict(cluster=False), 0.25, 16, 16),
+    ],
+)
+def test_decoding_prunes_and_merges_whenever_t_passes_a_multiple_of_P_over_B(model, options, budget, keep, clusters):
+    P, steps = 16, 70
+    context, question = random_ids(64, seed=14), random_ids(5, seed=15)
+    method = AttentionClustering(pruning_interval=P, lookback_window=LOOKBACK, **options)
+    cache, logits = method.prefill_and_compress(model, context, budget)
+    assert stored_entries(cache) == clusters
+    seen, lookbacks = [], []
+
+    def step_hook(cache, step):
+        method.on_decode_step(cache, step)
+        seen.append((cache.get_seq_length(), stored_entries(cache)))
+        tail = cache.layers[0].tail_length
+        recent = method.stream_state.recent_queries
+        lookbacks.append((0 if recent is None else recent[0].shape[1], min(LOOKBACK, tail)))
+        if tail == 0:  # just pruned: every layer's prefix holds what was kept, biased by ln(count) when merged
+            for layer, counts in method.stream_state.counts.items():
+                prefix = cache.layers[layer].prefix.materialize()
+                assert counts.shape == (2, clusters)
+                assert (prefix.bias is None) == ("cluster" in options)
+                assert prefix.bias is None or torch.equal(prefix.bias, counts.double().log().float())
+
+    greedy_decode(
+        model, cache, question, steps, [], first_logits=logits, step_hook=step_hook, start_hook=method.on_decode_start
+    )
+    # The rule, step by step: the question adds 5 raw tokens; each step one more; when t passes a multiple of P
+    # with more than B entries stored, prune to B and merge to K.
+    expected, size, position = [], clusters + len(question), len(context) + len(question)
+    for _ in range(steps - 1):
+        size, t = size + 1, position + 1
+        if t // P > position // P and size > keep:
+            size = clusters
+        position = t
+        expected.append((t, size))
+    assert seen == expected
+    assert sum(size == clusters for _, size in seen) >= 2  # it pruned while decoding, more than once
+    assert max(size for _, size in seen) <= keep + P
+    # The lookback holds the queries of the last Δ tokens since the last prune.
+    assert all(have == want for have, want in lookbacks)
+
+
+def test_scoring_a_continuation_prunes_as_decoding_it_would(loaded):
+    """Perplexity/loglikelihood cells feed attention_clustering token by token through its hooks: scoring the
+    answer it generated reproduces the log-probabilities it generated it with, prunes included."""
+    context, question = random_ids(64, seed=16), random_ids(5, seed=17)
+    method = AttentionClustering(pruning_interval=16, lookback_window=LOOKBACK)
+    assert method.acts_while_decoding
+    decoded = run_cell(loaded, None, method, 0.1, question, 40, keep_logits=True, context_ids=context)
+    assert len(decoded.token_ids) == 40  # t ran from 69 to 109: a prune fired at t = 96 (6 + 32 > B = 24)
+    other = random_ids(6, seed=18)
+    ((_, _, cell),) = iter_scoring_cells(loaded, context, question, [other, decoded.token_ids], [(method, 0.1)])
+    expected = [
+        torch.log_softmax(step, dim=-1)[token].item() for step, token in zip(decoded.step_logits, decoded.token_ids)
+    ]
+    assert cell.scores[1].greedy and cell.scores[1].logprobs == expected
+
+
+def test_decoding_another_cache_than_the_latest_compressed_one_is_refused(model):
+    method = AttentionClustering(pruning_interval=16, lookback_window=LOOKBACK)
+    first, _ = method.prefill_and_compress(model, random_ids(64, seed=19), 0.1)
+    method.on_decode_start(first)
+    second, _ = method.prefill_and_compress(model, random_ids(64, seed=20), 0.1)
+    with pytest.raises(RuntimeError, match="latest compress"):
+        method.on_decode_step(first, 0)
