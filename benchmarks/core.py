@@ -1,8 +1,10 @@
 """Core benchmark: prefill, compress and decode costs of the reference methods on one model.
 
-Prints, per context length: prefill seconds; compress seconds and kv_bytes per method at one budget; decode
-ms/token for `full` vs `snapkv` (or --decode-method); and the ratios of each against `full` measured in this
-same run. Medians over --repeats. Not a test: numbers depend on the machine.
+Prints, per context length: prefill seconds; compress seconds and kv_bytes per method at one budget (a method
+that prunes while prefilling is timed through its own prefill; one that cannot reach the budget says so); decode
+ms/token for `full` vs `snapkv` (or --decode-method, with its decode hooks); and the ratios of each against `full`
+measured in this same run. Medians over --repeats. Methods that need calibration are calibrated first, or read
+from the calibration cache. Not a test: numbers depend on the machine.
 
     python benchmarks/core.py [--model smollm2-135m] [--lengths 2048,4096] [--budget 0.25] [--repeats 3]
 """
@@ -19,11 +21,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from kvbench.harness.cache import KVBenchCache  # noqa: E402
+from kvbench.harness.calibration import ensure_calibrated  # noqa: E402
 from kvbench.harness.decode import greedy_decode  # noqa: E402
+from kvbench.harness.errors import BudgetError  # noqa: E402
 from kvbench.harness.measure import timed  # noqa: E402
 from kvbench.harness.models import load_model  # noqa: E402
-from kvbench.harness.pipeline import shared_needs  # noqa: E402
+from kvbench.harness.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
 from kvbench.harness.prefill import prefill  # noqa: E402
 from kvbench.methods import REGISTRY, get_method, load_all  # noqa: E402
 from kvbench.tasks import generate_samples, split_prompt  # noqa: E402
@@ -38,16 +41,26 @@ def median_seconds(device: torch.device, repeats: int, work) -> tuple[float, obj
     return statistics.median(times), result
 
 
-def decode_ms_per_token(loaded, observation, method, budget, question_ids, tokens, repeats) -> float:
-    prefixes = method.compress(observation, budget if method.uses_budget else 1.0)
-
-    def work():
-        cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
-        # No EOS: every run decodes exactly `tokens` tokens, so runs compare per token.
-        return greedy_decode(loaded.model, cache, question_ids, tokens, eos_token_ids=[])
-
-    seconds, generation = median_seconds(loaded.device, repeats, work)
-    return 1000 * seconds / len(generation.token_ids)
+def decode_ms_per_token(loaded, observed, method, budget, context_ids, question_ids, tokens, repeats) -> float:
+    """Median decode time per token; each repeat decodes a fresh compression (decode-time methods change it)."""
+    budget = budget if method.uses_budget else 1.0
+    times, generated = [], 0
+    for _ in range(repeats):
+        cache = compress_context(loaded, observed, method, budget, context_ids).cache
+        with timed(loaded.device) as watch:
+            # No EOS: every run decodes exactly `tokens` tokens, so runs compare per token.
+            generation = greedy_decode(
+                loaded.model,
+                cache,
+                question_ids,
+                tokens,
+                eos_token_ids=[],
+                step_hook=method.on_decode_step,
+                start_hook=method.on_decode_start,
+            )
+        times.append(watch.seconds)
+        generated = len(generation.token_ids)
+    return 1000 * statistics.median(times) / generated
 
 
 def main() -> int:
@@ -65,6 +78,8 @@ def main() -> int:
     loaded = load_model(args.model, args.device, args.dtype)
     load_all()
     methods = [get_method(name) for name in sorted(REGISTRY)]
+    for method in methods:  # from the calibration cache, or calibrated now (said on stderr)
+        ensure_calibrated(loaded, method)
     print(f"model {args.model} | device {loaded.device} | dtype {loaded.dtype} | torch {torch.__version__}")
     print(f"budget {args.budget} | repeats {args.repeats} (medians) | {torch.get_num_threads()} CPU threads")
     for length in (int(x) for x in args.lengths.split(",")):
@@ -77,19 +92,31 @@ def main() -> int:
         full_bytes = observation.kv_bytes_full()
         print(f"\n== context {observation.context_length} tokens (target {length}) ==")
         print(f"prefill: {prefill_s:.3f} s (one shared prefill serves every method below)")
-        print(f"{'method':<16}{'compress_s':>12}{'kv_bytes':>14}{'kv_ratio':>10}")
+        print(f"{'method':<22}{'compress_s':>12}{'kv_bytes':>14}{'kv_ratio':>10}")
+        observed = TimedObservation(observation, prefill_s)
         for method in methods:
-            compress_s, prefixes = median_seconds(
-                loaded.device, args.repeats, partial(method.compress, observation, args.budget)
-            )
-            kv_bytes = KVBenchCache(observation.num_layers, prefixes, observation.context_length).kv_bytes()
-            print(f"{method.name:<16}{compress_s:>12.4f}{kv_bytes:>14,}{kv_bytes / full_bytes:>10.3f}")
+            budget = args.budget if method.uses_budget else 1.0
+            own = method.prefills_itself(loaded.model.config, observation.context_length, budget)
+            try:
+                compress_s, compressed = median_seconds(
+                    loaded.device,
+                    args.repeats,
+                    partial(compress_context, loaded, observed, method, budget, parts.context_ids),
+                )
+            except BudgetError as refusal:
+                print(f"{method.name:<22}{'refused':>12}  {refusal}")
+                continue
+            kv_bytes = compressed.cache.kv_bytes()
+            note = "  (its own prefill, compression included)" if own else ""
+            print(f"{method.name:<22}{compress_s:>12.4f}{kv_bytes:>14,}{kv_bytes / full_bytes:>10.3f}{note}")
+        context_ids = parts.context_ids
         full_ms = decode_ms_per_token(
-            loaded, observation, get_method("full"), 1.0, parts.question_ids, args.new_tokens, args.repeats
+            loaded, observed, get_method("full"), 1.0, context_ids, parts.question_ids, args.new_tokens, args.repeats
         )
         other = get_method(args.decode_method)
+        ensure_calibrated(loaded, other)
         other_ms = decode_ms_per_token(
-            loaded, observation, other, args.budget, parts.question_ids, args.new_tokens, args.repeats
+            loaded, observed, other, args.budget, context_ids, parts.question_ids, args.new_tokens, args.repeats
         )
         print(f"decode full: {full_ms:.2f} ms/token | {other.name}@{args.budget}: {other_ms:.2f} ms/token")
         print(f"ratio {other.name}/full decode time: {other_ms / full_ms:.3f} | kv_bytes full {full_bytes:,}")
