@@ -7,6 +7,7 @@ measured in this same run. Medians over --repeats. Methods that need calibration
 from the calibration cache. Not a test: numbers depend on the machine.
 
     python benchmarks/core.py [--model smollm2-135m] [--lengths 2048,4096] [--budget 0.25] [--repeats 3]
+                              [--methods all] [--decode-method snapkv] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-method", default="snapkv")
+    parser.add_argument("--methods", default="all", help="comma-separated, or all registered methods")
     args = parser.parse_args()
 
     loaded = load_model(args.model, args.device, args.dtype)
     load_all()
-    methods = [get_method(name) for name in sorted(REGISTRY)]
+    names = sorted(REGISTRY) if args.methods == "all" else args.methods.split(",")
+    methods = [get_method(name) for name in names]
     for method in methods:  # from the calibration cache, or calibrated now (said on stderr)
         ensure_calibrated(loaded, method)
     print(f"model {args.model} | device {loaded.device} | dtype {loaded.dtype} | torch {torch.__version__}")
