@@ -1,4 +1,4 @@
-"""Shared fixtures. Task-suite fixtures: `tasks_chat_tokenizer`, `tasks_plain_tokenizer`."""
+"""Shared fixtures. Task-suite fixtures: `tasks_chat_tokenizer`, `tasks_plain_tokenizer`; `tiny_model_dir`."""
 
 from __future__ import annotations
 
@@ -50,3 +50,14 @@ def tasks_chat_tokenizer():
 def tasks_plain_tokenizer():
     """The same tokenizer without a chat template (BOS + context, suffix newline)."""
     return build_tasks_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama (GQA) with its tokenizer, saved where `--model DIR` loads it."""
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama-gqa").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)

@@ -5,17 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama-gqa").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def run_script(name, argv, monkeypatch):
@@ -25,9 +16,9 @@ def run_script(name, argv, monkeypatch):
     assert finished.value.code == 0
 
 
-def test_core_benchmark_covers_own_prefill_methods_and_refusals(model_dir, monkeypatch, capsys):
+def test_core_benchmark_times_a_method_through_its_own_prefill(tiny_model_dir, monkeypatch, capsys):
     # attention_clustering prunes while prefilling at 0.25 (B < N): compress() on the shared prefill would raise.
-    argv = ["--model", model_dir, "--lengths", "256", "--repeats", "1", "--new-tokens", "4", "--budget", "0.25"]
+    argv = ["--model", tiny_model_dir, "--lengths", "256", "--repeats", "1", "--new-tokens", "4", "--budget", "0.25"]
     argv += ["--methods", "full,snapkv,attention_clustering", "--decode-method", "attention_clustering"]
     run_script("core.py", argv, monkeypatch)
     out = capsys.readouterr().out
@@ -35,8 +26,8 @@ def test_core_benchmark_covers_own_prefill_methods_and_refusals(model_dir, monke
     assert "ratio attention_clustering/full decode time" in out
 
 
-def test_streaming_benchmark_shows_the_bounded_cache(model_dir, monkeypatch, capsys):
-    argv = ["--model", model_dir, "--context", "256", "--new-tokens", "161", "--window", "40"]
+def test_streaming_benchmark_shows_the_bounded_cache(tiny_model_dir, monkeypatch, capsys):
+    argv = ["--model", tiny_model_dir, "--context", "256", "--new-tokens", "161", "--window", "40"]
     argv += ["--pruning-interval", "32", "--budget", "0.1"]
     run_script("streaming.py", argv, monkeypatch)
     out = capsys.readouterr().out

@@ -6,17 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
 
 from kvbench.harness.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama-gqa").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def run_cli(capsys, *argv):
@@ -63,18 +54,27 @@ def test_user_errors_are_one_line_with_exit_code_2(capsys, argv, message):
     assert "Traceback" not in err
 
 
-def test_prompt_longer_than_the_model_is_refused(capsys, model_dir):
+def test_prompt_longer_than_the_model_is_refused(capsys, tiny_model_dir):
     prompt = " ".join(f"w{i % 200}" for i in range(2100))
     code, _, err = run_cli(
-        capsys, "generate", "--model", model_dir, "--method", "full", "--budget", "1", "--prompt", prompt
+        capsys, "generate", "--model", tiny_model_dir, "--method", "full", "--budget", "1", "--prompt", prompt
     )
     assert code == 2 and "maximum length of 2048" in err
 
 
-def test_budget_a_method_cannot_reach_is_one_line(capsys, model_dir):
+def test_budget_a_method_cannot_reach_is_one_line(capsys, tiny_model_dir):
     prompt = " ".join(f"w{i}" for i in range(40))
     code, _, err = run_cli(
-        capsys, "generate", "--model", model_dir, "--method", "streaming_llm", "--budget", "0.05", "--prompt", prompt
+        capsys,
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--method",
+        "streaming_llm",
+        "--budget",
+        "0.05",
+        "--prompt",
+        prompt,
     )
     assert code == 2 and "sink" in err and len(err.strip().splitlines()) == 1
 
@@ -86,13 +86,13 @@ def test_list_methods(capsys):
     assert {"full", "random", "streaming_llm", "knorm", "snapkv", "pyramidkv", "adakv_snapkv"} <= set(names)
 
 
-def test_generate_json_on_a_local_model(capsys, model_dir):
+def test_generate_json_on_a_local_model(capsys, tiny_model_dir):
     prompt = " ".join(f"w{i}" for i in range(300))
     code, out, err = run_cli(
         capsys,
         "generate",
         "--model",
-        model_dir,
+        tiny_model_dir,
         "--method",
         "snapkv",
         "--budget",
@@ -113,12 +113,12 @@ def test_generate_json_on_a_local_model(capsys, model_dir):
     assert 1 <= record["new_tokens"] <= 5 and record["context_tokens"] > 300
 
 
-def test_generate_text_output(capsys, model_dir):
+def test_generate_text_output(capsys, tiny_model_dir):
     code, out, err = run_cli(
         capsys,
         "generate",
         "--model",
-        model_dir,
+        tiny_model_dir,
         "--method",
         "full",
         "--budget",
