@@ -261,7 +261,9 @@ class ClusteringStream:
 class AttentionClustering(Method):
     name = "attention_clustering"
     family = "merging"
-    description = "Prunes to the most-attended entries every P tokens (prefill and decode) and merges them into K centroids"
+    description = (
+        "Prunes to the most-attended entries every P tokens (prefill and decode) and merges them into K centroids"
+    )
     Config = AttentionClusteringConfig
 
     def __init__(self, config: AttentionClusteringConfig | None = None, **overrides: Any):
