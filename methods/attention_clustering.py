@@ -260,7 +260,7 @@ class ClusteringStream:
 @register
 class AttentionClustering(Method):
     name = "attention_clustering"
-    family = "merging"
+    family = "pruning + merging (own prefill, decode-time)"
     description = (
         "Prunes to the most-attended entries every P tokens (prefill and decode) and merges them into K centroids"
     )
