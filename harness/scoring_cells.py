@@ -48,16 +48,18 @@ def run_scoring_cell(
 ) -> ScoredCell:
     """Compress the context with `method` at `budget`, then score every continuation after `question_ids`.
 
-    A method that evicts while decoding changes its compressed context token by token: each continuation is
-    then scored one token at a time with the method's decode hooks, from a fresh compression of the context
-    (the recompressions count in `score_s`). For every other method one compressed cache serves them all.
+    A method that evicts while decoding changes its compressed context token by token: where it could within
+    the question and the longest continuation, each continuation is scored one token at a time with the
+    method's decode hooks, from a fresh compression of the context (the recompressions count in `score_s`).
+    Otherwise one compressed cache serves them all, each continuation in one pass.
     """
     effective_budget = budget if method.uses_budget else 1.0
     reset_peak_memory(loaded.device)
     compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
     hooks = {}
-    if method.acts_while_decoding:
+    longest = len(question_ids) + max((len(c) for c in continuations), default=0)
+    if method.changes_cache_within(compressed.cache, longest):
         hooks = dict(start_hook=method.on_decode_start, step_hook=method.on_decode_step)
     scores = []
     with timed(loaded.device) as watch:

@@ -198,6 +198,13 @@ class ClusteringStream:
         if due and _stored_length(cache.layers[0]) > self.plan.keep:
             self._absorb(cache, compress=True)
 
+    def prunes_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        """Whether `new_tokens` more tokens could trigger a prune: they pass a multiple of P and could take the
+        cache over B (an upper bound: the first multiple they pass may come before the cache is over B)."""
+        length, interval = cache.get_seq_length(), self.config.pruning_interval
+        passes = (length + new_tokens) // interval > length // interval
+        return passes and _stored_length(cache.layers[0]) + new_tokens > self.plan.keep
+
     def _absorb(self, cache: KVBenchCache, compress: bool) -> None:
         """Move prefix and tail into a new prefix per layer, pruned and merged first when `compress`."""
         entries = [self._entries(i, layer) for i, layer in enumerate(cache.layers)]
@@ -317,6 +324,9 @@ class AttentionClustering(Method):
     def _decode_with(self, stream: ClusteringStream) -> None:
         self.stream_state = stream if stream.prunes_while_decoding else None
         self.query_log = None
+
+    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        return self.stream_state is not None and self.stream_state.prunes_within(cache, new_tokens)
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """Record the queries of every token after the context: a prune while decoding scores with them."""

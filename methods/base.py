@@ -94,6 +94,12 @@ class Method(ABC):
     def has_training_step(self) -> bool:
         return type(self).train is not Method.train
 
+    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        """Whether feeding `new_tokens` more tokens after `cache` (just compressed by this method) could make its
+        decode hooks change the cache. If not, they can be fed in one pass. By default: whether the method
+        acts while decoding at all; a method that acts only at some points says when it would."""
+        return self.acts_while_decoding
+
     @property
     def acts_while_decoding(self) -> bool:
         """Whether the cache changes token by token after the context (the method overrides `on_decode_step`):

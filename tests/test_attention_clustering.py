@@ -416,3 +416,19 @@ def test_decoding_another_cache_than_the_latest_compressed_one_is_refused(model)
     second, _ = method.prefill_and_compress(model, random_ids(64, seed=20), 0.1)
     with pytest.raises(RuntimeError, match="latest compress"):
         method.on_decode_step(first, 0)
+
+
+def test_scoring_feeds_continuations_in_one_pass_where_no_prune_can_fire(loaded, monkeypatch):
+    """Stepwise scoring recompresses the context per continuation; it is needed only where a prune could fire."""
+    context, question = random_ids(64, seed=16), random_ids(5, seed=17)
+    method = AttentionClustering(pruning_interval=16, lookback_window=LOOKBACK)
+    prefills, original = [], method.prefill_and_compress
+    monkeypatch.setattr(method, "prefill_and_compress", lambda *args: prefills.append(1) or original(*args))
+    short, long = random_ids(6, seed=18), random_ids(40, seed=19)
+    # t = 64 + 5 + 6 = 75 passes no multiple of P = 16 after the context: one compression serves both.
+    list(iter_scoring_cells(loaded, context, question, [short, short], [(method, 0.1)]))
+    assert len(prefills) == 1
+    # t reaches 109, past 80 and 96 with 6 + 45 > B = 24 entries: each continuation gets its own, stepwise.
+    prefills.clear()
+    list(iter_scoring_cells(loaded, context, question, [short, long], [(method, 0.1)]))
+    assert len(prefills) == 2
