@@ -4,6 +4,10 @@ Keys are projected after RoPE, never folded into W_K: with rotary embeddings the
 folding is not exact, so the cache stores RoPE(K)·R_K and V·R_V and attention decompresses them
 transiently (`LowRankPrefix.materialize`). Decompressing rather than projecting the queries keeps
 attention on the harness's SDPA path; (Q·R_K)(K·R_K)ᵀ = Q·(K·R_K·R_Kᵀ)ᵀ, so the logits are the same.
+
+As in the paper, the projection applies while the context is prefilled (`projected_prefill`): every layer's
+attention already reads its reconstructed keys and values, so each layer's output, the next layer's input,
+carries the error of the layers below it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 
 import torch
 
-from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.attention import kvbench_attention_enabled
+from kvbench.harness.cache import CompressedLayer, KVBenchCache, cache_argument
+from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import head_dim
 from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
 from kvbench.harness.prefix import LayerPrefix, LowRankPrefix
@@ -41,12 +47,24 @@ class ZACKConfig:
     to the globally largest normalised σ², K and V each taking half of it (same ratio for K and V). A budget
     that cannot pay r_min channels plus their bases for every head (b < r_min/d + r_min/N: b = 0.1 on SmolLM2,
     d = 64) is refused, as the spec says, naming the lowest reachable budget.
+
+    Prefill (`project_during_prefill`): the paper writes every token to the cache already projected and
+    attends to the projected cache, the context's tokens included, so the error of layer l's keys and values
+    reaches layer l + 1 through layer l's output and compounds through the layers. True (the default, the
+    paper's mode) runs that prefill: the method prefills itself below b = 1 (at b = 1 nothing is projected and
+    it shares the plain prefill), and the cache holds the codes of the keys and values its own prefill computed.
+    False projects the cache of an exact, shared prefill afterwards: only the layers' own caches are
+    approximated, never their inputs, which flatters ZACK (kvbench's mode before the paper's, kept as the
+    ablation). Both use the same bases, fitted offline on an exact prefill, and store the same ranks and
+    bytes. In both, the question and generated tokens stay in the uncompressed tail, as for every kvbench
+    method; the paper projects those too.
     """
 
     calibration_samples: int = 32
     calibration_tokens: int = 2048
     seed: int = 0
     r_min: int = 8
+    project_during_prefill: bool = True
 
 
 def _principal_axes(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +163,74 @@ def _bases_for(bases: torch.Tensor, ranks: list[int], dtype: torch.dtype) -> lis
     return [None if r == d else bases[h, :, :r].to(dtype) for h, r in enumerate(ranks)]
 
 
+LayerBases = list[torch.Tensor | None]
+
+
+class _ProjectingLayer(CompressedLayer):
+    """A prefill cache layer that hands attention its keys and values already projected and reconstructed.
+
+    It stores the layer's keys and values as computed (exactly as a plain prefill would) and keeps their codes in
+    `projected`; attention reads `projected.materialize()`, K ≈ (K·B_k)·B_kᵀ, the very tensors the decode will
+    read from the finished cache.
+    """
+
+    def __init__(self, key_basis: LayerBases, value_basis: LayerBases):
+        super().__init__()
+        self.key_basis, self.value_basis = key_basis, value_basis
+        self.projected: LowRankPrefix | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.projected is not None:
+            raise RuntimeError("zack's projecting prefill takes the whole context in one pass")
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        key_basis = [None if b is None else b.to(keys.dtype) for b in self.key_basis]
+        value_basis = [None if b is None else b.to(values.dtype) for b in self.value_basis]
+        self.projected = LowRankPrefix(keys[0], values[0], key_basis, value_basis)
+        restored = self.projected.materialize()
+        return restored.keys[None], restored.values[None]
+
+
+@torch.inference_mode()
+def projected_prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | list[int],
+    key_bases: list[LayerBases],
+    value_bases: list[LayerBases],
+) -> tuple[list[LowRankPrefix], torch.Tensor]:
+    """The paper's prefill: one pass over the context in which layer l attends to its own keys and values
+    projected onto `key_bases[l]`/`value_bases[l]` (per KV head, [d, r] or None for a raw head) and reconstructed.
+
+    Projection acts on each token alone, so one causal pass equals writing the tokens one by one to a projected
+    cache. Returns each layer's prefix (codes of the keys and values this prefill computed, whose inputs carry the
+    lower layers' error) and the next-token logits after the context.
+    """
+    device = model.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    n = ids.shape[1]
+    if n == 0:
+        raise ValueError("cannot prefill an empty context")
+    cache = KVBenchCache(len(key_bases))
+    cache.layers[:] = [_ProjectingLayer(k, v) for k, v in zip(key_bases, value_bases, strict=True)]
+    with kvbench_attention_enabled(model):
+        out = model(
+            input_ids=ids,
+            position_ids=torch.arange(n, device=device)[None],
+            **cache_argument(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            kvbench_cache=cache,
+        )
+    return [layer.projected for layer in cache.layers], out.logits[0, -1]
+
+
 @register
 class ZACK(Method):
     name = "zack"
-    family = "channel reduction"
-    description = "Per-head SVD bases of post-RoPE K (fit with its queries) and V (with W_O); ranks by global energy"
+    family = "channel reduction, own prefill"
+    description = (
+        "Per-head SVD bases of post-RoPE K (fit with its queries) and V (with W_O), applied while it prefills; "
+        "ranks by global energy"
+    )
     Config = ZACKConfig
     needs_calibration = True
 
@@ -173,14 +254,55 @@ class ZACK(Method):
         config = self.config
         return f"samples={config.calibration_samples} tokens={config.calibration_tokens} seed={config.seed}"
 
+    def needs(self) -> ObservationNeeds:
+        return ObservationNeeds(own_prefill=self.config.project_during_prefill)
+
+    def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
+        """In the paper's mode below b = 1. At b = 1 every head is stored raw (no basis, nothing projected), so the
+        projecting prefill would be the plain one: the cell shares it."""
+        return self.config.project_during_prefill and check_budget(budget) < 1.0
+
+    def prefill_and_compress(
+        self, model: torch.nn.Module, input_ids: list[int], budget: float
+    ) -> tuple[KVBenchCache, torch.Tensor]:
+        """The paper's mode: prefill with every layer attending to its projected keys and values (`projected_prefill`)."""
+        config = model.config
+        shape = (config.num_hidden_layers, config.num_key_value_heads, head_dim(config))
+        artifacts = self._checked_artifacts(shape, model.device)
+        key_bases, value_bases = self._layer_bases(artifacts, check_budget(budget), shape, len(input_ids), model.dtype)
+        prefixes, logits = projected_prefill(model, input_ids, key_bases, value_bases)
+        return KVBenchCache(len(prefixes), prefixes, len(input_ids)), logits
+
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
-        artifacts = self._artifacts_for(observation)
-        num_layers, h_kv, n, d = (
-            observation.num_layers,
-            observation.num_kv_heads,
-            observation.context_length,
-            observation.head_dim,
-        )
+        """Project the cache of a finished prefill (`project_during_prefill=False`, or b = 1 where nothing is
+        projected)."""
+        shape = (observation.num_layers, observation.num_kv_heads, observation.head_dim)
+        artifacts = self._checked_artifacts(shape, observation.keys[0].device)
+        n = observation.context_length
+        key_bases, value_bases = self._layer_bases(artifacts, budget, shape, n, observation.keys[0].dtype)
+        projects = any(basis is not None for layer in key_bases + value_bases for basis in layer)
+        if self.config.project_during_prefill and projects:
+            raise RuntimeError(
+                f"{self.name} projects while it prefills at budget {budget:g} (project_during_prefill) and cannot "
+                "compress a finished prefill; call prefill_and_compress (run_cell does)"
+            )
+        return [
+            LowRankPrefix(keys, values, key_basis, value_basis)
+            for keys, values, key_basis, value_basis in zip(
+                observation.keys, observation.values, key_bases, value_bases, strict=True
+            )
+        ]
+
+    def _layer_bases(
+        self,
+        artifacts: dict[str, torch.Tensor],
+        budget: float,
+        shape: tuple[int, int, int],
+        n: int,
+        dtype: torch.dtype,
+    ) -> tuple[list[LayerBases], list[LayerBases]]:
+        """Per layer, each KV head's basis at its rank for this budget and context length (None: stored raw)."""
+        num_layers, h_kv, d = shape
         lowest = lowest_budget(n, d, self.config.r_min)
         if budget < lowest:
             raise BudgetError(
@@ -192,23 +314,22 @@ class ZACK(Method):
         capacity = int(budget * num_layers * h_kv * n * d)
         key_ranks = allocate_ranks(artifacts["key_energy"].flatten(0, 1), capacity, n, self.config.r_min)
         value_ranks = allocate_ranks(artifacts["value_energy"].flatten(0, 1), capacity, n, self.config.r_min)
-        dtype = observation.keys[0].dtype
-        prefixes = []
+        key_bases, value_bases = [], []
         for layer in range(num_layers):
             heads = slice(layer * h_kv, (layer + 1) * h_kv)
-            key_basis = _bases_for(artifacts["key_bases"][layer], key_ranks[heads], dtype)
-            value_basis = _bases_for(artifacts["value_bases"][layer], value_ranks[heads], dtype)
-            prefixes.append(LowRankPrefix(observation.keys[layer], observation.values[layer], key_basis, value_basis))
-        return prefixes
+            key_bases.append(_bases_for(artifacts["key_bases"][layer], key_ranks[heads], dtype))
+            value_bases.append(_bases_for(artifacts["value_bases"][layer], value_ranks[heads], dtype))
+        return key_bases, value_bases
 
-    def _artifacts_for(self, observation: Observation) -> dict[str, torch.Tensor]:
+    def _checked_artifacts(self, shape: tuple[int, int, int], device: torch.device) -> dict[str, torch.Tensor]:
+        """The loaded artifacts on `device`, checked against the model's (layers, KV heads, head_dim)."""
         if self.artifacts is None:
             raise KVBenchError("zack has no calibration loaded; run 'kvbench calibrate zack --model <model>' first")
-        expected = (observation.num_layers, observation.num_kv_heads, observation.head_dim, observation.head_dim)
+        num_layers, h_kv, d = shape
+        expected = (num_layers, h_kv, d, d)
         if tuple(self.artifacts["key_bases"].shape) != expected:
             raise KVBenchError(
                 f"zack's calibration is for another model shape {tuple(self.artifacts['key_bases'].shape)}, "
                 f"not {expected}; recalibrate with 'kvbench calibrate zack --model <model> --force'"
             )
-        device = observation.keys[0].device
         return {name: tensor.to(device) for name, tensor in self.artifacts.items()}
