@@ -83,7 +83,13 @@ class CompressedLayer(CacheLayerMixin):
 class KVBenchCache(Cache):
     """A cache of `CompressedLayer`s; built empty for a prefill, or from a method's prefixes for decoding."""
 
-    def __init__(self, num_layers: int, prefixes: list[LayerPrefix] | None = None, context_length: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        prefixes: list[LayerPrefix] | None = None,
+        context_length: int = 0,
+        method_state: object | None = None,
+    ):
         if prefixes is not None and len(prefixes) != num_layers:
             raise ValueError(f"expected {num_layers} layer prefixes, got {len(prefixes)}")
         layers = [
@@ -94,10 +100,24 @@ class KVBenchCache(Cache):
         self.context_length = context_length
         # Set by the prefill engine: collects the observations the methods declared while attention runs.
         self.recorder = None
+        # What a method keeps for this sequence between decode steps (positions, merge counts, query logs, score
+        # accumulators): it lives here, with the sequence, so that `kv_bytes` measures it (DESIGN §3).
+        self.method_state = method_state if method_state is not None else getattr(prefixes, "decode_state", None)
 
     def kv_bytes(self) -> int:
-        """Bytes the compressed context holds, measured from the stored tensors."""
-        return sum(stored_bytes(layer.prefix) for layer in self.layers if layer.prefix is not None)
+        """Bytes the compressed context holds, measured from the stored tensors: every layer's prefix and the
+        method's decode state (each storage once)."""
+        seen: set[int] = set()
+        prefixes = sum(stored_bytes(layer.prefix, seen) for layer in self.layers if layer.prefix is not None)
+        return prefixes + stored_bytes(self.method_state, seen)
+
+    def held_bytes(self) -> int:
+        """Everything the cache holds now: `kv_bytes` plus the raw tail (question and generated tokens)."""
+        seen: set[int] = set()
+        total = sum(stored_bytes(layer.prefix, seen) for layer in self.layers if layer.prefix is not None)
+        total += stored_bytes(self.method_state, seen)
+        tails = [(layer.keys, layer.values) for layer in self.layers if layer.keys is not None]
+        return total + stored_bytes(tails, seen)
 
     def reset_tail(self) -> None:
         """Forget question and generated tokens, keeping the compressed context."""

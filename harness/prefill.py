@@ -49,7 +49,8 @@ class Observation:
 
     keys/values: [H_kv, N, d] post-RoPE; window_queries: [H_q, w, d] post-RoPE (the last w positions);
     column_sums: [H_q, N] fp32; hidden_states: [N, hidden] input of each layer; last_logits: [vocab],
-    the next-token logits after the context (used when nothing follows the context).
+    the next-token logits after the context (used when nothing follows the context). seed: for methods that
+    draw random numbers, set by the harness from the run seed and the sample (0 outside a sweep).
     """
 
     input_ids: torch.Tensor
@@ -61,6 +62,7 @@ class Observation:
     column_sums: list[torch.Tensor] | None = None
     hidden_states: list[torch.Tensor] | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
+    seed: int = 0
 
     @property
     def context_length(self) -> int:

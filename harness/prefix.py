@@ -33,6 +33,16 @@ class PrefixKV:
         return isinstance(self.keys, torch.Tensor)
 
 
+class Prefixes(list):
+    """One `LayerPrefix` per layer, as a method's compress returns them, plus the state the method keeps for this
+    sequence while it decodes (None for methods that compress once). The harness puts that state in the cache
+    (`KVBenchCache.method_state`), where `kv_bytes` measures it, never on the method object."""
+
+    def __init__(self, prefixes=(), decode_state: object | None = None):
+        super().__init__(prefixes)
+        self.decode_state = decode_state
+
+
 class LayerPrefix(ABC):
     """The compressed context of one layer, in a method's own representation."""
 
@@ -159,7 +169,8 @@ def stored_bytes(obj: object, _seen: set[int] | None = None) -> int:
     """Bytes of every tensor storage reachable from `obj`, each storage counted once.
 
     Walking the object's attributes rather than asking it for a size keeps methods honest: whatever a
-    representation holds (indices, scales, biases, bases) is counted, views count their whole storage.
+    representation holds (indices, scales, biases, bases, decode state) is counted, views count their whole
+    storage. `_seen` holds the storages and containers already walked, so shared tensors and cycles count once.
     """
     seen = set() if _seen is None else _seen
     if isinstance(obj, torch.Tensor):
@@ -169,10 +180,16 @@ def stored_bytes(obj: object, _seen: set[int] | None = None) -> int:
             return 0
         seen.add(key)
         return storage.nbytes()
+    if obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+        return 0
+    marker = -id(obj) - 1  # negative: never a storage's data pointer
+    if marker in seen:
+        return 0
+    seen.add(marker)
     if isinstance(obj, dict):
         return sum(stored_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, (list, tuple, set, frozenset)):
         return sum(stored_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+    if hasattr(obj, "__dict__"):
         return sum(stored_bytes(v, seen) for v in vars(obj).values())
     return 0

@@ -15,6 +15,7 @@ import torch
 
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
+from kvbench.harness.method_spec import configured_options, method_config, method_label, parse_method_spec
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import LayerPrefix
 
@@ -39,7 +40,24 @@ class Method(ABC):
             raise KVBenchError(
                 f"{self.name} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields)) or 'none'}"
             )
-        self.config = dataclasses.replace(base, **overrides)
+        try:
+            self.config = dataclasses.replace(base, **overrides)
+        except (TypeError, ValueError) as error:
+            raise KVBenchError(f"{self.name}: {error}; its options (defaults): {_defaults(type(base))}") from None
+
+    @property
+    def label(self) -> str:
+        """The name plus the options that differ from the defaults: what tells two configurations apart."""
+        return method_label(self.name, self.config)
+
+    def config_record(self) -> dict[str, Any]:
+        """Every config field as JSON: the method's part of a row's identity."""
+        return method_config(self.config)
+
+    def artifact_fingerprint(self) -> str | None:
+        """A fingerprint of the calibration or training artifact this instance uses (None if it uses none); the
+        harness sets it when it hands the artifact over, and every row that used it records it."""
+        return getattr(self, "_artifact_fingerprint", None)
 
     def needs(self) -> ObservationNeeds:
         """What the prefill must collect for this method (keys and values always come)."""
@@ -118,11 +136,21 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _defaults(config_type: type) -> str:
+    from kvbench.harness.method_spec import _option_list
+
+    return _option_list(config_type)
+
+
 def get_method(name: str, **options: Any) -> Method:
-    """Instantiate a registered method; an unknown name lists the valid ones."""
+    """Instantiate a registered method from its name or a `NAME:option=value:...` spec (typed from the config's
+    defaults); an unknown name lists the valid ones, an unknown option or bad value lists the options."""
     from kvbench.methods import load_all
 
     load_all()
-    if name not in REGISTRY:
-        raise UnknownNameError(f"unknown method {name!r}; valid methods: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name](**options)
+    spec = parse_method_spec(name)
+    if spec.name not in REGISTRY:
+        raise UnknownNameError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[spec.name]
+    typed = configured_options(spec.name, cls.Config, spec)
+    return cls(**{**typed, **options})
