@@ -15,9 +15,10 @@ from typing import Any
 import pandas as pd
 
 from kvbench.reports import tables
+from kvbench.reports.intervals import LEVEL, RESAMPLES
 from kvbench.reports.plots import Plot, draw_all
 from kvbench.reports.store import Run
-from kvbench.reports.tables import MEAN_OVER_TASKS
+from kvbench.reports.tables import DIFF_TO_REFERENCE, HI, LO, MEAN_OVER_TASKS, N_PAIRED, N_SCORED
 
 MISSING = "—"
 # C0 controls other than tab and newlines, which read fine as they are.
@@ -47,7 +48,10 @@ META_KEYS = (
 COLUMNS = {
     "budget": ("budget", "g"),
     "length": ("length", "d"),
-    MEAN_OVER_TASKS: (MEAN_OVER_TASKS, ".2f"),
+    MEAN_OVER_TASKS: (f"{MEAN_OVER_TASKS} [95% CI]", ".2f"),
+    DIFF_TO_REFERENCE: (f"{DIFF_TO_REFERENCE} [95% CI]", ".2f"),
+    N_SCORED: (N_SCORED, "d"),
+    N_PAIRED: (N_PAIRED, "d"),
     "kv_ratio": ("KV ratio", ".3f"),
     "rows": ("rows", "d"),
     "nulls": ("nulls", "d"),
@@ -57,9 +61,17 @@ COLUMNS = {
     "decode_s": ("decode s", ".4f"),
     "decode_ms_per_token": ("decode ms/token", ".2f"),
     "kv_mib": ("KV MiB", ".2f"),
+    "kv_peak_mib": ("KV peak MiB", ".2f"),
     "kv_full_mib": ("full KV MiB", ".2f"),
+    "prefill_peak_mib": ("prefill peak MiB", ".1f"),
+    "decode_peak_mib": ("decode peak MiB", ".1f"),
     "peak_mib": ("peak memory MiB", ".1f"),
 }
+TEXT_COLUMNS = {"method_label": "method", "metric": "metric"}
+INTERVAL_NOTE = (
+    f"Every mean is shown as mean [lo, hi]: a {LEVEL:.0%} percentile bootstrap interval over {RESAMPLES} "
+    "resamples of the sample ids (drawn within each task, the same draws for every cell of a table, fixed seed)."
+)
 
 
 @dataclass(frozen=True)
@@ -102,16 +114,21 @@ def build_report(run: Run, plots_dir: Path) -> Report:
     sections = [
         Section(
             "Summary",
-            f"{MEAN_OVER_TASKS}: per-task mean scores averaged with equal weight within one metric (metrics "
-            f"are never averaged together); {MISSING} where a task has no scored row. KV ratio: mean stored "
-            "KV bytes / full-cache KV bytes. nulls: empty answers. refused: cells the method declined "
-            "(e.g. budget unreachable); they count here and are left out of every mean, never scored as zero. "
-            "Scores are higher-is-better except perplexity, where lower is better.",
-            _tables([("Summary per metric, method and budget", tables.summary(rows))]),
+            f"One line per metric, context length (lengths are never pooled), method and budget. {MEAN_OVER_TASKS}: "
+            "per-task mean scores averaged with equal weight within one metric (metrics are never averaged "
+            f"together); {MISSING} where a task has no scored row; {N_SCORED}: scored samples. {DIFF_TO_REFERENCE}: "
+            "the method's score minus full's, sample by sample over the samples both scored, averaged like the "
+            f"mean; {N_PAIRED}: those samples. {INTERVAL_NOTE} KV ratio: mean stored KV bytes / full-cache KV "
+            "bytes. nulls: empty answers. refused: cells the method declined (e.g. budget unreachable); they count "
+            "here and are left out of every mean and every pair, never scored as zero. Scores are "
+            "higher-is-better except perplexity, where lower is better (a positive difference there is a loss).",
+            _tables([("Summary per metric, length, method and budget", tables.summary(rows))]),
         ),
         Section(
             "Scores per task",
-            "Mean score per task over all lengths and samples; refused cells left out.",
+            "Mean score per task and context length over its samples, refused cells left out; n: scored samples "
+            f"over the line's tasks. {INTERVAL_NOTE} The plots show these intervals as error bars (a band for "
+            "full), with each method's points nudged sideways so coinciding lines stay apart.",
             _tables(
                 [
                     (f"Mean score — {tables.metric_label(metric)}", table)
@@ -126,20 +143,23 @@ def build_report(run: Run, plots_dir: Path) -> Report:
             "ROUGE-1/2/L F-measures (rouge-score, stemmed) and BERTScore F1 (bert-score on the packaged "
             "all-MiniLM-L6-v2, 6 layers, not rescaled) of generated text against the references, x100; "
             "perplexity of the reference tokens scored after the compressed context, where lower is better "
-            "(it is a cost, not an accuracy). Means over all tasks, lengths and samples reporting each metric.",
+            "(it is a cost, not an accuracy). Per context length, the mean over the tasks reporting each metric "
+            f"(equal weight per task). {INTERVAL_NOTE}",
             _tables([("Generation quality per method and budget", tables.quality_scores(rows))]),
             _pick(plots, "quality_vs_budget"),
         ),
         Section(
             "Score vs stored KV bytes",
-            "The quality a method keeps for the memory it actually used (its achieved, not requested, budget).",
+            "The quality a method keeps for the memory it actually used (its achieved, not requested, budget), "
+            "per metric and context length, with the summary's 95% intervals as error bars.",
             plots=_pick(plots, "score_vs_kv_bytes"),
         ),
         Section(
             "Latency and memory",
             "Medians of per-row timings (seconds) per length, method and budget; decode ms/token = decode s / "
-            "new tokens. KV MiB are means of stored bytes; peak memory is the device peak (maximum over rows), "
-            f"{MISSING} where the device does not track it.",
+            "new tokens. KV MiB: mean stored bytes after compression; KV peak MiB: mean over rows of the most the "
+            "cache held while decoding. Device peaks (prefill, decode; maximum over rows) are shown where the "
+            f"device tracks them, {MISSING} for rows without one.",
             _tables([("Latency and memory", tables.latency(rows))]),
         ),
         Section(
@@ -200,12 +220,25 @@ def _format(caption: str, frame: pd.DataFrame) -> Table:
     numeric = set()
     for column in frame.columns:
         name, spec = COLUMNS.get(column, (column, ".2f" if pd.api.types.is_float_dtype(frame[column]) else "d"))
-        if column in ("method", "metric"):
-            formatted[column] = frame[column].astype(str)
+        if column in TEXT_COLUMNS:
+            formatted[TEXT_COLUMNS[column]] = frame[column].astype(str)
             continue
-        formatted[name] = [_cell(value, spec) for value in frame[column]]
+        if column.endswith((LO, HI)) and column[: -len(LO)] in frame.columns:
+            continue
+        if column + LO in frame.columns and column + HI in frame.columns:
+            bounds = zip(frame[column], frame[column + LO], frame[column + HI])
+            formatted[name] = [_with_interval(mean, lo, hi, spec) for mean, lo, hi in bounds]
+        else:
+            formatted[name] = [_cell(value, spec) for value in frame[column]]
         numeric.add(name)
     return Table(caption, formatted, frozenset(numeric))
+
+
+def _with_interval(mean: Any, lo: Any, hi: Any, spec: str) -> str:
+    """`mean [lo, hi]`, or the mean alone where no interval exists (one scored sample gives [m, m], not none)."""
+    if _cell(mean, spec) == MISSING or _cell(lo, spec) == MISSING:
+        return _cell(mean, spec)
+    return f"{_cell(mean, spec)} [{_cell(lo, spec)}, {_cell(hi, spec)}]"
 
 
 def _metadata(run: Run) -> Table:
@@ -238,6 +271,10 @@ def _visible(text: str) -> str:
     return _CONTROL.sub(lambda match: chr(0x2400 + ord(match.group())), text)
 
 
+def _reason(error: Any) -> str:
+    return error if isinstance(error, str) and error else "no score"
+
+
 def _format_samples(samples: pd.DataFrame) -> pd.DataFrame:
     """Refused cells show the method's reason in place of an answer, and no score."""
     refused = samples["refused"]
@@ -246,12 +283,12 @@ def _format_samples(samples: pd.DataFrame) -> pd.DataFrame:
             "task": samples["task"].astype(str),
             "length": [_cell(value, "d") for value in samples["length"]],
             "sample": [_cell(value, "d") for value in samples["sample_id"]],
-            "method": samples["method"].astype(str),
+            "method": samples["method_label"].astype(str),
             "budget": [_cell(value, "g") for value in samples["budget"]],
             "metric": samples["metric"].astype(str),
             "score": ["refused" if no else _cell(value, ".2f") for no, value in zip(refused, samples["score"])],
             "output": [
-                _visible(f"refused: {error}" if no else (output if isinstance(output, str) else ""))
+                _visible(f"refused: {_reason(error)}" if no else (output if isinstance(output, str) else ""))
                 for no, error, output in zip(refused, samples["error"], samples["output"])
             ],
             "references": [_visible(_text(refs)) if isinstance(refs, list) else "" for refs in samples["references"]],

@@ -17,13 +17,21 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from kvbench.reports import tables
-from kvbench.reports.tables import MEAN_OVER_TASKS, REFERENCE_METHOD
+from kvbench.reports.tables import MEAN_OVER_TASKS
 
 DPI = 110
 STYLE = "whitegrid"
 REFERENCE_LINE = {"color": "black", "linestyle": "--"}
+REFERENCE_BAND = {"color": "black", "alpha": 0.08, "linewidth": 0}
 REFERENCE_POINT = {"color": "black", "marker": "*", "markersize": 12, "linestyle": "none"}
+# Filled markers that stay distinct at small sizes; the reference has its own style.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "8")
+# Sideways nudge between neighbouring methods, as a fraction of a panel's x span, so lines that coincide
+# (e.g. every method at 0 on a hard task) stay apart and their error bars readable.
+DODGE = 0.018
+ERROR_BAR = {"capsize": 2.5, "elinewidth": 0.9, "markersize": 5}
 DECILE_LABELS = [f"{10 * decile}–{10 * decile + 10}" for decile in range(10)]
+SCORE, SCORE_LO, SCORE_HI = tables.interval_columns("score")
 
 
 @dataclass(frozen=True)
@@ -35,25 +43,42 @@ class Plot:
     path: Path
 
 
-def method_colors(methods: list[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per method, shared by every plot; the reference is black. tab10 reads best but
-    repeats after ten colours, so larger sweeps get evenly spaced hues."""
-    others = [name for name in tables.method_order(methods) if name != REFERENCE_METHOD]
+@dataclass(frozen=True)
+class Styles:
+    """One colour and marker per method label, shared by every plot; the reference is black."""
+
+    colors: dict[str, tuple[float, float, float]]
+    markers: dict[str, str]
+
+    def line(self, label: str) -> dict:
+        return {"color": self.colors[label], "marker": self.markers[label]}
+
+
+def method_colors(labels: list[str]) -> dict[str, tuple[float, float, float]]:
+    """One colour per method label; the reference is black. tab10 reads best but repeats after ten
+    colours, so larger sweeps get evenly spaced hues."""
+    others = [name for name in tables.method_order(labels) if not tables.is_reference(name)]
     palette = "tab10" if len(others) <= 10 else "husl"
     colors = dict(zip(others, sns.color_palette(palette, max(len(others), 1))))
-    colors[REFERENCE_METHOD] = (0.0, 0.0, 0.0)
+    colors.update({name: (0.0, 0.0, 0.0) for name in labels if tables.is_reference(name)})
     return colors
+
+
+def method_styles(labels: list[str]) -> Styles:
+    """Colours and markers by label, so two configurations of one method are two distinguishable lines."""
+    ordered = tables.method_order(labels)
+    markers = {name: MARKERS[rank % len(MARKERS)] for rank, name in enumerate(ordered)}
+    return Styles(colors=method_colors(ordered), markers=markers)
 
 
 def draw_all(rows: pd.DataFrame, plots_dir: Path) -> list[Plot]:
     """Every plot the run's rows support, written under `plots_dir`."""
     plots_dir.mkdir(parents=True, exist_ok=True)
-    colors = method_colors(list(rows["method"]))
-    scored = rows[~rows["refused"]]
+    styles = method_styles(list(rows["method_label"]))
     plots = [
-        score_vs_budget(scored, colors, plots_dir / "score_vs_budget.png"),
-        quality_vs_budget(scored, colors, plots_dir / "quality_vs_budget.png"),
-        score_vs_kv_bytes(rows, colors, plots_dir / "score_vs_kv_bytes.png"),
+        score_vs_budget(rows, styles, plots_dir / "score_vs_budget.png"),
+        quality_vs_budget(rows, styles, plots_dir / "quality_vs_budget.png"),
+        score_vs_kv_bytes(rows, styles, plots_dir / "score_vs_kv_bytes.png"),
     ]
     needles = tables.needle_depths(rows)
     for metric, group in needles.groupby("metric", sort=True):
@@ -73,100 +98,120 @@ def _figure(panels: int, max_cols: int, width: float, height: float) -> tuple[Fi
     return figure, axes[:panels]
 
 
-def _legend(figure: Figure, methods: list[str], colors: dict, reference: dict) -> None:
+def _legend(figure: Figure, labels: list[str], styles: Styles, reference: dict) -> None:
     """One legend for all panels; `reference` styles the `full` entry like its panels draw it."""
     handles = [
         Line2D([], [], label=name, **reference)
-        if name == REFERENCE_METHOD
-        else Line2D([], [], color=colors[name], marker="o", label=name)
-        for name in methods
+        if tables.is_reference(name)
+        else Line2D([], [], label=name, **styles.line(name))
+        for name in labels
     ]
     figure.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), frameon=False)
 
 
 def _score_limits(axes, values: pd.Series, metric: str) -> None:
     """Fix the axis to 0–100 for percentage scores, so panels compare at a glance (perplexity is no percentage)."""
-    if metric not in tables.LOWER_IS_BETTER and values.between(0, 100).all():
+    if metric not in tables.LOWER_IS_BETTER and values.dropna().between(0, 100).all():
         axes.set_ylim(-3, 103)
 
 
-def _budget_panel(ax, means: pd.DataFrame, colors: dict, metric: str, title: str) -> None:
-    """Mean score against budget, one line per compressed method; `full` is a horizontal reference line."""
-    compressed = means[means["method"] != REFERENCE_METHOD]
-    if not compressed.empty:
-        sns.lineplot(
-            data=compressed,
-            x="budget",
-            y="score",
-            hue="method",
-            palette={name: colors[name] for name in compressed["method"].unique()},
-            marker="o",
-            errorbar=None,
-            legend=False,
-            ax=ax,
+def _dodge(labels: list[str], xs: pd.Series) -> dict[str, float]:
+    """Each compressed method's sideways offset: centred on the true budget, a fixed share of the x span apart."""
+    span = float(xs.max() - xs.min()) if len(xs) else 0.0
+    step = DODGE * (span if span > 0 else 1.0)
+    return {name: (rank - (len(labels) - 1) / 2) * step for rank, name in enumerate(labels)}
+
+
+def _error_bars(ax, points: pd.DataFrame, x: str, y: str, style: dict, offset: float = 0.0) -> None:
+    """A line through the means with each point's interval as a vertical bar; points without one get none."""
+    points = points.sort_values(x)
+    below = (points[y] - points[y + tables.LO]).clip(lower=0).fillna(0)
+    above = (points[y + tables.HI] - points[y]).clip(lower=0).fillna(0)
+    ax.errorbar(points[x] + offset, points[y], yerr=[below, above], **{**ERROR_BAR, **style})
+
+
+def _budget_panel(ax, means: pd.DataFrame, styles: Styles, metric: str, title: str) -> None:
+    """Mean score against budget with intervals, one line per compressed configuration; `full` is a
+    horizontal reference line inside its interval band."""
+    compressed = means[~means["method_label"].map(tables.is_reference)]
+    labels = tables.method_order(compressed["method_label"])
+    offsets = _dodge(labels, compressed["budget"])
+    for name in labels:
+        _error_bars(
+            ax, compressed[compressed["method_label"] == name], "budget", SCORE, styles.line(name), offsets[name]
         )
-    for score in means.loc[means["method"] == REFERENCE_METHOD, "score"]:
-        ax.axhline(score, linewidth=1.2, **REFERENCE_LINE)
-    _score_limits(ax, means["score"], metric)
+    for _, point in means[means["method_label"].map(tables.is_reference)].iterrows():
+        ax.axhline(point[SCORE], linewidth=1.2, **REFERENCE_LINE)
+        if pd.notna(point[SCORE_LO]):
+            ax.axhspan(point[SCORE_LO], point[SCORE_HI], **REFERENCE_BAND)
+    _score_limits(ax, means[[SCORE, SCORE_LO, SCORE_HI]].stack(), metric)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("budget (fraction of full KV)")
     ax.set_ylabel("mean score")
 
 
-def score_vs_budget(scored: pd.DataFrame, colors: dict, path: Path) -> Plot | None:
-    """Mean score against budget, one panel per (task, metric): a task may report several metrics."""
-    if scored.empty:
+def score_vs_budget(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | None:
+    """Mean score against budget, one panel per (task, metric, length): a task may report several metrics,
+    and lengths are never pooled."""
+    means = tables.task_intervals(rows).dropna(subset=[SCORE])
+    if means.empty:
         return None
-    means = scored.groupby(["task", "metric", "method", "budget"])["score"].mean().reset_index()
-    panels = sorted(means.groupby(["task", "metric"]).groups)
+    panels = sorted(means.groupby(["task", "metric", "length"]).groups)
     figure, axes = _figure(len(panels), 3, 4.2, 3.1)
-    for ax, (task, metric) in zip(axes, panels):
-        panel = means[(means["task"] == task) & (means["metric"] == metric)]
-        _budget_panel(ax, panel, colors, metric, f"{task} ({tables.metric_label(metric)})")
-    _legend(figure, tables.method_order(means["method"]), colors, REFERENCE_LINE)
+    for ax, (task, metric, length) in zip(axes, panels):
+        panel = means[(means["task"] == task) & (means["metric"] == metric) & (means["length"] == length)]
+        _budget_panel(ax, panel, styles, metric, f"{task} @ {length:g} tokens ({tables.metric_label(metric)})")
+    _legend(figure, tables.method_order(means["method_label"]), styles, REFERENCE_LINE)
     figure.savefig(path)
     return Plot(
         title="Score vs budget",
-        caption="Mean score per task and metric at each budget; the dashed line is the uncompressed full cache.",
+        caption="Mean score per task, metric and context length at each budget, with 95% bootstrap intervals as "
+        "error bars; methods are nudged sideways so coinciding lines stay apart. The dashed line and grey band "
+        "are the uncompressed full cache and its interval.",
         path=path,
     )
 
 
-def quality_vs_budget(scored: pd.DataFrame, colors: dict, path: Path) -> Plot | None:
-    """One panel per generation-quality metric (ROUGE, BERTScore, perplexity), over every task reporting it."""
-    quality = scored[scored["metric"].isin(tables.QUALITY_METRICS)]
+def quality_vs_budget(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | None:
+    """One panel per generation-quality metric (ROUGE, BERTScore, perplexity) and length, over every task reporting it."""
+    quality = tables.summary(rows[rows["metric"].isin(tables.QUALITY_METRICS)])
     if quality.empty:
         return None
-    means = quality.groupby(["metric", "method", "budget"])["score"].mean().reset_index()
-    metrics = [metric for metric in tables.QUALITY_METRICS if metric in set(means["metric"])]
-    figure, axes = _figure(len(metrics), 3, 4.2, 3.1)
-    for ax, metric in zip(axes, metrics):
-        _budget_panel(ax, means[means["metric"] == metric], colors, metric, tables.metric_label(metric))
+    means = quality.rename(columns=dict(zip(tables.interval_columns(MEAN_OVER_TASKS), (SCORE, SCORE_LO, SCORE_HI))))
+    means = means.dropna(subset=[SCORE])
+    order = {metric: rank for rank, metric in enumerate(tables.QUALITY_METRICS)}
+    panels = sorted(means.groupby(["metric", "length"]).groups, key=lambda key: (order[key[0]], key[1]))
+    if not panels:
+        return None
+    figure, axes = _figure(len(panels), 3, 4.2, 3.1)
+    for ax, (metric, length) in zip(axes, panels):
+        panel = means[(means["metric"] == metric) & (means["length"] == length)]
+        _budget_panel(ax, panel, styles, metric, f"{tables.metric_label(metric)} @ {length:g} tokens")
         if metric in tables.LOWER_IS_BETTER:
             ax.set_ylabel("mean (lower is better)")
-    _legend(figure, tables.method_order(means["method"]), colors, REFERENCE_LINE)
+    _legend(figure, tables.method_order(means["method_label"]), styles, REFERENCE_LINE)
     figure.savefig(path)
     return Plot(
         title="Generation quality vs budget",
-        caption="Mean of each quality metric at each budget (perplexity: lower is better); the dashed line is "
-        "the uncompressed full cache.",
+        caption="Mean of each quality metric per context length at each budget, with 95% bootstrap intervals "
+        "(perplexity: lower is better); the dashed line and grey band are the uncompressed full cache.",
         path=path,
     )
 
 
-def score_vs_kv_bytes(rows: pd.DataFrame, colors: dict, path: Path) -> Plot | None:
-    """The Pareto view: headline score against the KV bytes a method actually stored."""
+def score_vs_kv_bytes(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | None:
+    """The Pareto view: headline score against the KV bytes a method actually stored, per metric and length."""
     points = tables.pareto_points(rows)
     if points.empty:
         return None
-    metrics = sorted(points["metric"].unique())
-    figure, axes = _figure(len(metrics), 2, 5.5, 4.0)
-    for ax, metric in zip(axes, metrics):
-        metric_points = points[points["metric"] == metric]
-        for method in tables.method_order(metric_points["method"]):
-            series = metric_points[metric_points["method"] == method].sort_values("kv_mib")
-            style = REFERENCE_POINT if method == REFERENCE_METHOD else {"color": colors[method], "marker": "o"}
-            ax.plot(series["kv_mib"], series[MEAN_OVER_TASKS], **style)
+    panels = sorted(points.groupby(["metric", "length"]).groups)
+    figure, axes = _figure(len(panels), 2, 5.5, 4.0)
+    for ax, (metric, length) in zip(axes, panels):
+        panel = points[(points["metric"] == metric) & (points["length"] == length)]
+        for label in tables.method_order(panel["method_label"]):
+            series = panel[panel["method_label"] == label]
+            style = REFERENCE_POINT if tables.is_reference(label) else styles.line(label)
+            _error_bars(ax, series, "kv_mib", MEAN_OVER_TASKS, style)
             for _, point in series.iterrows():
                 ax.annotate(
                     f"{point['budget']:g}",
@@ -174,19 +219,20 @@ def score_vs_kv_bytes(rows: pd.DataFrame, colors: dict, path: Path) -> Plot | No
                     textcoords="offset points",
                     xytext=(4, 4),
                     fontsize=7,
-                    color=colors[method],
+                    color=styles.colors[label],
                 )
-        _score_limits(ax, metric_points[MEAN_OVER_TASKS], metric)
+        _score_limits(ax, panel[tables.interval_columns(MEAN_OVER_TASKS)].stack(), metric)
         ax.set_xlim(left=0)
-        ax.set_title(tables.metric_label(metric), fontsize=10)
+        ax.set_title(f"{tables.metric_label(metric)} @ {length:g} tokens", fontsize=10)
         ax.set_xlabel("mean stored KV cache (MiB)")
         ax.set_ylabel(MEAN_OVER_TASKS)
-    _legend(figure, tables.method_order(points["method"]), colors, REFERENCE_POINT)
+    _legend(figure, tables.method_order(points["method_label"]), styles, REFERENCE_POINT)
     figure.savefig(path)
     return Plot(
         title="Score vs stored KV bytes",
-        caption="Mean over tasks against mean stored KV cache per (method, budget), labelled with the budget; "
-        "up and to the left is better (down and to the left for perplexity). The star is the uncompressed full cache.",
+        caption="Mean over tasks against mean stored KV cache per (method, budget) and context length, labelled "
+        "with the budget, with 95% bootstrap intervals; up and to the left is better (down and to the left for "
+        "perplexity). The star is the uncompressed full cache.",
         path=path,
     )
 
@@ -194,18 +240,18 @@ def score_vs_kv_bytes(rows: pd.DataFrame, colors: dict, path: Path) -> Plot | No
 def needle_heatmaps(needles: pd.DataFrame, metric: str, path: Path) -> Plot:
     """Mean score by needle depth decile × context length: one panel per (method, budget).
 
-    One row of panels per method with budgets left to right, on one colour scale, so a method's
+    One row of panels per method label with budgets left to right, on one colour scale, so a method's
     blind spots (e.g. the middle of long contexts) line up with the others'.
     """
-    methods = tables.method_order(needles["method"])
-    budgets = {name: sorted(needles.loc[needles["method"] == name, "budget"].unique()) for name in methods}
+    methods = tables.method_order(needles["method_label"])
+    budgets = {name: sorted(needles.loc[needles["method_label"] == name, "budget"].unique()) for name in methods}
     cols = max(len(values) for values in budgets.values())
     lengths = sorted(needles["length"].unique())
     width = (0.55 * len(lengths) + 2.0) * cols + 1.0
     figure = Figure(figsize=(width, 3.0 * len(methods) + 0.3), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     grid = figure.subplots(len(methods), cols, squeeze=False)
-    means = needles.groupby(["method", "budget", "decile", "length"])["score"].mean()
+    means = needles.groupby(["method_label", "budget", "decile", "length"])["score"].mean()
     image = None
     for row, method in enumerate(methods):
         for col in range(cols):

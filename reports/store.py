@@ -34,6 +34,10 @@ OPTIONAL_COLUMNS = (
     "references",
     "depth",
     "peak_memory_bytes",
+    "kv_bytes_peak",
+    "prefill_peak_memory_bytes",
+    "decode_peak_memory_bytes",
+    "method_label",
     "error",
 )
 NUMERIC_COLUMNS = (
@@ -50,6 +54,9 @@ NUMERIC_COLUMNS = (
     "new_tokens",
     "depth",
     "peak_memory_bytes",
+    "kv_bytes_peak",
+    "prefill_peak_memory_bytes",
+    "decode_peak_memory_bytes",
 )
 
 
@@ -66,8 +73,10 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Load `run.json` and `results.jsonl`, adding the columns every report needs.
 
-    Added columns: `refused` (the method declined the cell; its score is not a zero), `null`
-    (an empty answer after the scorer's post-processing, tasks.md §11.4).
+    Added columns: `refused` (the method declined the cell, or the row has no score; either way it
+    is no zero and stays out of every mean and pairing), `null`
+    (an empty answer after the scorer's post-processing, tasks.md §11.4). `method_label` falls back
+    to `method` for stores written before rows carried it, so every report can group by it.
     """
     run_dir = Path(run_dir)
     meta = _read_meta(run_dir / "run.json")
@@ -81,7 +90,12 @@ def load_run(run_dir: str | Path) -> Run:
             rows[name] = None
     for name in NUMERIC_COLUMNS:
         rows[name] = pd.to_numeric(rows[name], errors="coerce")
-    rows["refused"] = rows["error"].map(lambda error: isinstance(error, str) and error != "").astype(bool)
+    rows["method_label"] = [
+        label if isinstance(label, str) and label else str(method)
+        for label, method in zip(rows["method_label"], rows["method"])
+    ]
+    declined = rows["error"].map(lambda error: isinstance(error, str) and error != "").astype(bool)
+    rows["refused"] = declined | rows["score"].isna()
     rows.loc[rows["refused"], "score"] = float("nan")
     rows["null"] = ~rows["refused"] & rows["output"].map(_is_empty).astype(bool)
     return Run(run_dir=run_dir, meta=meta, rows=rows, skipped_lines=skipped)

@@ -1,33 +1,50 @@
 """Aggregate tables over a run's rows, as numbers; formatting is the writers' business.
 
-Rules every table follows (tasks.md §11): refused cells are counted, never scored as zero;
-scores are grouped by metric and never averaged across metrics.
+Rules every table follows (tasks.md §11, DESIGN §5): refused cells are counted, never scored as zero;
+scores are grouped by metric and never averaged across metrics; lengths are never pooled into one mean;
+every mean carries its n and a 95% bootstrap interval, and comparisons with full are paired by sample.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
+from kvbench.reports import intervals
+
 MEAN_OVER_TASKS = "mean over tasks"
+DIFF_TO_REFERENCE = "Δ vs full"
+N_SCORED = "n"
+N_PAIRED = "n paired"
+# A mean's interval bounds sit in the columns named after it with these suffixes; writers show the three together.
+LO = ":lo"
+HI = ":hi"
 # Restated from kvbench.tasks (reports read only the store): metrics where lower is better, and the
 # generation-quality metrics that get their own report section.
 LOWER_IS_BETTER = frozenset({"perplexity"})
 QUALITY_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_f1", "perplexity")
 REFERENCE_METHOD = "full"
 MIB = 2**20
-CELL = ["method", "budget"]
+# A cell is one configuration at one budget: two configurations of one method are two cells.
+CELL = ["method_label", "budget"]
+# Within one (metric, length) a sample is (task, sample_id); lengths are never pooled.
+SAMPLE = ["task", "sample_id"]
 
 
-def method_order(methods: pd.Series | list[str]) -> list[str]:
+def is_reference(label: str) -> bool:
+    """Whether a method label names the uncompressed `full` cache (labels read `method[:option=value...]`)."""
+    return label.split(":", 1)[0] == REFERENCE_METHOD
+
+
+def method_order(labels: pd.Series | list[str]) -> list[str]:
     """`full` first as the reference, then alphabetical, so every table and plot lists methods alike."""
-    names = sorted(set(methods))
-    return sorted(names, key=lambda name: (name != REFERENCE_METHOD, name))
+    return sorted(set(labels), key=lambda label: (not is_reference(label), label))
 
 
 def sort_cells(frame: pd.DataFrame, leading: list[str] | None = None) -> pd.DataFrame:
-    """Sort by `leading` columns, then method (reference first) and budget."""
-    order = {name: rank for rank, name in enumerate(method_order(frame["method"]))}
-    ranked = frame.assign(_method_rank=frame["method"].map(order))
+    """Sort by `leading` columns, then method label (reference first) and budget."""
+    order = {name: rank for rank, name in enumerate(method_order(frame["method_label"]))}
+    ranked = frame.assign(_method_rank=frame["method_label"].map(order))
     ranked = ranked.sort_values([*(leading or []), "_method_rank", "budget"], kind="stable")
     return ranked.drop(columns="_method_rank").reset_index(drop=True)
 
@@ -37,45 +54,123 @@ def metric_label(metric: str) -> str:
     return f"{metric} (lower is better)" if metric in LOWER_IS_BETTER else metric
 
 
+def interval_columns(name: str) -> list[str]:
+    """A mean's column and its bounds' columns, in the order the tables keep them."""
+    return [name, name + LO, name + HI]
+
+
+def score_matrix(group: pd.DataFrame) -> pd.DataFrame:
+    """One (metric, length)'s scores as samples × cells; NaN where a cell refused or never ran a sample."""
+    return group.groupby([*SAMPLE, *CELL])["score"].mean().unstack(CELL)
+
+
+def _reference_cell(group: pd.DataFrame, cells: list[tuple]) -> tuple | None:
+    """The cell of the `full` rows (the first in method order if a store holds several)."""
+    labels = method_order(group.loc[group["method"] == REFERENCE_METHOD, "method_label"])
+    return next((cell for label in labels for cell in cells if cell[0] == label), None)
+
+
+def cell_intervals(group: pd.DataFrame) -> pd.DataFrame:
+    """Per cell of one (metric, length): mean over tasks with its interval and n, and its paired difference to full.
+
+    The difference is taken sample by sample over the samples both cells scored (a refusal on either side
+    drops the sample from the pair), averaged like the mean (per task, then over tasks), so a method is
+    judged against full on the same questions. All columns share one set of bootstrap draws.
+    """
+    matrix = score_matrix(group)
+    cells = list(matrix.columns)
+    values = matrix.to_numpy(dtype=float)
+    reference = _reference_cell(group, cells)
+    diffs = values - values[:, [cells.index(reference)]] if reference is not None else np.empty((len(values), 0))
+    estimate = intervals.bootstrap(np.hstack([values, diffs]), matrix.index.get_level_values("task").to_numpy())
+    frame = pd.DataFrame(cells, columns=CELL)
+    count = len(cells)
+    for name, part in ((MEAN_OVER_TASKS, slice(0, count)), (DIFF_TO_REFERENCE, slice(count, None))):
+        frame = frame.assign(**_estimate_columns(name, estimate, part, count))
+    frame[N_SCORED] = estimate.n[:count].astype(float)
+    frame[N_PAIRED] = estimate.n[count:].astype(float) if reference is not None else np.nan
+    if reference is not None:
+        is_ref = [cell == reference for cell in cells]
+        frame.loc[is_ref, [*interval_columns(DIFF_TO_REFERENCE), N_PAIRED]] = np.nan
+    return frame
+
+
+def _estimate_columns(name: str, estimate: intervals.Estimate, part: slice, count: int) -> dict[str, np.ndarray]:
+    """The mean and bounds of one slice of the bootstrapped columns; all missing when the slice is empty."""
+    arrays = (estimate.mean[part], estimate.lo[part], estimate.hi[part])
+    return {
+        column: array if len(array) == count else np.full(count, np.nan)
+        for column, array in zip(interval_columns(name), arrays)
+    }
+
+
+def task_intervals(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (metric, length, task, cell): mean score, its interval over that task's samples, and n."""
+    parts = []
+    for (metric, length, task), group in rows.groupby(["metric", "length", "task"], sort=True):
+        estimate = cell_intervals(group)
+        parts.append(
+            estimate[[*CELL, *interval_columns(MEAN_OVER_TASKS), N_SCORED]].assign(
+                metric=metric, length=length, task=task
+            )
+        )
+    if not parts:
+        return pd.DataFrame(columns=["metric", "length", "task", *CELL, *interval_columns("score"), N_SCORED])
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.rename(columns=dict(zip(interval_columns(MEAN_OVER_TASKS), interval_columns("score"))))
+
+
 def quality_scores(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean of each generation-quality metric per (method, budget), one column per metric, refused rows left out."""
-    quality = rows[rows["metric"].isin(QUALITY_METRICS) & ~rows["refused"]]
+    """Per (length, cell), each generation-quality metric's mean over tasks and its interval, one metric per column."""
+    quality = summary(rows[rows["metric"].isin(QUALITY_METRICS)])
     if quality.empty:
         return pd.DataFrame()
-    wide = quality.groupby([*CELL, "metric"])["score"].mean().unstack("metric")
-    wide = wide.reindex(columns=[metric for metric in QUALITY_METRICS if metric in wide.columns])
-    return sort_cells(wide.rename(columns=metric_label).reset_index())
+    wide = quality.set_index(["length", *CELL, "metric"])[interval_columns(MEAN_OVER_TASKS)].unstack("metric")
+    metrics = [metric for metric in QUALITY_METRICS if metric in set(quality["metric"])]
+    wide.columns = [metric_label(metric) + part[len(MEAN_OVER_TASKS) :] for part, metric in wide.columns]
+    ordered = [column for metric in metrics for column in interval_columns(metric_label(metric))]
+    return sort_cells(wide[ordered].reset_index(), leading=["length"])
 
 
 def task_scores(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per metric: mean score per (method, budget) and task, plus the mean over that metric's tasks.
+    """Per metric: mean score with its interval per (length, cell) and task, plus the mean over that metric's tasks.
 
     The mean over tasks weighs tasks equally (RULER's convention) and is missing when any task
     has no scored row, since a mean over fewer tasks would not compare with the other methods'.
     """
+    per_task = task_intervals(rows)
+    overall = summary(rows)
     tables: dict[str, pd.DataFrame] = {}
-    for metric, group in rows.groupby("metric", sort=True):
-        wide = group.groupby([*CELL, "task"])["score"].mean().unstack("task")
-        wide = wide.reindex(columns=sorted(wide.columns))
-        wide[MEAN_OVER_TASKS] = wide.mean(axis=1, skipna=False)
-        tables[str(metric)] = sort_cells(wide.reset_index())
+    for metric, group in per_task.groupby("metric", sort=True):
+        tasks = sorted(group["task"].unique())
+        wide = group.set_index(["length", *CELL, "task"])[interval_columns("score")].unstack("task")
+        wide.columns = [task + part[len("score") :] for part, task in wide.columns]
+        wide = wide[[column for task in tasks for column in interval_columns(task)]].reset_index()
+        means = overall.loc[
+            overall["metric"] == metric, ["length", *CELL, *interval_columns(MEAN_OVER_TASKS), N_SCORED]
+        ]
+        tables[str(metric)] = sort_cells(wide.merge(means, on=["length", *CELL], how="left"), leading=["length"])
     return tables
 
 
 def task_nulls(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per metric: count of empty answers per (method, budget) and task (tasks.md §11.4)."""
+    """Per metric: count of empty answers per (length, cell) and task (tasks.md §11.4)."""
     tables: dict[str, pd.DataFrame] = {}
     for metric, group in rows.groupby("metric", sort=True):
-        wide = group.groupby([*CELL, "task"])["null"].sum().unstack("task", fill_value=0).astype(int)
-        tables[str(metric)] = sort_cells(wide.reindex(columns=sorted(wide.columns)).reset_index())
+        wide = group.groupby(["length", *CELL, "task"])["null"].sum().unstack("task", fill_value=0).astype(int)
+        tables[str(metric)] = sort_cells(wide.reindex(columns=sorted(wide.columns)).reset_index(), leading=["length"])
     return tables
 
 
 def summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per (metric, method, budget): headline score, achieved KV ratio and row accounting."""
+    """One line per (metric, length, cell): headline score with its interval and n, the paired difference
+    to full with its interval and n, achieved KV ratio and row accounting."""
+    if rows.empty:
+        return pd.DataFrame()
+    keys = ["metric", "length", *CELL]
     counts = (
         rows.assign(kv_ratio=rows["kv_ratio"].where(~rows["refused"]))
-        .groupby(["metric", *CELL])
+        .groupby(keys)
         .agg(
             kv_ratio=("kv_ratio", "mean"),
             rows=("task", "size"),
@@ -85,33 +180,49 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     means = pd.concat(
-        [table[[*CELL, MEAN_OVER_TASKS]].assign(metric=metric) for metric, table in task_scores(rows).items()]
+        [
+            cell_intervals(group).assign(metric=metric, length=length)
+            for (metric, length), group in rows.groupby(["metric", "length"], sort=True)
+        ]
     )
-    table = counts.merge(means, on=["metric", *CELL], how="left")
-    table = table[["metric", *CELL, MEAN_OVER_TASKS, "kv_ratio", "rows", "nulls", "refused"]]
-    return sort_cells(table, leading=["metric"])
+    table = counts.merge(means, on=keys, how="left")
+    headline = [*interval_columns(MEAN_OVER_TASKS), N_SCORED, *interval_columns(DIFF_TO_REFERENCE), N_PAIRED]
+    table = table[[*keys, *headline, "kv_ratio", "rows", "nulls", "refused"]]
+    return sort_cells(table, leading=["metric", "length"])
 
 
 def pareto_points(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (metric, method, budget): mean stored KV MiB against the summary's headline score."""
-    kv = rows[~rows["refused"]].groupby(["metric", *CELL])["kv_bytes"].mean().div(MIB).rename("kv_mib").reset_index()
-    points = summary(rows)[["metric", *CELL, MEAN_OVER_TASKS]].merge(kv, on=["metric", *CELL], how="left")
+    """Per (metric, length, cell): mean stored KV MiB against the summary's headline score and its interval."""
+    keys = ["metric", "length", *CELL]
+    kv = rows[~rows["refused"]].groupby(keys)["kv_bytes"].mean().div(MIB).rename("kv_mib").reset_index()
+    points = summary(rows)
+    if points.empty:
+        return points
+    points = points[[*keys, *interval_columns(MEAN_OVER_TASKS)]].merge(kv, on=keys, how="left")
     return points.dropna(subset=["kv_mib", MEAN_OVER_TASKS])
 
 
 def latency(rows: pd.DataFrame) -> pd.DataFrame:
-    """Medians of timings and KV sizes per (length, method, budget).
+    """Medians of timings and means of KV sizes per (length, cell), with the device peaks where tracked.
 
     Split by length because prefill and decode cost grow with context: a median across lengths
-    would compare nothing. Peak memory is the maximum, being a peak; it is missing on CPU. Cells
-    whose rows carry no measurements at all (e.g. lm-eval scores) are left out.
+    would compare nothing. Device peaks are maxima, being peaks; they are missing on CPU, and a
+    memory column no row fills (old stores, CPU runs) is left out. Cells whose rows carry no
+    measurements at all (e.g. lm-eval scores) are left out.
     """
     scored = rows[~rows["refused"]].copy()
     tokens = scored["new_tokens"].where(scored["new_tokens"] > 0)
     scored["decode_ms_per_token"] = 1000 * scored["decode_s"] / tokens
-    scored["kv_mib"] = scored["kv_bytes"] / MIB
-    scored["kv_full_mib"] = scored["kv_bytes_full"] / MIB
-    scored["peak_mib"] = scored["peak_memory_bytes"] / MIB
+    mib = {
+        "kv_mib": "kv_bytes",
+        "kv_peak_mib": "kv_bytes_peak",
+        "kv_full_mib": "kv_bytes_full",
+        "prefill_peak_mib": "prefill_peak_memory_bytes",
+        "decode_peak_mib": "decode_peak_memory_bytes",
+        "peak_mib": "peak_memory_bytes",
+    }
+    for name, source in mib.items():
+        scored[name] = scored[source] / MIB
     table = (
         scored.groupby(["length", *CELL])
         .agg(
@@ -120,12 +231,17 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
             decode_s=("decode_s", "median"),
             decode_ms_per_token=("decode_ms_per_token", "median"),
             kv_mib=("kv_mib", "mean"),
+            kv_peak_mib=("kv_peak_mib", "mean"),
             kv_full_mib=("kv_full_mib", "mean"),
+            prefill_peak_mib=("prefill_peak_mib", "max"),
+            decode_peak_mib=("decode_peak_mib", "max"),
             peak_mib=("peak_mib", "max"),
         )
         .reset_index()
-        .dropna(how="all", subset=["prefill_s", "compress_s", "decode_s", "kv_mib", "kv_full_mib", "peak_mib"])
+        .dropna(how="all", subset=["prefill_s", "compress_s", "decode_s", *mib])
     )
+    optional = ["kv_peak_mib", "prefill_peak_mib", "decode_peak_mib", "peak_mib"]
+    table = table.drop(columns=[name for name in optional if table[name].isna().all()])
     return sort_cells(table, leading=["length"])
 
 
@@ -144,6 +260,7 @@ def needle_depths(rows: pd.DataFrame) -> pd.DataFrame:
 def sample_outputs(rows: pd.DataFrame) -> pd.DataFrame:
     """Every row's answer next to its references, ordered so one sample's methods sit together."""
     columns = [
-        "task", "length", "sample_id", "method", "budget", "metric", "score", "refused", "error", "output", "references",
+        "task", "length", "sample_id", "method", "method_label", "budget", "metric", "score", "refused", "error",
+        "output", "references",
     ]  # fmt: skip
     return sort_cells(rows[columns], leading=["task", "length", "sample_id"])

@@ -107,6 +107,15 @@ def rendered(tmp_path_factory):
     return run_dir, pd.DataFrame(rows), markdown, page
 
 
+SUMMARY = "Summary per metric, length, method and budget"
+MEAN = "mean over tasks [95% CI]"
+
+
+def mean_of(cell: str) -> str:
+    """The mean of a `mean [lo, hi]` cell."""
+    return cell.split(" [", 1)[0]
+
+
 def markdown_table(text: str, caption: str) -> pd.DataFrame:
     """The Markdown table that follows the bold `caption` line, as strings."""
     lines = text.split(f"**{caption}**\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
@@ -125,22 +134,34 @@ def test_render_writes_both_files_and_linked_plots(rendered):
 
 def test_summary_numbers_match_pandas(rendered):
     _, rows, markdown, _ = rendered
-    summary = markdown_table(markdown.read_text(), "Summary per metric, method and budget")
+    summary = markdown_table(markdown.read_text(), SUMMARY)
     scored = rows[rows["score"].notna()]
-    for metric, method, budget in [("string_match_all", "snapkv", 0.25), ("passkey_exact", "streamingllm", 0.5)]:
-        cell = scored[(scored["metric"] == metric) & (scored["method"] == method) & (scored["budget"] == budget)]
+    for metric, length, method, budget in [
+        ("string_match_all", 1024, "snapkv", 0.25),
+        ("passkey_exact", 2048, "streamingllm", 0.5),
+    ]:
+        cell = scored[
+            (scored["metric"] == metric)
+            & (scored["length"] == length)
+            & (scored["method"] == method)
+            & (scored["budget"] == budget)
+        ]
         line = summary[
-            (summary["metric"] == metric) & (summary["method"] == method) & (summary["budget"] == f"{budget:g}")
+            (summary["metric"] == metric)
+            & (summary["length"] == str(length))
+            & (summary["method"] == method)
+            & (summary["budget"] == f"{budget:g}")
         ]
         assert len(line) == 1
-        assert line["mean over tasks"].item() == f"{cell.groupby('task')['score'].mean().mean():.2f}"
+        assert mean_of(line[MEAN].item()) == f"{cell.groupby('task')['score'].mean().mean():.2f}"
+        assert re.fullmatch(r"-?\d+\.\d\d \[-?\d+\.\d\d, -?\d+\.\d\d\]", line[MEAN].item())
         assert line["KV ratio"].item() == f"{cell['kv_ratio'].mean():.3f}"
-        assert line["rows"].item() == str(len(cell))
+        assert line["rows"].item() == line["n"].item() == str(len(cell))
 
 
 def test_metrics_are_never_averaged_together(rendered):
     _, _, markdown, _ = rendered
-    summary = markdown_table(markdown.read_text(), "Summary per metric, method and budget")
+    summary = markdown_table(markdown.read_text(), SUMMARY)
     assert set(summary["metric"]) == {"string_match_all", "passkey_exact"}
     passkey = markdown_table(markdown.read_text(), "Mean score — passkey_exact")
     assert "vt" not in passkey.columns and "passkey" in passkey.columns
@@ -148,24 +169,34 @@ def test_metrics_are_never_averaged_together(rendered):
 
 def test_refused_rows_are_counted_not_scored_as_zero(rendered):
     _, rows, markdown, page = rendered
-    summary = markdown_table(markdown.read_text(), "Summary per metric, method and budget")
+    summary = markdown_table(markdown.read_text(), SUMMARY)
     line = summary[
-        (summary["metric"] == "passkey_exact") & (summary["method"] == "streamingllm") & (summary["budget"] == "0.1")
+        (summary["metric"] == "passkey_exact")
+        & (summary["length"] == "1024")
+        & (summary["method"] == "streamingllm")
+        & (summary["budget"] == "0.1")
     ]
-    cell = rows[(rows["task"] == "passkey") & (rows["method"] == "streamingllm") & (rows["budget"] == 0.1)]
+    cell = rows[
+        (rows["task"] == "passkey")
+        & (rows["length"] == 1024)
+        & (rows["method"] == "streamingllm")
+        & (rows["budget"] == 0.1)
+    ]
     assert line["refused"].item() == "1"
     assert line["rows"].item() == str(len(cell))
-    assert line["mean over tasks"].item() == f"{cell['score'].mean():.2f}"
-    assert line["mean over tasks"].item() != f"{cell['score'].fillna(0).mean():.2f}"
+    assert line["n"].item() == line["n paired"].item() == str(len(cell) - 1)
+    assert mean_of(line[MEAN].item()) == f"{cell['score'].mean():.2f}"
+    assert mean_of(line[MEAN].item()) != f"{cell['score'].fillna(0).mean():.2f}"
     assert REFUSAL in page.read_text()
 
 
 def test_empty_answers_are_nulls(rendered):
     _, _, markdown, _ = rendered
-    summary = markdown_table(markdown.read_text(), "Summary per metric, method and budget")
-    nulls = dict(zip(summary["method"] + "@" + summary["budget"] + "/" + summary["metric"], summary["nulls"]))
-    assert nulls["snapkv@0.1/string_match_all"] == "1"
-    assert nulls["streamingllm@0.1/passkey_exact"] == "0"
+    summary = markdown_table(markdown.read_text(), SUMMARY)
+    keys = summary["method"] + "@" + summary["budget"] + "/" + summary["metric"] + "/" + summary["length"]
+    nulls = dict(zip(keys, summary["nulls"]))
+    assert nulls["snapkv@0.1/string_match_all/1024"] == "1"
+    assert nulls["streamingllm@0.1/passkey_exact/1024"] == "0"
     assert sum(map(int, nulls.values())) == 1
 
 
@@ -217,9 +248,10 @@ def test_fully_refused_task_leaves_mean_over_tasks_missing(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     markdown, _ = render_report(tmp_path)
     table = markdown_table(markdown.read_text(), "Mean score — string_match_all")
-    line = table[(table["method"] == "streamingllm") & (table["budget"] == "0.1")]
-    assert line["vt"].item() == line["mean over tasks"].item() == "—"
-    assert line["niah_single_1"].item() != "—"
+    lines = table[(table["method"] == "streamingllm") & (table["budget"] == "0.1")]
+    assert list(lines["length"]) == [str(length) for length in LENGTHS]
+    assert (lines["vt"] == "—").all() and (lines[MEAN] == "—").all()
+    assert (lines["niah_single_1"] != "—").all()
 
 
 def test_rows_without_generation_fields_render(tmp_path):
@@ -240,8 +272,9 @@ def test_rows_without_generation_fields_render(tmp_path):
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     (tmp_path / "run.json").write_text(json.dumps({"model": "tiny", "finished_at": "2025-01-01T00:00:00"}))
     markdown, _ = render_report(tmp_path)
-    summary = markdown_table(markdown.read_text(), "Summary per metric, method and budget")
-    assert list(summary["mean over tasks"]) == ["11.00", "11.00"]
+    summary = markdown_table(markdown.read_text(), SUMMARY)
+    assert list(summary[MEAN]) == ["11.00 [10.00, 12.00]", "11.00 [10.00, 12.00]"]
+    assert list(summary["Δ vs full [95% CI]"]) == ["—", "0.00 [0.00, 0.00]"]
     assert list(summary["nulls"]) == ["0", "0"]
     assert "## Latency and memory" not in markdown.read_text()
 
