@@ -7,6 +7,8 @@ is ever expanded to query heads.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,17 @@ def tokens_for_budget(context_length: int, budget: float) -> int:
     if n_kept < 1:
         raise BudgetError(f"budget {budget:g} keeps no token of a {context_length}-token context; raise the budget")
     return n_kept
+
+
+def lowest_budget(tokens: int, context_length: int) -> float:
+    """The smallest budget in steps of 0.001 whose ⌊b·N⌋ holds `tokens` tokens (1 where only the whole context
+    does): the figure a refusal names, checked with the same floor the methods apply."""
+    if tokens >= context_length:
+        return 1.0
+    steps = math.ceil(tokens / context_length * 1000)
+    while math.floor(steps / 1000 * context_length) < tokens:
+        steps += 1
+    return steps / 1000
 
 
 def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -20,13 +20,14 @@ from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.errors import BudgetError, check_budget
 from kvbench.harness.models import head_dim
 from kvbench.harness.prefill import Observation, ObservationNeeds, streaming_prefill
-from kvbench.harness.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.prefix import Prefixes, TokenPrefix
 from kvbench.methods._eviction import group_mean, tokens_for_budget
 from kvbench.methods._kmeans import CENTROID_RULES, merge
 from kvbench.methods._query_log import QueryLog
 from kvbench.methods.base import Method, register
 
 SCOPES = ("shared", "per_layer_head")
+COUNT_DTYPE = torch.int32  # tokens a merged entry stands for: at most the context plus the answer
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,13 @@ class AttentionClusteringConfig:
 
     Paper defaults: prune every P = 512 tokens (`pruning_interval`), importance from the last Δ = 256
     queries (`lookback_window`), k-means rate η = 0.01, importance shared by all layers and heads, B = 1024
-    kept entries and K = 256 centroids. In kvbench the budget sets K = ⌊b·N·2d/(2d+1)⌋ (a centroid also
-    stores its bias), with B = min(N, 4·K) keeping the paper's B/K (`prune_per_cluster`); `cluster=False`
-    is the prune-only ablation, where the budget sets B = ⌊b·N⌋. The lookback spans the chunks since the
-    last prune; the end of the context always prunes and merges down to the budget. While decoding, the
-    cache is pruned and merged again whenever the position t passes a multiple of P with more than B
-    entries stored (at budget 1 nothing is ever pruned: that is the full cache).
+    kept entries and K = 256 centroids. In kvbench the budget sets K = ⌊b·N·2d·e/((2d+1)·e + 4)⌋ for e-byte
+    numbers (a centroid also stores its bias, and the sequence's state its int32 count), with B = min(N, 4·K)
+    keeping the paper's B/K (`prune_per_cluster`); `cluster=False` is the prune-only ablation, where the
+    budget sets B = ⌊b·N⌋. The lookback spans the chunks since the last prune; the end of the context always
+    prunes and merges down to the budget. While decoding, the cache is pruned and merged again whenever the
+    position t passes a multiple of P with more than B entries stored (at budget 1 nothing is ever pruned:
+    that is the full cache).
     `centroid_rule="batch_mean"` replaces the paper's online update by the count-weighted member mean;
     `merge_bias=False` drops the ln(count) bias (paper parity: every stored entry then counts as one
     token). The seeded random init draws one permutation per merge, shared by every layer and head.
@@ -77,10 +79,19 @@ class EntryPlan:
     clusters: int
 
 
-def plan_entries(config: AttentionClusteringConfig, context_length: int, budget: float, head_dim: int) -> EntryPlan:
-    """Map the budget to B and K so the final cache holds at most b of the full bytes, biases included.
+# Bytes of one number in the smallest cache dtype kvbench runs (bf16, fp16): where the dtype is not known yet,
+# plans made with it keep no more entries than the real one.
+SMALLEST_ELEMENT_SIZE = 2
 
-    A centroid stores a key, a value and a bias in the cache dtype, 2d + 1 numbers against a token's 2d.
+
+def plan_entries(
+    config: AttentionClusteringConfig, context_length: int, budget: float, head_dim: int, element_size: int
+) -> EntryPlan:
+    """Map the budget to B and K so the final cache holds at most b of the full bytes, biases and counts included.
+
+    A token stores a key and a value, 2d numbers of `element_size` bytes. A centroid also stores its bias in the
+    cache dtype and, in the sequence's decode state, its count (int32), which later merges weigh by; without
+    the bias every count is 1 and none is kept.
     """
     n = context_length
     if budget >= 1.0:
@@ -88,8 +99,9 @@ def plan_entries(config: AttentionClusteringConfig, context_length: int, budget:
     if not config.cluster:
         keep = tokens_for_budget(n, budget)
         return EntryPlan(keep, keep)
-    numbers_per_centroid = 2 * head_dim + int(config.merge_bias)
-    clusters = int(budget * n * 2 * head_dim / numbers_per_centroid)
+    token_bytes = 2 * head_dim * element_size
+    centroid_bytes = token_bytes + (element_size + COUNT_DTYPE.itemsize if config.merge_bias else 0)
+    clusters = math.floor(budget * n * token_bytes / centroid_bytes)
     if clusters < 1:
         raise BudgetError(f"budget {budget:g} leaves no centroid for a {n}-token context; raise the budget")
     return EntryPlan(min(n, config.prune_per_cluster * clusters), clusters)
@@ -143,6 +155,11 @@ class Entries:
         return Entries(self.keys.gather(1, rows), self.values.gather(1, rows), bias, self.counts.gather(1, indices))
 
 
+def _decode_state(stream: ClusteringStream) -> ClusteringStream | None:
+    """What the cache keeps for decoding: the stream where it goes on pruning (below budget 1), else nothing."""
+    return stream if stream.prunes_while_decoding else None
+
+
 def _stored_length(layer: CompressedLayer) -> int:
     return (layer.prefix.head_lengths()[0] if layer.prefix is not None else 0) + layer.tail_length
 
@@ -155,6 +172,9 @@ class ClusteringStream:
     layer keeps its own counts. Tokens since the last prune stay in the raw tail, with their queries: the
     lookback may span chunks back to the last prune (before it, the model attended to entries that are
     gone). The last chunk always ends with the whole context in the prefixes, at most K entries per head.
+    While the answer is decoded the stream is its cache's `method_state`, so `kv_bytes` counts what it holds:
+    the counts (kept only once they differ from 1: after a merge, with the bias), the lookback queries and
+    the query log (`log`) that the decode cache records into.
     """
 
     def __init__(self, config: AttentionClusteringConfig, plan: EntryPlan, context_length: int):
@@ -171,6 +191,7 @@ class ClusteringStream:
         self.recent_queries: list[torch.Tensor] | None = None
         self.merged = False
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.log: QueryLog | None = None
 
     def after_chunk(self, cache: KVBenchCache, index: int, queries: list[torch.Tensor], scaling: float) -> None:
         self.scaling = scaling
@@ -210,10 +231,11 @@ class ClusteringStream:
         entries = [self._entries(i, layer) for i, layer in enumerate(cache.layers)]
         if compress:
             entries = self._compress(entries, self.recent_queries)
+        weighted = self.merged and self.config.merge_bias
         for i, (layer, kept) in enumerate(zip(cache.layers, entries)):
-            self.counts[i] = kept.counts
             bias = None
-            if self.merged and self.config.merge_bias:
+            if weighted:  # otherwise every count is 1, and none is kept
+                self.counts[i] = kept.counts.to(COUNT_DTYPE)
                 bias = kept.counts.double().log().to(kept.keys.dtype)
             layer.absorb_tail(TokenPrefix(kept.keys, kept.values, bias))
         self.recent_queries = None
@@ -223,7 +245,8 @@ class ClusteringStream:
         lookback = self.config.lookback_window
         if self.recent_queries is not None:
             queries = [torch.cat([old, new], dim=1) for old, new in zip(self.recent_queries, queries)]
-        self.recent_queries = [q[:, -lookback:] for q in queries]
+        # Copies where a view would hold on to more than Δ queries' storage.
+        self.recent_queries = [q if q.shape[1] <= lookback else q[:, -lookback:].clone() for q in queries]
 
     def _entries(self, index: int, layer: CompressedLayer) -> Entries:
         """Prefix entries followed by the raw tail tokens (count 1, bias 0)."""
@@ -235,11 +258,14 @@ class ClusteringStream:
         bias = None
         if prefix.bias is not None:
             bias = torch.cat([prefix.bias, torch.zeros_like(ones, dtype=prefix.bias.dtype)], dim=1)
+        counts = self.counts.get(index)
+        if counts is None:
+            counts = torch.ones(prefix.keys.shape[:2], dtype=torch.int64, device=tail_keys.device)
         return Entries(
             torch.cat([prefix.keys, tail_keys], dim=1),
             torch.cat([prefix.values, tail_values], dim=1),
             bias,
-            torch.cat([self.counts[index], ones], dim=1),
+            torch.cat([counts.long(), ones], dim=1),
         )
 
     def _compress(self, entries: list[Entries], queries: list[torch.Tensor]) -> list[Entries]:
@@ -273,24 +299,21 @@ class AttentionClustering(Method):
     )
     Config = AttentionClusteringConfig
 
-    def __init__(self, config: AttentionClusteringConfig | None = None, **overrides: Any):
-        super().__init__(config, **overrides)
-        # The stream of the latest compressed context, which goes on pruning while its answer is decoded.
-        self.stream_state: ClusteringStream | None = None
-        self.query_log: QueryLog | None = None
-
     def needs(self) -> ObservationNeeds:
         return ObservationNeeds(own_prefill=True)
 
     def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
         """Only when a prune fires before the end of the context (B < N): with B ≥ N the stream is one pass,
-        the same forward as the shared prefill, and the merge at its end needs nothing but keys and values."""
-        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim(model_config))
+        the same forward as the shared prefill, and the merge at its end needs nothing but keys and values.
+        The config does not say the cache dtype; the smallest one plans the fewest entries, so a cell it sends
+        to the shared prefill never prunes before the end whatever the dtype."""
+        budget = check_budget(budget)
+        plan = plan_entries(self.config, context_length, budget, head_dim(model_config), SMALLEST_ELEMENT_SIZE)
         return plan.keep < context_length
 
-    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+    def _compress(self, observation: Observation, budget: float) -> Prefixes:
         n = observation.context_length
-        plan = plan_entries(self.config, n, budget, observation.head_dim)
+        plan = plan_entries(self.config, n, budget, observation.head_dim, observation.keys[0].element_size())
         if plan.keep < n:
             raise RuntimeError(
                 f"{self.name} prunes while it prefills at budget {budget:g} on {n} tokens and cannot compress a "
@@ -302,15 +325,14 @@ class AttentionClustering(Method):
             layer.update(keys[None], values[None])
         stream = ClusteringStream(self.config, plan, n)
         stream.after_chunk(cache, 0, [], observation.scaling)
-        self._decode_with(stream)
-        return [layer.prefix for layer in cache.layers]
+        return Prefixes([layer.prefix for layer in cache.layers], decode_state=_decode_state(stream))
 
     def stream(self, model: torch.nn.Module, context_length: int, budget: float) -> ClusteringStream:
         """The chunk hook for one context of `context_length` tokens at `budget`."""
         if context_length < 1:
             raise ValueError("cannot prefill an empty context")
-        config = model.config
-        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim(config))
+        element_size = next(model.parameters()).element_size()
+        plan = plan_entries(self.config, context_length, check_budget(budget), head_dim(model.config), element_size)
         return ClusteringStream(self.config, plan, context_length)
 
     def prefill_and_compress(
@@ -318,32 +340,28 @@ class AttentionClustering(Method):
     ) -> tuple[KVBenchCache, torch.Tensor]:
         stream = self.stream(model, len(input_ids), budget)
         cache, logits = streaming_prefill(model, input_ids, stream.chunk_size, stream.after_chunk)
-        self._decode_with(stream)
+        cache.method_state = _decode_state(stream)
         return cache, logits
 
-    def _decode_with(self, stream: ClusteringStream) -> None:
-        self.stream_state = stream if stream.prunes_while_decoding else None
-        self.query_log = None
-
     def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
-        return self.stream_state is not None and self.stream_state.prunes_within(cache, new_tokens)
+        stream = cache.method_state
+        return stream is not None and stream.prunes_within(cache, new_tokens)
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """Record the queries of every token after the context: a prune while decoding scores with them."""
-        if self.stream_state is not None:
-            self.query_log = QueryLog(list(range(len(cache.layers))))
-            cache.recorder = self.query_log
+        stream = cache.method_state
+        if stream is not None:
+            stream.log = QueryLog(list(range(len(cache.layers))))
+            cache.recorder = stream.log
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Prune and merge when the position passes a multiple of P with more than B entries stored."""
-        stream = self.stream_state
+        stream = cache.method_state
         if stream is None:
             return
-        if self.query_log is None or cache.recorder is not self.query_log:
-            raise RuntimeError(
-                f"{self.name} decodes only the cache of its latest compress, after on_decode_start attached its query log"
-            )
-        stream.after_tokens(cache, [self.query_log.take(layer) for layer in range(len(cache.layers))])
+        if stream.log is None or cache.recorder is not stream.log:
+            raise RuntimeError(f"{self.name}'s decode steps need on_decode_start first, which attaches its query log")
+        stream.after_tokens(cache, [stream.log.take(layer) for layer in range(len(cache.layers))])
 
     def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
         """The seed's distillation fine-tuning (`methods/_attention_clustering_distill.py`); `options` override

@@ -6,6 +6,7 @@ layer-by-layer algorithm runs on the shared observation and gives what the onlin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import LayerPrefix, TokenPrefix
-from kvbench.methods._eviction import gather_heads, group_mean, window_attention
+from kvbench.methods._eviction import gather_heads, group_mean, lowest_budget, window_attention
 from kvbench.methods.base import Method, register
 
 
@@ -25,10 +26,10 @@ class DynamicKVConfig:
     kernel 7, r_max = 10 (`radio_max`), reallocation every m = 4 layers.
 
     Average pooling is the official setting for Llama-3 (SmolLM2 is a Llama); Mistral and Qwen2 used max.
-    Budgets are per KV head (the spec's GQA mode): b = C/N with C = round(b·N) the mean per-layer budget
-    including the window, and scores are averaged over each KV head's query group before pooling. The
-    spec's official mode (budgets per expanded query head) is not offered. A budget with C ≤ w is refused
-    rather than clamped to C = w + 1, which would exceed it. The algorithm runs on the shared prefill's
+    Budgets are per KV head (the spec's GQA mode): C = ⌊b·N⌋ is the mean per-layer budget including the
+    window (rounded down, so the kept tokens never exceed b of the full cache), and scores are averaged over
+    each KV head's query group before pooling. The spec's official mode (budgets per expanded query head) is
+    not offered. A budget with C ≤ w is refused rather than clamped to C = w + 1, which would exceed it. The algorithm runs on the shared prefill's
     observation, so the temporary r_max·(C − w) caches never exist and add nothing to the measured peak.
     """
 
@@ -101,13 +102,13 @@ class DynamicKV(Method):
 
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
         n, window = observation.context_length, self.config.window
-        per_layer_with_window = round(budget * n)
+        per_layer_with_window = math.floor(budget * n)
         if per_layer_with_window >= n:
             return [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values)]
         if per_layer_with_window <= window:
             raise BudgetError(
-                f"dynamickv budget {budget:g} keeps {per_layer_with_window} tokens per head of {n}, "
-                f"not more than its {window}-token window; raise the budget"
+                f"dynamickv budget {budget:g} keeps {per_layer_with_window} tokens per head of {n}, not more than "
+                f"its {window}-token window; the lowest reachable budget is {lowest_budget(window + 1, n):g}"
             )
         scores = [dynamickv_scores(observation, layer, self.config) for layer in range(observation.num_layers)]
         per_layer = per_layer_with_window - window

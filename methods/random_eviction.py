@@ -15,16 +15,16 @@ from kvbench.methods.base import Method, register
 
 @dataclass(frozen=True)
 class RandomConfig:
-    """Uniform scores per (KV head, token); kvpress RandomPress. seed: base seed of the generator."""
+    """Uniform scores per (KV head, token); kvpress RandomPress. seed: an extra offset, hashed with the sample's
+    seed (`Observation.seed`) and the layer."""
 
     seed: int = 0
 
 
 def _layer_seed(seed: int, observation: Observation, layer: int) -> int:
-    """Seed from the base seed, the context's tokens and the layer: same inputs, same kept tokens."""
-    digest = hashlib.sha256()
-    digest.update(f"{seed}:{layer}:".encode())
-    digest.update(observation.input_ids.cpu().numpy().tobytes())
+    """Seed from the sample's seed (the harness derives it from the run seed and the sample), the config's
+    seed (an extra offset) and the layer: the same run draws the same tokens, another run seed other ones."""
+    digest = hashlib.sha256(f"{observation.seed}:{seed}:{layer}".encode())
     return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
 
 

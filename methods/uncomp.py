@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.prefix import LayerPrefix, Prefixes, TokenPrefix
 from kvbench.methods._calibration_data import calibration_ids
-from kvbench.methods._eviction import gather_heads, snapkv_prefix_scores
+from kvbench.methods._eviction import gather_heads, lowest_budget, snapkv_prefix_scores
 from kvbench.methods._head_scores import observe_all_queries, truncated_matrix_entropy
 from kvbench.methods._query_log import QueryLog
 from kvbench.methods.base import Method, register
@@ -119,18 +119,19 @@ def graded_capacities(total: int, weights: list[Fraction], low: int, high: int) 
 def head_capacities(
     group_ids: torch.Tensor, context_length: int, budget: float, config: UNCompConfig
 ) -> list[list[int]]:
-    """Tokens each KV head keeps of the context, per layer: mean round(b·N) per KV head, graded by group.
+    """Tokens each KV head keeps of the context, per layer: mean ⌊b·N⌋ per KV head, graded by group.
 
-    Each head keeps at least its window + 1 and at most the whole context; a head whose capacity covers the
-    context is left whole (at b = 1, all are).
+    The floor makes the budget a ceiling: the kept keys and values never exceed b of the full cache. Each head
+    keeps at least its window + 1 and at most the whole context; a head whose capacity covers the context is
+    left whole (at b = 1, all are).
     """
     n = context_length
-    mean = math.floor(budget * n + 0.5)
+    mean = math.floor(budget * n)
     low = min(config.window + 1, n)
     if mean < low:
         raise BudgetError(
             f"uncomp at budget {budget:g} keeps {mean} tokens per head of this {n}-token context, fewer than its "
-            f"window + 1 = {low}; the lowest reachable budget is {math.ceil(low / n * 1000) / 1000:g}"
+            f"window + 1 = {low}; the lowest reachable budget is {lowest_budget(low, n):g}"
         )
     weights = group_weights(config.groups, config.budget_ratio)
     heads = group_ids.shape[1]
@@ -153,37 +154,36 @@ def kept_indices(rows: torch.Tensor, size: int, window: int, kernel: int) -> tor
     return torch.cat([top, torch.arange(n - window, n, device=rows.device)])
 
 
-def attention_rows(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    key_positions: torch.Tensor,
-    query_positions: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """Causal attention [g, m, n] of queries [g, m, d] over one head's stored keys [n, d], fp32."""
+def attention_rows(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention [g, m, n] of queries [g, m, d] over one head's stored keys [n, d], fp32.
+
+    The queries are those of the m most recent tokens, which are also the head's last m stored keys (the
+    window always stays, and stored keys are in position order): only among those does causality mask.
+    """
+    m, n = queries.shape[1], keys.shape[0]
     logits = (queries.float() @ keys.float().transpose(-1, -2)) * scaling
-    future = key_positions[None, :] > query_positions[:, None]
+    future = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - m, n, device=keys.device)[:, None]
     return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
 
 
 @dataclass
 class DecodeState:
-    """One sequence's eviction state, rebuilt by every compress; its size does not grow with the context.
+    """One sequence's eviction state, in its cache's `method_state` (where `kv_bytes` counts it); its size does
+    not grow with the context.
 
-    queries / query_positions: per evicting layer, the post-RoPE queries [H_q, ≤w, d] of the last w tokens
-    and their logical positions: the running window, whose attention rows are recomputed over the stored
-    keys at each step (the rows themselves, [g, w, n] per head, would cost about a fifth of the fp32 KV
-    cache they score). positions: per evicting layer, per KV head, the logical position of each stored token
-    (for causality and recency). evicting: per layer, which KV heads were compressed (a head kept whole never
-    evicts). sizes: per (layer, head), the size held while decoding.
+    queries: per evicting layer, the post-RoPE queries [H_q, w, d] of the w most recent tokens: the running
+    window, whose attention rows are recomputed over the stored keys at each step (the rows themselves,
+    [g, w, n] per head, would cost about a fifth of the fp32 KV cache they score). No positions are kept:
+    stored tokens stay in position order and the w most recent are always the last w stored, which is all
+    that causality and recency need. evicting: per evicting layer, which KV heads were compressed (a head kept
+    whole never evicts). log: the decode cache's query recorder, attached by `on_decode_start`. sizes: per
+    (layer, head), the size held while decoding, fixed at the first step.
     """
 
-    log: QueryLog
-    scaling: float
     queries: dict[int, torch.Tensor]
-    query_positions: dict[int, torch.Tensor]
-    positions: dict[int, list[torch.Tensor]]
     evicting: dict[int, list[bool]]
+    scaling: float
+    log: QueryLog | None = None
     sizes: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
@@ -194,6 +194,8 @@ class UNComp(Method):
     (its capacity plus the question). A head whose capacity covers the context is never compressed, so
     b = 1 is the full cache. The running window needs the queries of the question and generated tokens:
     the harness's attention hands them to the recorder slot of the decode cache, where `QueryLog` sits.
+    Everything a sequence needs while decoding (`DecodeState`) travels in its cache's `method_state`, so any
+    cache this method compressed can be decoded, in any order.
     """
 
     name = "uncomp"
@@ -205,7 +207,6 @@ class UNComp(Method):
     def __init__(self, config: UNCompConfig | None = None, **overrides):
         super().__init__(config, **overrides)
         self.group_ids: torch.Tensor | None = None
-        self.state: DecodeState | None = None
 
     def needs(self) -> ObservationNeeds:
         return ObservationNeeds(window=self.config.window)
@@ -232,12 +233,11 @@ class UNComp(Method):
     def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
         self.group_ids = artifacts["group_ids"]
 
-    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+    def _compress(self, observation: Observation, budget: float) -> Prefixes:
         capacities = head_capacities(self._groups_for(observation), observation.context_length, budget, self.config)
-        self.state = None
         n, window = observation.context_length, self.config.window
         prefixes: list[LayerPrefix] = []
-        positions: dict[int, list[torch.Tensor]] = {}
+        queries: dict[int, torch.Tensor] = {}
         evicting: dict[int, list[bool]] = {}
         for layer, caps in enumerate(capacities):
             if min(caps) >= n:
@@ -246,23 +246,18 @@ class UNComp(Method):
             scores = snapkv_prefix_scores(observation, layer, window, self.config.kernel, "max")
             device = scores.device
             recent = torch.arange(n - window, n, device=device)
-            positions[layer], evicting[layer] = [], []
-            for head, cap in enumerate(caps):
-                evicting[layer].append(cap < n)
-                if cap >= n:
-                    positions[layer].append(torch.arange(n, device=device))
-                    continue
-                kept = torch.cat([scores[head].topk(cap - window).indices, recent]).sort().values
-                positions[layer].append(kept)
-            prefixes.append(gather_heads(observation, layer, positions[layer]))
-        if positions:
-            queries = {layer: observation.window_queries[layer][:, -window:] for layer in positions}
-            first = n - next(iter(queries.values())).shape[1]
-            query_positions = {layer: torch.arange(first, n, device=q.device) for layer, q in queries.items()}
-            self.state = DecodeState(
-                QueryLog(list(positions)), observation.scaling, queries, query_positions, positions, evicting
-            )
-        return prefixes
+            kept = [
+                torch.cat([scores[head].topk(cap - window).indices, recent]).sort().values
+                if cap < n
+                else torch.arange(n, device=device)
+                for head, cap in enumerate(caps)
+            ]
+            prefixes.append(gather_heads(observation, layer, kept))
+            evicting[layer] = [cap < n for cap in caps]
+            # A copy: the observation's window may be longer than w and is shared by every cell of the sweep.
+            queries[layer] = observation.window_queries[layer][:, -window:].clone()
+        state = DecodeState(queries, evicting, observation.scaling) if evicting else None
+        return Prefixes(prefixes, decode_state=state)
 
     def _groups_for(self, observation: Observation) -> torch.Tensor:
         if self.group_ids is None:
@@ -277,17 +272,19 @@ class UNComp(Method):
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """The running window needs the question's queries too: record from the first forward on."""
-        if self.state is not None:
-            cache.recorder = self.state.log
+        state = cache.method_state
+        if state is not None:
+            state.log = QueryLog(list(state.queries))
+            cache.recorder = state.log
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Evict one token per compressed head, so each holds the size it had when generation began."""
-        state = self.state
+        state = cache.method_state
         if state is None:
             return
-        if cache.recorder is not state.log:
-            raise RuntimeError("uncomp decodes only the cache of its latest compress (its query log is not attached)")
-        for layer in state.positions:
+        if state.log is None or cache.recorder is not state.log:
+            raise RuntimeError("uncomp's decode steps need on_decode_start first, which attaches its query log")
+        for layer in state.queries:
             self._evict(state, layer, cache.layers[layer])
 
     def _evict(self, state: DecodeState, layer: int, cached: CompressedLayer) -> None:
@@ -297,25 +294,20 @@ class UNComp(Method):
         new = tail_keys.shape[1]
         if new_queries.shape[1] != new:
             raise RuntimeError(f"uncomp saw {new_queries.shape[1]} new queries for {new} new tokens in layer {layer}")
-        tail_positions = torch.arange(cached.prefix_length, cached.prefix_length + new, device=tail_keys.device)
         window = self.config.window
-        queries = torch.cat([state.queries[layer], new_queries], dim=1)[:, -window:]
-        query_positions = torch.cat([state.query_positions[layer], tail_positions])[-window:]
-        state.queries[layer], state.query_positions[layer] = queries, query_positions
+        # A copy, not a view of the concatenation: the state holds exactly w queries.
+        queries = torch.cat([state.queries[layer], new_queries], dim=1)[:, -window:].clone()
+        state.queries[layer] = queries
         group = queries.shape[0] // tail_keys.shape[0]
         head_keys, head_values = [], []
         for head in range(tail_keys.shape[0]):
             keys = torch.cat([prefix.keys[head], tail_keys[head]])
             values = torch.cat([prefix.values[head], tail_values[head]])
-            positions = torch.cat([state.positions[layer][head], tail_positions])
             if state.evicting[layer][head]:
-                rows = attention_rows(
-                    queries[head * group : (head + 1) * group], keys, positions, query_positions, state.scaling
-                )
+                rows = attention_rows(queries[head * group : (head + 1) * group], keys, state.scaling)
                 size = state.sizes.setdefault((layer, head), keys.shape[0] - 1)
                 keep = kept_indices(rows, size, window, self.config.kernel)
-                keys, values, positions = keys[keep], values[keep], positions[keep]
-            state.positions[layer][head] = positions
+                keys, values = keys[keep], values[keep]
             head_keys.append(keys)
             head_values.append(values)
         cached.absorb_tail(TokenPrefix(head_keys, head_values))

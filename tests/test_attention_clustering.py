@@ -11,8 +11,9 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
+from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
-from kvbench.harness.errors import BudgetError
+from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.pipeline import TimedObservation, run_cell
 from kvbench.harness.prefill import ObservationNeeds, prefill, streaming_prefill
@@ -123,7 +124,7 @@ def run_with_spy(model, method, ids, budget):
     [
         # B = 40: prune at t = 64, 96, 128 and at the end (t = 160).
         (dict(cluster=False), 0.25, [32, 40, 40, 40, 40]),
-        # K = int(0.1·160·32/33) = 15, B = 4K = 60: prune + merge at t = 64 and 128, merge only at the end.
+        # K = ⌊0.1·160·128/136⌋ = 15, B = 4K = 60: prune + merge at t = 64 and 128, merge only at the end.
         (dict(), 0.1, [32, 15, 47, 15, 15]),
     ],
 )
@@ -252,7 +253,7 @@ def test_each_layer_and_head_merges_its_own_kept_tokens(model, one_chunk, rule):
         pruning_interval=128, lookback_window=LOOKBACK, scope="per_layer_head", centroid_rule=rule, seed=3
     )
     cache, _ = method.prefill_and_compress(model, ids, 0.2)
-    clusters = int(0.2 * 100 * 32 / 33)  # K = 19; B = 4K = 76
+    clusters = math.floor(0.2 * 100 * 128 / (128 + 4 + 4))  # K = 18; B = 4K = 72
     seeds = torch.randperm(4 * clusters, generator=torch.Generator().manual_seed(3))[:clusters].sort().values
     for layer in range(2):
         kept = reference_importance(observation, layer).topk(4 * clusters, dim=-1).indices.sort(dim=-1).values
@@ -310,7 +311,7 @@ def test_it_cannot_compress_a_shared_prefill_where_it_prunes_while_prefilling(mo
     ids = random_ids(200, seed=12)
     observation = prefill(model, ids, ObservationNeeds())
     method = AttentionClustering(pruning_interval=32, lookback_window=LOOKBACK)
-    assert method.prefills_itself(model.config, 200, 0.1)  # K = 19, B = 76 < 200: prunes every 32 tokens
+    assert method.prefills_itself(model.config, 200, 0.1)  # K = 18, B = 72 < 200: prunes every 32 tokens
     with pytest.raises(RuntimeError, match="prefill_and_compress"):
         method.compress(observation, 0.1)
 
@@ -335,8 +336,9 @@ def test_where_nothing_is_pruned_before_the_end_the_shared_prefill_gives_the_sam
     [dict(centroid_rule="median"), dict(scope="global"), dict(kmeans_rate=1.0), dict(pruning_interval=0)],
 )
 def test_invalid_options_are_refused(options):
-    with pytest.raises(ValueError):
+    with pytest.raises(KVBenchError) as refusal:  # a user error, in one line
         AttentionClustering(**options)
+    assert "\n" not in str(refusal.value)
 
 
 def stored_entries(cache):
@@ -347,7 +349,7 @@ def stored_entries(cache):
 @pytest.mark.parametrize(
     "options, budget, keep, clusters",
     [
-        # N = 64: K = int(0.1·64·32/33) = 6, B = 4K = 24.
+        # N = 64: K = ⌊0.1·64·128/136⌋ = 6, B = 4K = 24.
         (dict(), 0.1, 24, 6),
         # Prune only: B = K = 16.
         (dict(cluster=False), 0.25, 16, 16),
@@ -365,10 +367,12 @@ def test_decoding_prunes_and_merges_whenever_t_passes_a_multiple_of_P_over_B(mod
         method.on_decode_step(cache, step)
         seen.append((cache.get_seq_length(), stored_entries(cache)))
         tail = cache.layers[0].tail_length
-        recent = method.stream_state.recent_queries
+        recent = cache.method_state.recent_queries
         lookbacks.append((0 if recent is None else recent[0].shape[1], min(LOOKBACK, tail)))
+        # Counts are kept only where they differ from 1: after a merge with the bias.
+        assert len(cache.method_state.counts) == (0 if "cluster" in options else 2)
         if tail == 0:  # just pruned: every layer's prefix holds what was kept, biased by ln(count) when merged
-            for layer, counts in method.stream_state.counts.items():
+            for layer, counts in cache.method_state.counts.items():
                 prefix = cache.layers[layer].prefix.materialize()
                 assert counts.shape == (2, clusters)
                 assert (prefix.bias is None) == ("cluster" in options)
@@ -409,13 +413,56 @@ def test_scoring_a_continuation_prunes_as_decoding_it_would(loaded):
     assert cell.scores[1].greedy and cell.scores[1].logprobs == expected
 
 
-def test_decoding_another_cache_than_the_latest_compressed_one_is_refused(model):
+def test_each_cache_decodes_with_its_own_stream(model):
+    """The stream travels with the cache: compressing a second context does not disturb decoding the first,
+    through prunes and merges while decoding."""
     method = AttentionClustering(pruning_interval=16, lookback_window=LOOKBACK)
-    first, _ = method.prefill_and_compress(model, random_ids(64, seed=19), 0.1)
-    method.on_decode_start(first)
-    second, _ = method.prefill_and_compress(model, random_ids(64, seed=20), 0.1)
-    with pytest.raises(RuntimeError, match="latest compress"):
-        method.on_decode_step(first, 0)
+    question = random_ids(5, seed=21)
+
+    def answer(compressed):
+        cache, logits = compressed
+        hooks = dict(step_hook=method.on_decode_step, start_hook=method.on_decode_start)
+        generation = greedy_decode(model, cache, question, 40, [], first_logits=logits, keep_logits=True, **hooks)
+        return generation.token_ids, torch.stack(generation.step_logits)
+
+    contexts = random_ids(64, seed=19), random_ids(64, seed=20)
+    alone = [answer(method.prefill_and_compress(model, ids, 0.1)) for ids in contexts]
+    first, second = (method.prefill_and_compress(model, ids, 0.1) for ids in contexts)
+    assert first[0].method_state is not second[0].method_state
+    for (tokens, logits), (tokens_alone, logits_alone) in zip([answer(first), answer(second)], alone, strict=True):
+        assert tokens == tokens_alone and torch.equal(logits, logits_alone)
+    assert not torch.equal(alone[0][1], alone[1][1])
+
+
+def test_kv_bytes_after_compression_are_the_hand_count(model):
+    """Per layer and KV head: K centroids of key, value (2·d fp32) and bias (fp32), plus their int32 counts in the
+    stream, the cache's decode state; the lookback queries are dropped at the end of the context."""
+    n, budget, h_kv, d = 160, 0.1, 2, 16
+    cache, _ = AttentionClustering(pruning_interval=32, lookback_window=LOOKBACK).prefill_and_compress(
+        model, random_ids(n, seed=3), budget
+    )
+    clusters = 15  # ⌊0.1·160·128/136⌋
+    per_layer = h_kv * clusters * (2 * d * 4 + 4) + h_kv * clusters * 4
+    assert per_layer == 4080
+    assert cache.kv_bytes() == 2 * per_layer  # 8,160 of the full 81,920
+    assert cache.method_state.recent_queries is None and cache.method_state.log is None
+    # From the shared prefill (B ≥ N: one pass), the same count: N = 200 at b = 0.3 keeps K = ⌊60·128/136⌋ = 56.
+    ids = random_ids(200, seed=13)
+    prefixes = AttentionClustering(pruning_interval=32).compress(prefill(model, ids, ObservationNeeds()), 0.3)
+    cache = KVBenchCache(2, prefixes, 200)
+    assert cache.kv_bytes() == 2 * (h_kv * 56 * (2 * d * 4 + 4) + h_kv * 56 * 4)
+
+
+@pytest.mark.parametrize("context", [37, 1000, 2047])
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+@pytest.mark.parametrize("options", [dict(), dict(cluster=False), dict(merge_bias=False)])
+def test_nothing_kept_exceeds_the_budget(model, context, budget, options):
+    """Keys and values alone stay within b of the full cache, and so do they with biases and counts."""
+    ids = random_ids(context, seed=22)
+    cache, _ = AttentionClustering(pruning_interval=256, **options).prefill_and_compress(model, ids, budget)
+    full_bytes = 2 * 2 * context * 2 * 16 * 4
+    token_bytes = sum(sum(layer.prefix.head_lengths()) for layer in cache.layers) * 2 * 16 * 4
+    assert token_bytes <= budget * full_bytes and cache.kv_bytes() <= budget * full_bytes
 
 
 def test_scoring_feeds_continuations_in_one_pass_where_no_prune_can_fire(loaded, monkeypatch):

@@ -1,6 +1,8 @@
 """DynamicKV's defining properties (specs/baselines.md §2) on a 30-layer tiny model (30 % 4 != 0, like SmolLM2):
 layer budgets sum to the total, the forced final reallocation, caches that only shrink, per-head top-k + window."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,13 +118,31 @@ def test_each_head_keeps_its_top_scored_tokens_plus_the_window(model, observatio
 def test_kept_bytes_are_the_mean_layer_budget(observation, budget):
     prefixes = DynamicKV().compress(observation, budget)
     cache = KVBenchCache(LAYERS, prefixes, CONTEXT)
-    assert cache.kv_bytes() / observation.kv_bytes_full() == round(budget * CONTEXT) / CONTEXT
+    assert cache.kv_bytes() / observation.kv_bytes_full() == math.floor(budget * CONTEXT) / CONTEXT
     assert len({prefix.head_lengths()[0] for prefix in prefixes}) > 1  # budgets differ per layer
 
 
+@pytest.mark.parametrize("context", [37, 1000, 2047])
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_kept_tokens_never_exceed_the_budget(context, budget):
+    """⌊b·N⌋ tokens per head and layer on average (the window included): a ceiling, whatever N. Uniform layers
+    store no lengths, so the measured bytes are the kept tokens' alone. 4 layers keep the prefill short."""
+    model = tiny_model("llama-gqa", layers=4)
+    observation = prefill(model, random_ids(context, seed=12), ObservationNeeds(window=WINDOW))
+    try:
+        prefixes = DynamicKV().compress(observation, budget)
+    except BudgetError:
+        assert math.floor(budget * context) <= WINDOW
+        return
+    kept = KVBenchCache(4, prefixes, context).kv_bytes()
+    assert kept <= budget * observation.kv_bytes_full()
+    assert kept == 4 * math.floor(budget * context) * 2 * 2 * 16 * 4  # layers × tokens × heads × K, V × d × fp32
+
+
 def test_a_budget_within_the_window_is_refused_and_budget_one_keeps_all(observation):
-    with pytest.raises(BudgetError, match="window") as refusal:
+    with pytest.raises(BudgetError, match="lowest reachable budget is 0.023") as refusal:  # ⌊0.023·400⌋ = 9
         DynamicKV().compress(observation, WINDOW / CONTEXT)
     assert "\n" not in str(refusal.value)
+    DynamicKV().compress(observation, 0.023)
     cache = KVBenchCache(LAYERS, DynamicKV().compress(observation, 1.0), CONTEXT)
     assert cache.kv_bytes() == observation.kv_bytes_full()

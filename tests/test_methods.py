@@ -2,6 +2,8 @@
 
 The contract every registered method must meet is in test_method_contract.py."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,12 +125,23 @@ def test_knorm_keeps_the_smallest_key_norms(observation):
             assert kept_positions(observation, layer, prefix, head) == expected
 
 
-def test_random_is_seeded(observation):
-    a = get_method("random").compress(observation, 0.25)
-    b = get_method("random").compress(observation, 0.25)
-    c = get_method("random", seed=1).compress(observation, 0.25)
-    assert torch.equal(a[0].materialize().keys, b[0].materialize().keys)
-    assert not torch.equal(a[0].materialize().keys, c[0].materialize().keys)
+def random_kept(observation, sample_seed, **options):
+    """Kept positions per layer and head when the harness gives the sample `sample_seed`."""
+    sample = dataclasses.replace(observation, seed=sample_seed)
+    prefixes = get_method("random", **options).compress(sample, 0.25)
+    return [
+        [kept_positions(observation, layer, prefix, head) for head in range(observation.num_kv_heads)]
+        for layer, prefix in enumerate(prefixes)
+    ]
+
+
+def test_random_draws_from_the_sample_seed_the_config_seed_and_the_layer(observation):
+    first = random_kept(observation, 7)
+    assert random_kept(observation, 7) == first  # same run seed and sample: the same tokens
+    assert random_kept(observation, 8) != first  # another sample or run seed: others
+    assert random_kept(observation, 7, seed=1) != first  # the config's seed offsets the draw
+    assert all(len(set(map(tuple, layer))) > 1 for layer in first)  # heads draw apart
+    assert len({tuple(layer[0]) for layer in first}) == observation.num_layers  # and so do layers
 
 
 def eager_attention(model, ids):

@@ -18,6 +18,7 @@ from kvbench.harness.errors import BudgetError
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.pipeline import observe, run_cell
 from kvbench.harness.prefill import prefill
+from kvbench.harness.prefix import stored_bytes
 from kvbench.harness.scoring_cells import iter_scoring_cells
 from kvbench.methods import get_method
 from kvbench.methods._head_scores import truncated_matrix_entropy
@@ -74,9 +75,9 @@ def test_group_budgets_are_graded_two_to_one(groups, mean, expected):
 @pytest.mark.parametrize("budget", [0.05, 0.1, 0.25, 0.33, 0.5, 0.7, 0.9, 1.0])
 def test_group_budgets_average_to_the_budget_within_bounds(budget):
     groups = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0]])
-    mean = math.floor(budget * CONTEXT + 0.5)
+    mean = math.floor(budget * CONTEXT)
     for caps, layer in zip(head_capacities(groups, CONTEXT, budget, UNComp().config), groups):
-        assert sum(caps) == 3 * mean  # the per-KV-head mean is round(b·N), not 1.125×
+        assert sum(caps) == 3 * mean  # the per-KV-head mean is ⌊b·N⌋ (a ceiling), not 1.125×
         assert all(9 <= c <= CONTEXT for c in caps)
         high = [c for c, g in zip(caps, layer) if g == 0]
         low = [c for c, g in zip(caps, layer) if g == 1]
@@ -90,6 +91,17 @@ def test_refuses_budgets_below_the_window():
     with pytest.raises(BudgetError, match="lowest reachable budget is 0.03") as refusal:
         head_capacities(torch.tensor([[0, 1]]), CONTEXT, 0.02, UNComp().config)
     assert "\n" not in str(refusal.value)
+
+
+@pytest.mark.parametrize("context", [37, 101, 1000, 2047])
+def test_the_budget_a_refusal_names_is_reachable(context):
+    groups, config = torch.tensor([[0, 1]]), UNComp().config
+    with pytest.raises(BudgetError) as refusal:
+        head_capacities(groups, context, 8 / context, config)
+    lowest = float(re.search(r"lowest reachable budget is ([0-9.]+)", str(refusal.value)).group(1))
+    assert min(head_capacities(groups, context, lowest, config)[0]) >= 9
+    with pytest.raises(BudgetError):
+        head_capacities(groups, context, lowest - 0.001, config)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +146,45 @@ def test_compressed_heads_keep_their_group_budgets(model, method):
     expected = head_capacities(method.group_ids, CONTEXT, budget, method.config)
     for prefix, caps in zip(prefixes, expected):
         assert prefix.head_lengths() == caps and prefix.lengths is not None  # ragged, stored packed
-        assert sum(caps) == 3 * round(budget * CONTEXT)
+        assert sum(caps) == 3 * math.floor(budget * CONTEXT)
+
+
+def test_kv_bytes_after_compression_are_the_hand_count(model, method):
+    """Keys and values of every kept token, the int32 length per KV head of each ragged layer, and the decode
+    state: the w window queries [H_q, w, d] of every evicting layer. Nothing else (no positions: stored tokens
+    stay in position order, the window last)."""
+    observation = prefill(model, random_ids(CONTEXT, seed=3), method.needs())
+    budget = 0.3
+    cache = KVBenchCache(observation.num_layers, method.compress(observation, budget), CONTEXT)
+    h_q, h_kv, d, w, element = 9, 3, 16, method.config.window, 4  # the fixture's layout, fp32
+    expected = 0
+    for caps in head_capacities(method.group_ids, CONTEXT, budget, method.config):
+        expected += sum(caps) * 2 * d * element  # keys + values of the kept tokens
+        expected += h_kv * 4 if len(set(caps)) > 1 else 0  # one int32 length per head, when ragged
+        expected += h_q * w * d * element if min(caps) < CONTEXT else 0  # the running window's queries
+    # floor(0.3·300) = 90 tokens per head on average, 270 per layer: 2·(270·2·16·4 + 3·4 + 9·8·16·4) = 78,360
+    assert expected == 78_360
+    assert cache.kv_bytes() == expected
+
+
+@pytest.mark.parametrize("context", [37, 1000, 2047])
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
+def test_kept_tokens_never_exceed_the_budget(model, method, context, budget):
+    """The budget is a ceiling on the kept keys and values; lengths and the decode state come on top."""
+    observation = prefill(model, random_ids(context, seed=21), method.needs())
+    try:
+        prefixes = method.compress(observation, budget)
+    except BudgetError:
+        assert math.floor(budget * context) < method.config.window + 1
+        return
+    token_bytes = sum(sum(p.head_lengths()) for p in prefixes) * 2 * observation.head_dim * 4
+    assert token_bytes <= budget * observation.kv_bytes_full()
+    assert token_bytes == 2 * 3 * math.floor(budget * context) * 2 * observation.head_dim * 4
+
+
+def stored_keys(layer, head):
+    keys = layer.prefix.materialize().keys[head]
+    return torch.cat([keys, layer.keys[0, head]]) if layer.tail_length else keys
 
 
 def test_each_decode_step_evicts_one_token_per_head_keeping_the_size(model, method):
@@ -144,17 +194,19 @@ def test_each_decode_step_evicts_one_token_per_head_keeping_the_size(model, meth
     cache = KVBenchCache(observation.num_layers, prefixes, CONTEXT)
     question = random_ids(5, seed=5)
     sizes, seen_queries = [], []
+    # Keys of the 8 most recent positions per layer, from the context's end and every token fed since.
+    recent = [keys[:, -8:] for keys in observation.keys]
 
     def step_hook(cache, step):
-        seen_queries.append(sum(q.shape[1] for q in method.state.log.queries[0]))
+        seen_queries.append(sum(q.shape[1] for q in cache.method_state.log.queries[0]))
+        for layer, cached in enumerate(cache.layers):
+            recent[layer] = torch.cat([recent[layer], cached.keys[0]], dim=1)[:, -8:]
         method.on_decode_step(cache, step)
         assert all(layer.tail_length == 0 for layer in cache.layers)  # new tokens were absorbed or evicted
         sizes.append([layer.prefix.head_lengths() for layer in cache.layers])
-        for layer, positions in method.state.positions.items():
-            for head, kept in enumerate(positions):
-                assert len(kept) == sizes[-1][layer][head]
-                newest = CONTEXT + len(question) + step  # the w most recent positions always stay
-                assert kept[-8:].tolist() == list(range(newest - 7, newest + 1))
+        for layer, cached in enumerate(cache.layers):
+            for head in range(3):  # the w most recent positions always stay, last in position order
+                assert torch.equal(stored_keys(cached, head)[-8:], recent[layer][head])
 
     greedy_decode(model, cache, question, 7, eos_token_ids=[], step_hook=step_hook, start_hook=method.on_decode_start)
     assert len(sizes) == 6
@@ -166,28 +218,53 @@ def test_each_decode_step_evicts_one_token_per_head_keeping_the_size(model, meth
 
 @pytest.mark.parametrize("context", [CONTEXT // 2, CONTEXT])
 def test_decode_state_is_the_last_w_queries_whatever_the_context(model, method, context):
-    """The running window is kept as queries (rows are recomputed each step), never as [g, w, n] rows."""
+    """The running window is kept as queries (rows are recomputed each step), never as [g, w, n] rows: the
+    queries of the 8 most recent tokens, in the cache's state, 9·8·16·4 bytes per evicting layer at every step."""
     observation = prefill(model, random_ids(context, seed=7), method.needs())
     cache = KVBenchCache(observation.num_layers, method.compress(observation, 0.3), context)
+    state = cache.method_state
     question = random_ids(5, seed=8)
-    window_shapes = []
+    recent = {layer: observation.window_queries[layer][:, -8:] for layer in state.queries}
+    state_bytes = []
 
     def step_hook(cache, step):
+        for layer in recent:
+            recent[layer] = torch.cat([recent[layer], *state.log.queries[layer]], dim=1)[:, -8:]
         method.on_decode_step(cache, step)
-        window_shapes.append({tuple(q.shape) for q in method.state.queries.values()})
-        newest = context + len(question) + step
-        for positions in method.state.query_positions.values():
-            assert positions.tolist() == list(range(newest - 7, newest + 1))
+        for layer, queries in state.queries.items():
+            assert torch.equal(queries, recent[layer])
+        state_bytes.append(stored_bytes(state))
 
     greedy_decode(model, cache, question, 5, eos_token_ids=[], step_hook=step_hook, start_hook=method.on_decode_start)
-    h_q, d = observation.window_queries[0].shape[0], observation.head_dim
-    assert len(window_shapes) == 4 and all(shapes == {(h_q, 8, d)} for shapes in window_shapes)
+    assert len(state_bytes) == 4 and set(state_bytes) == {len(state.queries) * 9 * 8 * 16 * 4}
+
+
+def test_each_cache_decodes_with_its_own_state(model, method):
+    """The state travels with the cache: compressing a second context does not disturb decoding the first."""
+    question = random_ids(5, seed=12)
+
+    def compressed(seed):
+        observation = prefill(model, random_ids(CONTEXT, seed=seed), method.needs())
+        return KVBenchCache(observation.num_layers, method.compress(observation, 0.3), CONTEXT)
+
+    def answer(cache):
+        hooks = dict(step_hook=method.on_decode_step, start_hook=method.on_decode_start)
+        generation = greedy_decode(model, cache, question, 12, eos_token_ids=[], keep_logits=True, **hooks)
+        return generation.token_ids, torch.stack(generation.step_logits)
+
+    alone = [answer(compressed(13)), answer(compressed(14))]
+    first, second = compressed(13), compressed(14)
+    assert first.method_state is not second.method_state
+    for (tokens, logits), (tokens_alone, logits_alone) in zip([answer(first), answer(second)], alone, strict=True):
+        assert tokens == tokens_alone and torch.equal(logits, logits_alone)
+    assert not torch.equal(alone[0][1], alone[1][1])  # the contexts differ, and so do their answers' logits
 
 
 def test_budget_one_keeps_everything_and_never_evicts(model, method):
     observation = prefill(model, random_ids(CONTEXT, seed=6), method.needs())
     prefixes = method.compress(observation, 1.0)
-    assert method.state is None
+    assert prefixes.decode_state is None
+    assert KVBenchCache(observation.num_layers, prefixes, CONTEXT).kv_bytes() == observation.kv_bytes_full()
     for layer, prefix in enumerate(prefixes):
         assert torch.equal(prefix.materialize().keys, observation.keys[layer])
 
