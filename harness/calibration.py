@@ -17,6 +17,7 @@ import torch
 
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel
+from kvbench.harness.provenance import tensors_fingerprint
 from kvbench.harness.store import now
 from kvbench.methods._calibration_data import DATA_VERSION
 from kvbench.methods.base import Method
@@ -52,6 +53,7 @@ def ensure_calibrated(
                 f"'kvbench calibrate {method.name} --model {loaded.name} --force'"
             ) from None
         method.load_calibration(artifacts)
+        method._artifact_fingerprint = tensors_fingerprint(artifacts)
         return path
     say(f"kvbench: calibrating {method.name} for {loaded.name} (once; cached in {path})")
     start = time.perf_counter()
@@ -74,6 +76,7 @@ def ensure_calibrated(
     os.replace(temporary, path)
     say(f"kvbench: calibrated {method.name} in {seconds:.1f} s")
     method.load_calibration(artifacts)
+    method._artifact_fingerprint = tensors_fingerprint(artifacts)
     return path
 
 

@@ -47,7 +47,7 @@ from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import LoadedModel, load_model
 from kvbench.harness.pipeline import CellResult, iter_context_cells
 from kvbench.harness.scoring_cells import ScoredCell, iter_scoring_cells
-from kvbench.methods import get_method
+from kvbench.methods import Method, get_method
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ class RequestRecord:
     decode_s: float = 0.0
     new_tokens: int = 0
     stopped_by: str | None = None
-    peak_memory_bytes: int | None = None
+    kv_bytes_peak: int | None = None
+    prefill_peak_memory_bytes: int | None = None
+    decode_peak_memory_bytes: int | None = None
     error: str | None = None
 
 
@@ -111,7 +113,7 @@ class KVBenchLM(HFLM):
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
-        self.method = get_method(str(method))
+        self.method = method if isinstance(method, Method) else get_method(str(method))
         self.budget = check_budget(budget) if self.method.uses_budget else 1.0
         if int(question_tokens) < 0:
             raise KVBenchError(f"question_tokens {question_tokens} must be 0 or more")
@@ -132,7 +134,8 @@ class KVBenchLM(HFLM):
             "model_source": self.loaded.source,
             "model_dtype": str(self.loaded.dtype).removeprefix("torch."),
             "model_num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
-            "kvbench_method": self.method.name,
+            "kvbench_method": self.method.label,
+            "kvbench_method_config": self.method.config_record(),
             "kvbench_budget": self.budget,
             "kvbench_question_tokens": self.question_tokens,
         }
@@ -268,4 +271,6 @@ def _fill(record: RequestRecord, outcome: CellResult | ScoredCell) -> None:
     record.kv_bytes_full = outcome.kv_bytes_full
     record.prefill_s = outcome.prefill_s
     record.compress_s = outcome.compress_s
-    record.peak_memory_bytes = outcome.peak_memory_bytes
+    record.kv_bytes_peak = max(record.kv_bytes_peak or 0, outcome.kv_bytes_peak)
+    record.prefill_peak_memory_bytes = outcome.prefill_peak_memory_bytes
+    record.decode_peak_memory_bytes = outcome.decode_peak_memory_bytes

@@ -8,6 +8,7 @@ A finished cell is listed in run.json; rerunning the same command skips it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,22 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel, load_model
+from kvbench.harness.provenance import provenance
 from kvbench.harness.store import ResultStore, cell_key, now
-from kvbench.harness.sweep import SweepSpec, cells_for, run_metadata, validate
+from kvbench.harness.sweep import (
+    RowContext,
+    SweepSpec,
+    cells_for,
+    invocation_record,
+    method_identities,
+    refuse_mixed_identities,
+    run_identity,
+    run_metadata,
+    validate,
+)
 
 RUNNER = "lm-eval"
 
@@ -64,7 +77,9 @@ def task_manager(include_paths: list[Path], tasks: list[str]):
     return manager
 
 
-def _rows(samples: dict[str, list[dict]], lm, method: str, budget: float, spec: LmEvalSpec) -> list[dict[str, Any]]:
+def _rows(
+    samples: dict[str, list[dict]], lm, method, budget: float, spec: LmEvalSpec, fields: dict[str, Any]
+) -> list[dict[str, Any]]:
     """One row per (logged sample, metric); lm-eval names a metric under a filter other than `none` metric,filter."""
     rows = []
     for task, logged in samples.items():
@@ -77,7 +92,7 @@ def _rows(samples: dict[str, list[dict]], lm, method: str, budget: float, spec: 
                 "task": task,
                 "length": int(doc.get("length") or 0),
                 "sample_id": int(sample["doc_id"]),
-                "method": method,
+                **fields,
                 "budget": budget,
                 "references": references,
                 "context_tokens": record.context_tokens if record else None,
@@ -99,34 +114,38 @@ def _rows(samples: dict[str, list[dict]], lm, method: str, budget: float, spec: 
                         kv_bytes=record.kv_bytes,
                         kv_bytes_full=record.kv_bytes_full,
                         kv_ratio=round(record.kv_bytes / record.kv_bytes_full, 6) if record.kv_bytes_full else None,
+                        kv_bytes_peak=record.kv_bytes_peak,
                         prefill_s=round(record.prefill_s, 4),
                         compress_s=round(record.compress_s, 4),
                         decode_s=round(record.decode_s, 4),
                         new_tokens=record.new_tokens,
                         stopped_by=record.stopped_by,
-                        peak_memory_bytes=record.peak_memory_bytes,
+                        prefill_peak_memory_bytes=record.prefill_peak_memory_bytes,
+                        decode_peak_memory_bytes=record.decode_peak_memory_bytes,
                     )
                 rows.append(row)
     return rows
 
 
-def _evaluate(loaded: LoadedModel, method, budget: float, manager, spec: LmEvalSpec) -> list[dict[str, Any]]:
+def _evaluate(
+    loaded: LoadedModel, method, budget: float, manager, spec: LmEvalSpec, docs: dict[str, list[int]], fields
+) -> list[dict[str, Any]]:
     import lm_eval
 
     from kvbench.harness.lm_eval_adapter import KVBenchLM
 
     lm = KVBenchLM(
         pretrained=loaded,
-        method=method.name,
+        method=method,
         budget=budget,
         question_tokens=spec.question_tokens,
         on_refusal="record",
     )
     results = lm_eval.simple_evaluate(
         model=lm,
-        tasks=list(spec.tasks),
+        tasks=list(docs),
         task_manager=manager,
-        limit=spec.limit,
+        samples=docs,
         log_samples=True,
         apply_chat_template=spec.apply_chat_template,
         bootstrap_iters=0,
@@ -135,12 +154,54 @@ def _evaluate(loaded: LoadedModel, method, budget: float, manager, spec: LmEvalS
         torch_random_seed=spec.seed,
         fewshot_random_seed=spec.seed,
     )
-    return _rows(results["samples"], lm, method.name, lm.budget, spec)
+    return _rows(results["samples"], lm, method, lm.budget, spec, fields)
 
 
-def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
-    """Run every (method, budget) over the lm-eval tasks, appending rows to `spec.out` as each cell finishes."""
-    sweep = SweepSpec(
+def doc_counts(manager, tasks: list[str]) -> dict[str, int]:
+    """How many evaluation docs each task has (lm-eval's doc ids are 0..n-1)."""
+    if hasattr(manager, "load"):  # lm-eval 0.4.10+: flat dicts of tasks and groups
+        loaded = manager.load(list(tasks))["tasks"]
+    else:
+        loaded = manager.load_task_or_group(list(tasks))
+    counts = {}
+    for name in tasks:
+        task = loaded.get(name)
+        if task is None or not hasattr(task, "eval_docs"):
+            raise KVBenchError(f"lm-eval task {name!r} is a group; name its tasks with --tasks")
+        counts[name] = len(task.eval_docs)
+    return counts
+
+
+def lm_eval_identity(spec: LmEvalSpec) -> dict[str, Any]:
+    """The run identity of `kvbench run` plus what changes lm-eval's prompts and splits: the runner, the
+    uncompressed question window, lm-eval's chat template switch and the task directories (by path and by the
+    hash of their files)."""
+    sweep = _as_sweep(spec)
+    identity = run_identity(sweep)
+    identity.pop("task_generator_version")
+    identity.pop("query_aware")
+    return {
+        **identity,
+        "runner": RUNNER,
+        "question_tokens": spec.question_tokens,
+        "apply_chat_template": spec.apply_chat_template,
+        "include_paths": [
+            {"path": str(path.resolve()), "sha256": _directory_sha256(path)} for path in spec.include_paths
+        ],
+        "lm_eval_version": _lm_eval_version(),
+    }
+
+
+def _directory_sha256(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(f"{path.relative_to(directory)}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _as_sweep(spec: LmEvalSpec) -> SweepSpec:
+    return SweepSpec(
         model=spec.model,
         methods=spec.methods,
         budgets=spec.budgets,
@@ -154,6 +215,14 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
         force=spec.force,
         command=spec.command,
     )
+
+
+def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
+    """Run every (method, budget) over the lm-eval tasks, appending rows to `spec.out` as each cell finishes.
+
+    A cell is done per document: a rerun evaluates only the docs (within --limit) that have no row of the cell's
+    whole identity yet, so raising --limit computes just the new ones."""
+    sweep = _as_sweep(spec)
     methods = validate(sweep)
     if spec.limit is not None and spec.limit < 1:
         raise KVBenchError(f"--limit {spec.limit} must be at least 1")
@@ -161,9 +230,14 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
         raise KVBenchError(f"--question-tokens {spec.question_tokens} must be 0 or more")
     manager = task_manager(spec.include_paths, spec.tasks)
     store = ResultStore(spec.out)
-    previous = store.open({"model": spec.model, "seed": spec.seed, "runner": RUNNER}, force=spec.force)
+    identity = lm_eval_identity(spec)
+    previous = store.open(identity, force=spec.force)
     loaded = load_model(spec.model, spec.device, spec.dtype)
-    meta = run_metadata(sweep, loaded)
+    for method in methods:
+        ensure_calibrated(loaded, method)
+    identities = method_identities(methods, identity, loaded.tokenizer)
+    refuse_mixed_identities(store, identities, spec.force)
+    meta = run_metadata(sweep, loaded, identity)
     meta.update(
         runner=RUNNER,
         tasks=spec.tasks,
@@ -173,23 +247,35 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
         question_tokens=spec.question_tokens,
         apply_chat_template=spec.apply_chat_template,
         versions={**meta["versions"], "lm_eval": _lm_eval_version()},
-        finished_cells=[],
     )
-    if previous is not None:
+    if previous is not None and not previous.get("replaced"):
         meta["started_at"] = previous.get("started_at", meta["started_at"])
-        meta["finished_cells"] = previous.get("finished_cells", [])
+    invocation = invocation_record(sweep)
+    store.add_invocation(meta, previous, invocation)
     store.write_meta(meta)
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    present = {(cell_key(row), row["metric"]) for row in store.rows()}
-    todo = [(m, b) for m, b in cells_for(methods, spec.budgets) if [m.name, round(b, 6)] not in meta["finished_cells"]]
-    for method, budget in tqdm(todo, disable=not progress, unit="cell", desc="kvbench lm-eval"):
-        for row in _evaluate(loaded, method, budget, manager, spec):
-            if (cell_key(row), row["metric"]) not in present:
+    context = RowContext(sweep, identities, provenance())
+    counts = doc_counts(manager, spec.tasks)
+    wanted = {task: range(min(n, spec.limit) if spec.limit is not None else n) for task, n in counts.items()}
+    present = {cell_key(row) for row in store.rows()}
+    done_docs = {(row["task"], int(row["sample_id"]), round(float(row["budget"]), 6), row.get("identity_hash"))
+                 for row in store.rows()}  # fmt: skip
+    plan = []
+    for method, budget in cells_for(methods, spec.budgets):
+        digest = identities[method.label][1]
+        docs = {
+            task: [i for i in ids if (task, i, round(budget, 6), digest) not in done_docs]
+            for task, ids in wanted.items()
+        }
+        docs = {task: ids for task, ids in docs.items() if ids}
+        if docs:
+            plan.append((method, budget, docs))
+    for method, budget, docs in tqdm(plan, disable=not progress, unit="cell", desc="kvbench lm-eval"):
+        for row in _evaluate(loaded, method, budget, manager, spec, docs, context.method_fields(method)):
+            if cell_key(row) not in present:
                 store.append(row)
-                present.add((cell_key(row), row["metric"]))
-        meta["finished_cells"].append([method.name, round(budget, 6)])
-        store.write_meta(meta)
-    meta["finished_at"] = now()
+                present.add(cell_key(row))
+    meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
     return store
 

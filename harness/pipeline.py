@@ -34,7 +34,9 @@ class CellResult:
     prefill_s: float
     compress_s: float
     decode_s: float
-    peak_memory_bytes: int | None = None
+    kv_bytes_peak: int = 0
+    prefill_peak_memory_bytes: int | None = None
+    decode_peak_memory_bytes: int | None = None
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
@@ -46,6 +48,8 @@ class CellResult:
 class TimedObservation:
     observation: Observation
     prefill_s: float
+    # Device memory peak of the prefill (None where torch does not track it, e.g. on CPU).
+    peak_memory_bytes: int | None = None
 
 
 def shared_needs(methods: Sequence[Method]) -> ObservationNeeds:
@@ -57,10 +61,16 @@ def shared_needs(methods: Sequence[Method]) -> ObservationNeeds:
     return needs
 
 
-def observe(loaded: LoadedModel, context_ids: Sequence[int], needs: ObservationNeeds) -> TimedObservation:
+def observe(
+    loaded: LoadedModel, context_ids: Sequence[int], needs: ObservationNeeds, seed: int = 0
+) -> TimedObservation:
+    """The shared prefill, timed, with its device memory peak; `seed` is what methods that draw random numbers
+    derive their generators from (the harness derives it from the run seed and the sample)."""
+    reset_peak_memory(loaded.device)
     with timed(loaded.device) as watch:
         observation = prefill(loaded.model, list(context_ids), needs)
-    return TimedObservation(observation, watch.seconds)
+    observation.seed = seed
+    return TimedObservation(observation, watch.seconds, peak_memory_bytes(loaded.device))
 
 
 def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
@@ -78,28 +88,59 @@ class CompressedContext:
     kv_bytes_full: int
     prefill_s: float
     compress_s: float
+    # Device memory peak of the prefill this context came from: the shared one, or the method's own.
+    prefill_peak_memory_bytes: int | None = None
 
 
 def compress_context(
-    loaded: LoadedModel, observed: TimedObservation | None, method: Method, budget: float, context_ids: Sequence[int]
+    loaded: LoadedModel,
+    observed: TimedObservation | None,
+    method: Method,
+    budget: float,
+    context_ids: Sequence[int],
+    seed: int = 0,
 ) -> CompressedContext:
     if method.prefills_itself(loaded.model.config, len(context_ids), budget):
         # The method prunes while it prefills: its compression time is inside its prefill.
+        reset_peak_memory(loaded.device)
         with timed(loaded.device) as watch:
             cache, last_logits = method.prefill_and_compress(loaded.model, list(context_ids), budget)
         if any(layer.tail_length for layer in cache.layers):
             raise RuntimeError(f"{method.name} left part of the context uncompressed in the cache tail")
         full = full_kv_bytes(loaded.model.config, len(context_ids), loaded.dtype)
-        return CompressedContext(cache, last_logits, full, watch.seconds, 0.0)
+        return CompressedContext(cache, last_logits, full, watch.seconds, 0.0, peak_memory_bytes(loaded.device))
     if observed is None:  # a cell run on its own: the method's prefill is a plain one
-        observed = observe(loaded, context_ids, method.needs())
+        observed = observe(loaded, context_ids, method.needs(), seed)
     observation = observed.observation
     with timed(loaded.device) as watch:
         prefixes = method.compress(observation, budget)
     cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
     return CompressedContext(
-        cache, observation.last_logits, observation.kv_bytes_full(), observed.prefill_s, watch.seconds
+        cache,
+        observation.last_logits,
+        observation.kv_bytes_full(),
+        observed.prefill_s,
+        watch.seconds,
+        observed.peak_memory_bytes,
     )
+
+
+class PeakBytes:
+    """The most bytes a cache held over a decode (`KVBenchCache.held_bytes`: compressed prefix, method state and
+    the raw tail), read after the compression and after every decode step, once its hook has run."""
+
+    def __init__(self, cache: KVBenchCache, step_hook=None):
+        self.peak = cache.held_bytes()
+        self._step_hook = step_hook
+
+    def step(self, cache: KVBenchCache, step: int) -> None:
+        if self._step_hook is not None:
+            self._step_hook(cache, step)
+        self.peak = max(self.peak, cache.held_bytes())
+
+    def read(self, cache: KVBenchCache) -> int:
+        self.peak = max(self.peak, cache.held_bytes())
+        return self.peak
 
 
 def run_cell(
@@ -112,13 +153,21 @@ def run_cell(
     stop_strings: Sequence[str] = (),
     keep_logits: bool = False,
     context_ids: Sequence[int] = (),
+    seed: int = 0,
 ) -> CellResult:
     """Compress the context with `method` at `budget` (from the shared observation, or through the method's
-    own prefill of `context_ids`), then answer greedily against that cache."""
+    own prefill of `context_ids`), then answer greedily against that cache.
+
+    Memory: `kv_bytes` is what the cache holds right after compression, `kv_bytes_peak` the most it held while
+    the question and answer were fed. Device memory: `prefill_peak_memory_bytes` is the peak of the prefill
+    this context came from (the shared one, or the method's own with the compression inside it) and
+    `decode_peak_memory_bytes` the peak while the question and answer were decoded, both read the same way
+    whichever prefill it was (None on CPU, where torch does not track it)."""
     effective_budget = budget if method.uses_budget else 1.0
+    compressed = compress_context(loaded, observed, method, effective_budget, context_ids, seed)
     reset_peak_memory(loaded.device)
-    compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
+    peak = PeakBytes(compressed.cache, method.on_decode_step)
     with timed(loaded.device) as decode_watch:
         generation = greedy_decode(
             loaded.model,
@@ -129,7 +178,7 @@ def run_cell(
             tokenizer=loaded.tokenizer,
             stop_strings=stop_strings,
             first_logits=compressed.last_logits,
-            step_hook=method.on_decode_step,
+            step_hook=peak.step,
             keep_logits=keep_logits,
             start_hook=method.on_decode_start,
         )
@@ -145,7 +194,9 @@ def run_cell(
         prefill_s=compressed.prefill_s,
         compress_s=compressed.compress_s,
         decode_s=decode_watch.seconds,
-        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        kv_bytes_peak=peak.read(compressed.cache),
+        prefill_peak_memory_bytes=compressed.prefill_peak_memory_bytes,
+        decode_peak_memory_bytes=peak_memory_bytes(loaded.device),
         step_logits=generation.step_logits,
     )
 
@@ -155,15 +206,26 @@ def iter_cells(
     context_ids: Sequence[int],
     cells: Sequence[tuple[Method, float]],
     run: Callable[[TimedObservation | None, Method, float], T],
+    seed: int = 0,
 ) -> Iterator[tuple[Method, float, T | BudgetError]]:
     """Every cell for one context, yielded as each finishes: one shared prefill, plus a private one for each
-    method that needs its own; `run(observed, method, budget)` does the cell. A budget a method refuses is
-    yielded as its BudgetError, not raised, so a sweep records it and goes on."""
-    own = [method.prefills_itself(loaded.model.config, len(context_ids), budget) for method, budget in cells]
+    method that needs its own; `run(observed, method, budget)` does the cell. A budget a method refuses (even
+    when deciding which prefill it needs) is yielded as its BudgetError, not raised, so a sweep records it and
+    goes on."""
+    own: list[bool | BudgetError] = []
+    for method, budget in cells:
+        try:
+            own.append(method.prefills_itself(loaded.model.config, len(context_ids), budget))
+        except BudgetError as refusal:
+            own.append(refusal)
     shared = None
-    if not all(own):
-        shared = observe(loaded, context_ids, shared_needs([m for (m, _), mine in zip(cells, own) if not mine]))
+    sharing = [m for (m, _), mine in zip(cells, own) if mine is False]
+    if sharing:
+        shared = observe(loaded, context_ids, shared_needs(sharing), seed)
     for (method, budget), mine in zip(cells, own):
+        if isinstance(mine, BudgetError):
+            yield method, budget, mine
+            continue
         try:
             result = run(None if mine else shared, method, budget)
         except BudgetError as refusal:
@@ -179,15 +241,24 @@ def iter_context_cells(
     cells: Sequence[tuple[Method, float]],
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
+    seed: int = 0,
 ) -> Iterator[tuple[Method, float, CellResult | BudgetError]]:
     """Every (method, budget) answering the question after one context (see `iter_cells`)."""
 
     def answer(observed: TimedObservation | None, method: Method, budget: float) -> CellResult:
         return run_cell(
-            loaded, observed, method, budget, question_ids, max_new_tokens, stop_strings, context_ids=context_ids
+            loaded,
+            observed,
+            method,
+            budget,
+            question_ids,
+            max_new_tokens,
+            stop_strings,
+            context_ids=context_ids,
+            seed=seed,
         )
 
-    return iter_cells(loaded, context_ids, cells, answer)
+    return iter_cells(loaded, context_ids, cells, answer, seed)
 
 
 def run_context(

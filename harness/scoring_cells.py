@@ -14,7 +14,7 @@ from kvbench.harness.continuation import ContinuationScore, score_continuation
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, compress_context, iter_cells
+from kvbench.harness.pipeline import PeakBytes, TimedObservation, compress_context, iter_cells
 from kvbench.methods.base import Method
 
 
@@ -30,7 +30,9 @@ class ScoredCell:
     prefill_s: float
     compress_s: float
     score_s: float
-    peak_memory_bytes: int | None = None
+    kv_bytes_peak: int = 0
+    prefill_peak_memory_bytes: int | None = None
+    decode_peak_memory_bytes: int | None = None
 
     @property
     def kv_ratio(self) -> float:
@@ -45,6 +47,7 @@ def run_scoring_cell(
     question_ids: Sequence[int],
     continuations: Sequence[Sequence[int]],
     context_ids: Sequence[int] = (),
+    seed: int = 0,
 ) -> ScoredCell:
     """Compress the context with `method` at `budget`, then score every continuation after `question_ids`.
 
@@ -54,19 +57,22 @@ def run_scoring_cell(
     Otherwise one compressed cache serves them all, each continuation in one pass.
     """
     effective_budget = budget if method.uses_budget else 1.0
+    compressed = compress_context(loaded, observed, method, effective_budget, context_ids, seed)
+    prefill_peak = compressed.prefill_peak_memory_bytes
     reset_peak_memory(loaded.device)
-    compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
     kv_bytes = compressed.cache.kv_bytes()
-    hooks = {}
-    longest = len(question_ids) + max((len(c) for c in continuations), default=0)
-    if method.changes_cache_within(compressed.cache, longest):
-        hooks = dict(start_hook=method.on_decode_start, step_hook=method.on_decode_step)
+    stepwise = method.changes_cache_within(
+        compressed.cache, len(question_ids) + max(map(len, continuations), default=0)
+    )
     scores = []
+    kv_bytes_peak = kv_bytes
     with timed(loaded.device) as watch:
         for index, continuation in enumerate(continuations):
-            if index and hooks:
-                compressed = compress_context(loaded, observed, method, effective_budget, context_ids)
+            if index and stepwise:
+                compressed = compress_context(loaded, observed, method, effective_budget, context_ids, seed)
             compressed.cache.reset_tail()
+            peak = PeakBytes(compressed.cache, method.on_decode_step)
+            hooks = dict(start_hook=method.on_decode_start, step_hook=peak.step) if stepwise else {}
             scores.append(
                 score_continuation(
                     loaded.model,
@@ -77,6 +83,7 @@ def run_scoring_cell(
                     **hooks,
                 )
             )
+            kv_bytes_peak = max(kv_bytes_peak, peak.read(compressed.cache))
     return ScoredCell(
         method=method.name,
         budget=effective_budget,
@@ -86,7 +93,9 @@ def run_scoring_cell(
         prefill_s=compressed.prefill_s,
         compress_s=compressed.compress_s,
         score_s=watch.seconds,
-        peak_memory_bytes=peak_memory_bytes(loaded.device),
+        kv_bytes_peak=kv_bytes_peak,
+        prefill_peak_memory_bytes=prefill_peak,
+        decode_peak_memory_bytes=peak_memory_bytes(loaded.device),
     )
 
 
@@ -96,10 +105,13 @@ def iter_scoring_cells(
     question_ids: Sequence[int],
     continuations: Sequence[Sequence[int]],
     cells: Sequence[tuple[Method, float]],
+    seed: int = 0,
 ) -> Iterator[tuple[Method, float, ScoredCell | BudgetError]]:
     """Every (method, budget) scoring the continuations after one context (see `pipeline.iter_cells`)."""
 
     def scored(observed: TimedObservation | None, method: Method, budget: float) -> ScoredCell:
-        return run_scoring_cell(loaded, observed, method, budget, question_ids, continuations, context_ids=context_ids)
+        return run_scoring_cell(
+            loaded, observed, method, budget, question_ids, continuations, context_ids=context_ids, seed=seed
+        )
 
-    return iter_cells(loaded, context_ids, cells, scored)
+    return iter_cells(loaded, context_ids, cells, scored, seed)

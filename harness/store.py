@@ -18,11 +18,21 @@ from kvbench.harness.errors import KVBenchError
 
 RESULTS = "results.jsonl"
 RUN_META = "run.json"
-CellKey = tuple[str, int, int, str, float]
+# (task, length, sample id, budget, metric, identity hash): a row is done only for its whole identity.
+CellKey = tuple[str, int, int, float, str, str | None]
+# Fields of the run identity that stores written before identities existed kept at the top of run.json.
+LEGACY_IDENTITY = ("model", "dtype", "device", "seed", "query_aware", "runner")
 
 
 def cell_key(row: dict[str, Any]) -> CellKey:
-    return (row["task"], int(row["length"]), int(row["sample_id"]), row["method"], round(float(row["budget"]), 6))
+    return (
+        row["task"],
+        int(row["length"]),
+        int(row["sample_id"]),
+        round(float(row["budget"]), 6),
+        row["metric"],
+        row.get("identity_hash"),
+    )
 
 
 def now() -> str:
@@ -49,8 +59,10 @@ class ResultStore:
         self.meta_path = self.directory / RUN_META
 
     def open(self, identity: dict[str, Any], force: bool = False) -> dict[str, Any] | None:
-        """Make the directory writable and ours: results of another run identity are refused unless `force`,
-        which clears them. Returns the metadata of the run being resumed, if any."""
+        """Make the directory writable and ours. A store whose run identity differs in any field both know (model
+        fingerprint, dtype, device, seed, ...) is refused in one line unless `force`, which clears its rows (its
+        run.json keeps the invocations that wrote them). Returns the metadata of the run being resumed (or of the
+        replaced one, with `replaced` set), if any."""
         ensure_writable_dir(self.directory)
         previous = self.read_meta()
         if previous is None:
@@ -59,20 +71,34 @@ class ResultStore:
             if force:
                 self.clear()
             return None
-        clashes = [name for name in identity if previous.get(name) != identity[name]]
+        known = previous.get("identity") or {k: previous[k] for k in LEGACY_IDENTITY if k in previous}
+        clashes = [name for name in identity if name in known and known[name] != identity[name]]
         if clashes and not force:
-            described = ", ".join(f"{f} {previous.get(f)!r} (now {identity[f]!r})" for f in clashes)
+            described = ", ".join(f"{f} {known[f]!r} (now {identity[f]!r})" for f in clashes)
             raise KVBenchError(
                 f"{self.directory} holds results of another run: {described}; use another --out or --force to replace them"
             )
         if clashes:
-            self.clear()
-            return None
+            self.clear(keep_meta=True)
+            return {**previous, "replaced": clashes}
         self._repair_tail()
         return previous
 
-    def clear(self) -> None:
-        for path in (self.results_path, self.meta_path):
+    def drop_rows(self, unwanted) -> int:
+        """Rewrite the store without the rows `unwanted(row)` picks (atomically); returns how many went."""
+        rows = self.rows()
+        kept = [row for row in rows if not unwanted(row)]
+        temporary = self.results_path.with_suffix(".jsonl.tmp")
+        with open(temporary, "w", encoding="utf-8") as handle:
+            for row in kept:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.results_path)
+        return len(rows) - len(kept)
+
+    def clear(self, keep_meta: bool = False) -> None:
+        for path in (self.results_path,) if keep_meta else (self.results_path, self.meta_path):
             path.unlink(missing_ok=True)
         for derived in ("report.md", "report.html"):
             (self.directory / derived).unlink(missing_ok=True)
@@ -113,6 +139,16 @@ class ResultStore:
 
     def done(self) -> set[CellKey]:
         return {cell_key(row) for row in self.rows()}
+
+    def add_invocation(self, meta: dict[str, Any], previous: dict[str, Any] | None, invocation: dict[str, Any]) -> None:
+        """`meta["invocations"]`: every invocation that wrote into the store, oldest first, this one last."""
+        history = list((previous or {}).get("invocations") or [])
+        if previous is not None and not history and previous.get("command"):
+            # A store from before invocations were kept: its one recorded command stands for what wrote it.
+            history.append({k: previous.get(k) for k in ("command", "git_commit", "started_at", "finished_at")})
+        if previous is not None and previous.get("replaced"):
+            history = [{**entry, "rows_replaced": True} for entry in history]
+        meta["invocations"] = [*history, invocation]
 
     def append(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, ensure_ascii=False) + "\n"

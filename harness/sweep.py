@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -20,11 +19,31 @@ from tqdm import tqdm
 from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from kvbench.harness.models import _locate as locate_model
 from kvbench.harness.pipeline import CellResult, iter_context_cells
+from kvbench.harness.provenance import (
+    ATTENTION_BACKEND,
+    cell_identity,
+    chat_template_policy,
+    git_commit,
+    identity_hash,
+    model_fingerprint,
+    provenance,
+)
 from kvbench.harness.scoring_cells import ScoredCell, iter_scoring_cells
 from kvbench.harness.store import ResultStore, cell_key, now
 from kvbench.methods import Method, get_method
-from kvbench.tasks import Sample, generate_samples, get_task, row_metrics, score_metric, split_prompt, token_split
+from kvbench.tasks import (
+    GENERATOR_VERSION,
+    Sample,
+    generate_samples,
+    get_task,
+    row_metrics,
+    score_metric,
+    split_prompt,
+    token_split,
+)
+from kvbench.tasks.fingerprint import derive_seed
 
 
 @dataclass
@@ -74,8 +93,8 @@ def default_sample_cache() -> Path:
 
 
 def validate(spec: SweepSpec) -> list[Method]:
-    """Check every user input that needs no model; return the methods to run."""
-    methods = [get_method(name) for name in spec.methods]
+    """Check every user input that needs no model; return the methods to run, one per distinct configuration."""
+    methods = list({m.label: m for m in (get_method(name) for name in spec.methods)}.values())
     for budget in spec.budgets:
         check_budget(budget)
     for task in spec.tasks:
@@ -86,18 +105,6 @@ def validate(spec: SweepSpec) -> list[Method]:
     return methods
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -105,13 +112,36 @@ def _version(package: str) -> str | None:
         return None
 
 
-def run_metadata(spec: SweepSpec, loaded: LoadedModel) -> dict[str, Any]:
+def run_identity(spec: SweepSpec) -> dict[str, Any]:
+    """What every row of this run shares and a resumed store must match, known before the model loads: the
+    model and its weights' fingerprint, dtype, device, attention backend, task generator version, seed and
+    query-aware."""
+    device = resolve_device(spec.device)
+    location, gguf_file = locate_model(spec.model)
+    return {
+        "model": spec.model,
+        "model_source": os.path.join(location, gguf_file) if gguf_file else location,
+        "model_fingerprint": model_fingerprint(location, gguf_file),
+        "dtype": str(resolve_dtype(spec.dtype, device)).removeprefix("torch."),
+        "device": device.type,
+        "attention_backend": ATTENTION_BACKEND,
+        "task_generator_version": GENERATOR_VERSION,
+        "seed": spec.seed,
+        "query_aware": spec.query_aware,
+    }
+
+
+def invocation_record(spec: SweepSpec) -> dict[str, Any]:
+    return {"command": spec.command, **provenance(), "started_at": now(), "finished_at": None}
+
+
+def run_metadata(spec: SweepSpec, loaded: LoadedModel, identity: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "model": spec.model,
         "model_source": loaded.source,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
-        "attention_backend": "kvbench (transformers SDPA for the prefill and unbiased uniform prefixes)",
+        "attention_backend": ATTENTION_BACKEND,
         "versions": {
             "kvbench": _version("kvbench"),
             "torch": _version("torch"),
@@ -119,7 +149,7 @@ def run_metadata(spec: SweepSpec, loaded: LoadedModel) -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": spec.command,
         "seed": spec.seed,
         "samples": spec.samples,
@@ -128,9 +158,48 @@ def run_metadata(spec: SweepSpec, loaded: LoadedModel) -> dict[str, Any]:
         "methods": spec.methods,
         "budgets": spec.budgets,
         "query_aware": spec.query_aware,
+        "identity": identity,
         "started_at": now(),
         "finished_at": None,
     }
+
+
+def method_identities(
+    methods: list[Method], identity: dict[str, Any], tokenizer
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """Per method label: the cell identity its rows carry (the run's, the chat-template policy, the method's
+    full config and artifact fingerprint) and its hash."""
+    shared = {**identity, "chat_template": chat_template_policy(tokenizer)}
+    out = {}
+    for method in methods:
+        cell = cell_identity(shared, method)
+        out[method.label] = (cell, identity_hash(cell))
+    return out
+
+
+def refuse_mixed_identities(store: ResultStore, identities: dict[str, tuple[dict[str, Any], str]], force: bool) -> None:
+    """A store never mixes identities silently: rows of a method label computed under another identity (another
+    config default, artifact, chat template, or rows from before identities were recorded) are refused in one
+    line, or dropped with --force."""
+    stale: dict[str, int] = {}
+    for row in store.rows():
+        label = row.get("method_label", row["method"])
+        if label in identities and row.get("identity_hash") != identities[label][1]:
+            stale[label] = stale.get(label, 0) + 1
+    if not stale:
+        return
+    if not force:
+        described = ", ".join(f"{count} rows of {label}" for label, count in stale.items())
+        raise KVBenchError(
+            f"{store.directory} holds {described} computed with another configuration, artifact or chat template "
+            "(or recorded without an identity); use another --out or --force to recompute them"
+        )
+    store.drop_rows(
+        lambda row: (
+            row.get("method_label", row["method"]) in stale
+            and row.get("identity_hash") != identities[row.get("method_label", row["method"])][1]
+        )
+    )
 
 
 def cells_for(methods: list[Method], budgets: list[float]) -> list[tuple[Method, float]]:
@@ -142,6 +211,45 @@ def cells_for(methods: list[Method], budgets: list[float]) -> list[tuple[Method,
     return cells
 
 
+@dataclass
+class RowContext:
+    """What every row of this sweep carries besides its measurement: identities per method label, provenance."""
+
+    spec: SweepSpec
+    identities: dict[str, tuple[dict[str, Any], str]]
+    provenance: dict[str, Any]
+
+    def method_fields(self, method: Method) -> dict[str, Any]:
+        identity, digest = self.identities[method.label]
+        return {
+            "method": method.name,
+            "method_label": method.label,
+            "method_config": identity["method_config"],
+            "artifact": identity["artifact"],
+            "identity": identity,
+            "identity_hash": digest,
+            **self.provenance,
+        }
+
+
+def sample_seed(spec: SweepSpec, sample: Sample, length: int) -> int:
+    """The seed methods that draw random numbers get for this sample: from the run seed and the sample."""
+    return derive_seed(spec.seed, sample.task, length, sample.sample_id) & (2**63 - 1)
+
+
+def _measured(outcome: CellResult | ScoredCell) -> dict[str, Any]:
+    return {
+        "kv_bytes": outcome.kv_bytes,
+        "kv_bytes_full": outcome.kv_bytes_full,
+        "kv_ratio": round(outcome.kv_ratio, 6),
+        "kv_bytes_peak": outcome.kv_bytes_peak,
+        "prefill_s": round(outcome.prefill_s, 4),
+        "compress_s": round(outcome.compress_s, 4),
+        "prefill_peak_memory_bytes": outcome.prefill_peak_memory_bytes,
+        "decode_peak_memory_bytes": outcome.decode_peak_memory_bytes,
+    }
+
+
 def _row(
     sample: Sample,
     length: int,
@@ -149,7 +257,7 @@ def _row(
     budget: float,
     outcome: CellResult | BudgetError,
     parts,
-    spec,
+    context: RowContext,
     metric: str,
 ):
     depths = sample.metadata.get("depths") or ([sample.metadata["depth"]] if "depth" in sample.metadata else [])
@@ -157,15 +265,15 @@ def _row(
         "task": sample.task,
         "length": length,
         "sample_id": sample.sample_id,
-        "method": method.name,
+        **context.method_fields(method),
         "budget": budget,
         "metric": metric,
         "references": sample.references,
         "context_tokens": len(parts.context_ids),
         "question_tokens": len(parts.question_ids),
         "depth": float(depths[0]) if depths else None,
-        "query_aware": spec.query_aware,
-        "seed": spec.seed,
+        "query_aware": context.spec.query_aware,
+        "seed": context.spec.seed,
     }
     if isinstance(outcome, BudgetError):
         return {**row, "score": None, "error": str(outcome)}
@@ -173,15 +281,10 @@ def _row(
         **row,
         "score": round(100 * score_metric(sample, outcome.output, metric), 2),
         "output": outcome.output,
-        "kv_bytes": outcome.kv_bytes,
-        "kv_bytes_full": outcome.kv_bytes_full,
-        "kv_ratio": round(outcome.kv_ratio, 6),
-        "prefill_s": round(outcome.prefill_s, 4),
-        "compress_s": round(outcome.compress_s, 4),
+        **_measured(outcome),
         "decode_s": round(outcome.decode_s, 4),
         "new_tokens": outcome.new_tokens,
         "stopped_by": outcome.stopped_by,
-        "peak_memory_bytes": outcome.peak_memory_bytes,
     }
 
 
@@ -193,7 +296,7 @@ def _perplexity_row(
     outcome: ScoredCell | BudgetError,
     context_ids: list[int],
     continuation_ids: list[int],
-    spec,
+    context: RowContext,
 ):
     """A perplexity cell (lower is better): nothing is generated, so there is no output and no new token;
     decode_s is the teacher-forced scoring pass over the reference."""
@@ -201,7 +304,7 @@ def _perplexity_row(
         "task": sample.task,
         "length": length,
         "sample_id": sample.sample_id,
-        "method": method.name,
+        **context.method_fields(method),
         "budget": budget,
         "metric": sample.metric,
         "references": sample.references,
@@ -209,8 +312,8 @@ def _perplexity_row(
         "question_tokens": 0,
         "scored_tokens": len(continuation_ids),
         "depth": None,
-        "query_aware": spec.query_aware,
-        "seed": spec.seed,
+        "query_aware": context.spec.query_aware,
+        "seed": context.spec.seed,
     }
     if isinstance(outcome, BudgetError):
         return {**row, "score": None, "error": str(outcome)}
@@ -218,38 +321,35 @@ def _perplexity_row(
     return {
         **row,
         "score": round(scored.perplexity, 4),
-        "kv_bytes": outcome.kv_bytes,
-        "kv_bytes_full": outcome.kv_bytes_full,
-        "kv_ratio": round(outcome.kv_ratio, 6),
-        "prefill_s": round(outcome.prefill_s, 4),
-        "compress_s": round(outcome.compress_s, 4),
+        **_measured(outcome),
         "decode_s": round(outcome.score_s, 4),
         "new_tokens": 0,
-        "peak_memory_bytes": outcome.peak_memory_bytes,
     }
 
 
-def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, spec: SweepSpec):
+def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: RowContext):
     """(method, budget, rows) for each cell of one sample as it finishes: generated answers are scored with every
     metric the task reports (one row each); perplexity samples are scored, not generated."""
+    seed = sample_seed(context.spec, sample, length)
     if sample.metric == "perplexity":
         context_ids, continuation_ids = token_split(loaded.tokenizer, sample)
-        for method, budget, outcome in iter_scoring_cells(loaded, context_ids, [], [continuation_ids], todo):
+        cells = iter_scoring_cells(loaded, context_ids, [], [continuation_ids], todo, seed)
+        for method, budget, outcome in cells:
             yield (
                 method,
                 budget,
-                [_perplexity_row(sample, length, method, budget, outcome, context_ids, continuation_ids, spec)],
+                [_perplexity_row(sample, length, method, budget, outcome, context_ids, continuation_ids, context)],
             )
         return
     parts = split_prompt(
-        loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=spec.query_aware
+        loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=context.spec.query_aware
     )
-    outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens)
+    outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens, seed=seed)
     for method, budget, outcome in outcomes:
         yield (
             method,
             budget,
-            [_row(sample, length, method, budget, outcome, parts, spec, m) for m in row_metrics(sample)],
+            [_row(sample, length, method, budget, outcome, parts, context, m) for m in row_metrics(sample)],
         )
 
 
@@ -257,22 +357,31 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     methods = validate(spec)
     store = ResultStore(spec.out)
     # What must match for new rows to belong with those already in --out; checked before the model loads.
-    identity = {"model": spec.model, "seed": spec.seed, "query_aware": spec.query_aware}
+    identity = run_identity(spec)
     previous = store.open(identity, force=spec.force)
     loaded = load_model(spec.model, spec.device, spec.dtype)
     too_long = [n for n in spec.lengths if n > loaded.max_length]
     if too_long:
         raise KVBenchError(f"length {too_long[0]} exceeds {spec.model}'s maximum of {loaded.max_length} tokens")
-    meta = run_metadata(spec, loaded)
-    if previous is not None:
+    calibrated = {m.label: ensure_calibrated(loaded, m) for m in methods if m.needs_calibration}
+    identities = method_identities(methods, identity, loaded.tokenizer)
+    refuse_mixed_identities(store, identities, spec.force)
+    meta = run_metadata(spec, loaded, identity)
+    if previous is not None and not previous.get("replaced"):
         meta["started_at"] = previous.get("started_at", meta["started_at"])
-    calibrated = {m.name: ensure_calibrated(loaded, m) for m in methods if m.needs_calibration}
-    meta["calibration"] = {name: str(path) for name, path in calibrated.items()}
+    invocation = invocation_record(spec)
+    store.add_invocation(meta, previous, invocation)
+    meta["calibration"] = {label: str(path) for label, path in calibrated.items()}
     store.write_meta(meta)
-    # A cell is done when every metric its task reports has a row (a kill can fall between a cell's rows).
-    done_metrics = {(cell_key(row), row["metric"]) for row in store.rows()}
+    context = RowContext(spec, identities, provenance())
+    # A cell is done when every metric its task reports has a row of its whole identity (a kill can fall between
+    # a cell's rows).
+    done = {cell_key(row) for row in store.rows()}
     cells = cells_for(methods, spec.budgets)
     cache_dir = spec.sample_cache or default_sample_cache()
+
+    def key(task: str, length: int, sample_id: int, method: Method, budget: float, metric: str):
+        return (task, length, sample_id, round(budget, 6), metric, identities[method.label][1])
 
     plan = []
     for task in spec.tasks:
@@ -285,9 +394,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
                 todo = [
                     (m, b)
                     for m, b in cells
-                    if any(
-                        ((task, length, sample.sample_id, m.name, round(b, 6)), x) not in done_metrics for x in metrics
-                    )
+                    if any(key(task, length, sample.sample_id, m, b, x) not in done for x in metrics)
                 ]
                 if todo:
                     plan.append((length, sample, todo))
@@ -298,13 +405,13 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
         bar.write(f"kvbench: {skipped} finished cells found in {spec.out}; running the {total} left")
     with bar:
         for length, sample, todo in plan:
-            for method, budget, rows in _cell_rows(loaded, sample, length, todo, spec):
+            for method, budget, rows in _cell_rows(loaded, sample, length, todo, context):
                 for row in rows:
-                    if (cell_key(row), row["metric"]) not in done_metrics:
+                    if cell_key(row) not in done:
                         store.append(row)
-                        done_metrics.add((cell_key(row), row["metric"]))
-                bar.set_postfix_str(f"{sample.task}@{length} {method.name}@{budget:g}", refresh=False)
+                        done.add(cell_key(row))
+                bar.set_postfix_str(f"{sample.task}@{length} {method.label}@{budget:g}", refresh=False)
                 bar.update(1)
-    meta["finished_at"] = now()
+    meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
     return store

@@ -181,7 +181,9 @@ def test_lm_eval_run_records_metadata_and_skips_finished_cells(niah_runs, tiny):
     out, _, lm_rows = niah_runs
     meta = json.loads((out / "lm" / "run.json").read_text())
     assert meta["runner"] == "lm-eval" and meta["versions"]["lm_eval"] and meta["finished_at"]
-    assert meta["finished_cells"] == [["full", 1.0], ["snapkv", 0.25]]
+    assert [entry["command"].split()[1] for entry in meta["invocations"]] == ["lm-eval"]
+    assert meta["identity"]["question_tokens"] == 64 and meta["identity"]["apply_chat_template"] is False
+    assert {row["method_label"] for row in lm_rows} == {"full", "snapkv"}
     before = (out / "lm" / "results.jsonl").read_bytes()
     root, _ = tiny
     args = ["lm-eval", "--model", str(root / "model"), "--methods", "full,snapkv", "--budgets", "0.25", "--tasks",
@@ -189,3 +191,41 @@ def test_lm_eval_run_records_metadata_and_skips_finished_cells(niah_runs, tiny):
             "--no-report", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert (out / "lm" / "results.jsonl").read_bytes() == before
+    assert len(json.loads((out / "lm" / "run.json").read_text())["invocations"]) == 2
+
+
+def test_lm_eval_limit_raised_computes_only_the_new_docs(niah_runs, tiny, tmp_path, monkeypatch):
+    """--limit 1 then no limit: the second run evaluates doc 1 alone and leaves doc 0's rows as they were."""
+    out, _, _ = niah_runs
+    root, _ = tiny
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(out / "cache"))
+    evaluated = []
+    from kvbench.harness import lm_eval_run
+
+    original = lm_eval_run._evaluate
+
+    def spy(loaded, method, budget, manager, spec, docs, fields):
+        evaluated.append((method.label, docs))
+        return original(loaded, method, budget, manager, spec, docs, fields)
+
+    monkeypatch.setattr(lm_eval_run, "_evaluate", spy)
+    args = ["lm-eval", "--model", str(root / "model"), "--methods", "snapkv", "--budgets", "0.25", "--tasks",
+            "kvbench_niah_single_1_512", "--include-path", str(out / "tasks"), "--out", str(tmp_path / "lm"),
+            "--no-report", "--no-progress"]  # fmt: skip
+    assert main([*args, "--limit", "1"]) == 0
+    first = (tmp_path / "lm" / "results.jsonl").read_text().splitlines()
+    assert main(args) == 0
+    rows = (tmp_path / "lm" / "results.jsonl").read_text().splitlines()
+    assert rows[: len(first)] == first and len(rows) == 2 * len(first)
+    assert evaluated == [("snapkv", {"kvbench_niah_single_1_512": [0]}), ("snapkv", {"kvbench_niah_single_1_512": [1]})]
+
+
+def test_lm_eval_question_tokens_is_part_of_the_identity(niah_runs, tiny, capsys):
+    out, _, _ = niah_runs
+    root, _ = tiny
+    args = ["lm-eval", "--model", str(root / "model"), "--methods", "full", "--budgets", "0.25", "--tasks",
+            "kvbench_niah_single_1_512", "--include-path", str(out / "tasks"), "--out", str(out / "lm"),
+            "--no-report", "--no-progress", "--question-tokens", "32"]  # fmt: skip
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert "question_tokens 64 (now 32)" in error and "\n" not in error
