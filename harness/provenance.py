@@ -144,10 +144,11 @@ def identity_hash(identity: dict[str, Any]) -> str:
 
 
 def cell_identity(run_identity: dict[str, Any], method: Any) -> dict[str, Any]:
-    """The run's identity plus the method's name, full configuration and artifact fingerprint."""
+    """The run's identity plus the method's name, algorithm version, full configuration and artifact fingerprint."""
     return {
         **run_identity,
         "method": method.name,
+        "method_version": method.version,
         "method_config": method.config_record(),
         "artifact": method.artifact_fingerprint(),
     }

@@ -293,6 +293,7 @@ class ClusteringStream:
 @register
 class AttentionClustering(Method):
     name = "attention_clustering"
+    version = 2  # K planned for bias and int32 counts
     family = "pruning + merging (own prefill, decode-time)"
     description = (
         "Prunes to the most-attended entries every P tokens (prefill and decode) and merges them into K centroids"

@@ -31,6 +31,9 @@ class Method(ABC):
     uses_budget: ClassVar[bool] = True
     # True for methods that need per-model artifacts (bases, head scores, groups) computed once, offline.
     needs_calibration: ClassVar[bool] = False
+    # Raised whenever a change of the code changes what the method keeps or outputs for the same config: part of
+    # every row's identity, so a store never counts rows of the older algorithm as finished cells of the new one.
+    version: ClassVar[int] = 1
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()

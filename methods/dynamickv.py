@@ -93,6 +93,7 @@ def progressive_orders(
 @register
 class DynamicKV(Method):
     name = "dynamickv"
+    version = 2  # budgets round down (a ceiling)
     family = "token eviction (per-layer budgets)"
     description = "SnapKV-style scores with per-layer budgets reallocated every 4 layers by global top-k"
     Config = DynamicKVConfig

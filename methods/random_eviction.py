@@ -31,6 +31,7 @@ def _layer_seed(seed: int, observation: Observation, layer: int) -> int:
 @register
 class RandomEviction(Method):
     name = "random"
+    version = 2  # seeded by the run seed, the sample and the layer
     family = "token eviction"
     description = "Keeps a uniformly random int(b*N) tokens per KV head (a floor)"
     Config = RandomConfig

@@ -199,6 +199,7 @@ class UNComp(Method):
     """
 
     name = "uncomp"
+    version = 2  # budgets round down (a ceiling)
     family = "token eviction (per-head-group budgets, decode-time)"
     description = "Entropy-ranked KV-head groups with 2:1 budgets; SnapKV selection; one eviction per decode step"
     Config = UNCompConfig

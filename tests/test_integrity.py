@@ -16,7 +16,7 @@ from kvbench.methods import get_method
 
 IDENTITY_FIELDS = {
     "model", "model_source", "model_fingerprint", "dtype", "device", "attention_backend", "task_generator_version",
-    "seed", "query_aware", "chat_template", "method", "method_config", "artifact",
+    "seed", "query_aware", "chat_template", "method", "method_version", "method_config", "artifact",
 }  # fmt: skip
 
 
