@@ -145,6 +145,8 @@ def _budget_panel(ax, means: pd.DataFrame, styles: Styles, metric: str, title: s
         if pd.notna(point[SCORE_LO]):
             ax.axhspan(point[SCORE_LO], point[SCORE_HI], **REFERENCE_BAND)
     _score_limits(ax, means[[SCORE, SCORE_LO, SCORE_HI]].stack(), metric)
+    budgets = sorted(compressed["budget"].unique())
+    ax.set_xticks(budgets, [f"{budget:g}" for budget in budgets])  # ticks at the true budgets, not the nudges
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("budget (fraction of full KV)")
     ax.set_ylabel("mean score")

@@ -73,10 +73,10 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Load `run.json` and `results.jsonl`, adding the columns every report needs.
 
-    Added columns: `refused` (the method declined the cell, or the row has no score; either way it
-    is no zero and stays out of every mean and pairing), `null`
-    (an empty answer after the scorer's post-processing, tasks.md §11.4). `method_label` falls back
-    to `method` for stores written before rows carried it, so every report can group by it.
+    Added columns: `refused` (the method declined the cell, or the row has no score: either way it
+    is no zero, and it stays out of every mean and every pairing), `null` (an empty answer after the
+    scorer's post-processing, tasks.md §11.4). `method_label` falls back to `method` for stores
+    written before rows carried it, so every report can group by it.
     """
     run_dir = Path(run_dir)
     meta = _read_meta(run_dir / "run.json")
