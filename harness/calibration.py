@@ -17,8 +17,9 @@ import torch
 
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel
-from kvbench.harness.provenance import tensors_fingerprint
+from kvbench.harness.provenance import loaded_fingerprint, tensors_fingerprint
 from kvbench.harness.store import now
+from kvbench.harness.training import Trained, load_checkpoint, save_checkpoint
 from kvbench.methods._calibration_data import DATA_VERSION
 from kvbench.methods.base import Method
 
@@ -39,9 +40,15 @@ def _say(message: str) -> None:
 def ensure_calibrated(
     loaded: LoadedModel, method: Method, force: bool = False, say: Callable[[str], None] = _say
 ) -> Path | None:
-    """Give `method` its artifacts: from the cache, or calibrated now (and cached). None if it needs none."""
+    """Give `method` its artifacts: from `checkpoint=PATH` when its config names one, else from the cache, or
+    calibrated (learned methods: trained) now and cached. None if it needs none."""
     if not method.needs_calibration:
         return None
+    given = getattr(method.config, "checkpoint", "")
+    if given:
+        payload = load_checkpoint(given, method.name, loaded_fingerprint(loaded), loaded.name)
+        _hand_over(method, payload["artifacts"], payload)
+        return Path(given)
     path = artifact_path(loaded, method)
     if path.exists() and not force:
         try:
@@ -52,14 +59,14 @@ def ensure_calibrated(
                 f"calibration file {path} is corrupt or unreadable; recreate it with "
                 f"'kvbench calibrate {method.name} --model {loaded.name} --force'"
             ) from None
-        method.load_calibration(artifacts)
-        method._artifact_fingerprint = tensors_fingerprint(artifacts)
+        if payload.get("format") is not None:  # a learned method's checkpoint: every check of one
+            payload = load_checkpoint(path, method.name, loaded_fingerprint(loaded), loaded.name)
+        _hand_over(method, artifacts, payload)
         return path
-    say(f"kvbench: calibrating {method.name} for {loaded.name} (once; cached in {path})")
+    what = "training" if method.learns else "calibrating"
+    say(f"kvbench: {what} {method.name} for {loaded.name} (once; cached in {path})")
     start = time.perf_counter()
-    artifacts = {
-        name: tensor.detach().cpu() for name, tensor in method.calibrate(loaded.model, loaded.tokenizer).items()
-    }
+    made = method.calibrate(loaded.model, loaded.tokenizer)
     seconds = time.perf_counter() - start
     meta = {
         "model": loaded.source,
@@ -70,14 +77,24 @@ def ensure_calibrated(
         "seconds": round(seconds, 3),
         "created": now(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save({"artifacts": artifacts, "meta": meta}, temporary)
-    os.replace(temporary, path)
-    say(f"kvbench: calibrated {method.name} in {seconds:.1f} s")
+    if isinstance(made, Trained):
+        save_checkpoint(path, method.name, method.config_record(), made, loaded_fingerprint(loaded), meta)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        payload = {"artifacts": {name: tensor.detach().cpu() for name, tensor in made.items()}, "meta": meta}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    say(f"kvbench: {'trained' if method.learns else 'calibrated'} {method.name} in {seconds:.1f} s")
+    _hand_over(method, payload["artifacts"], payload)
+    return path
+
+
+def _hand_over(method: Method, artifacts: dict[str, torch.Tensor], payload: dict) -> None:
     method.load_calibration(artifacts)
     method._artifact_fingerprint = tensors_fingerprint(artifacts)
-    return path
+    method.artifact_record = {k: v for k, v in payload.items() if k != "artifacts"}
 
 
 def calibration_meta(path: Path) -> dict:

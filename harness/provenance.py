@@ -83,6 +83,18 @@ def model_fingerprint(location: str, gguf_file: str | None) -> str:
     return f"hub:{location}@{_hub_revision(location) or 'unknown-revision'}"
 
 
+def loaded_fingerprint(loaded: Any) -> str:
+    """The fingerprint of a loaded model: of its weights file(s) where it came from files, else of its tensors."""
+    source = Path(loaded.source)
+    if source.is_file():
+        return "sha256:" + file_sha256(source)
+    if source.is_dir():
+        return model_fingerprint(str(source), None)
+    if str(loaded.source).startswith("memory:") or "/" not in str(loaded.source):
+        return object_fingerprint(loaded.model)
+    return model_fingerprint(str(loaded.source), None)
+
+
 def object_fingerprint(model: Any) -> str:
     """`params:<hex>` over a model object's parameters and buffers (an in-memory model has no file)."""
     return "params:" + tensors_fingerprint(dict(model.state_dict())).removeprefix("sha256:")

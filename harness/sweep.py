@@ -226,6 +226,7 @@ class RowContext:
             "method_label": method.label,
             "method_config": identity["method_config"],
             "artifact": identity["artifact"],
+            "method_bytes": method.method_bytes(),
             "identity": identity,
             "identity_hash": digest,
             **self.provenance,

@@ -34,6 +34,9 @@ class Method(ABC):
     # Raised whenever a change of the code changes what the method keeps or outputs for the same config: part of
     # every row's identity, so a store never counts rows of the older algorithm as finished cells of the new one.
     version: ClassVar[int] = 1
+    # True for learned methods: their calibration trains weights (`kvbench train NAME --out FILE` makes a checkpoint
+    # with the config's fields as options; `NAME:checkpoint=PATH` uses one).
+    learns: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -88,12 +91,19 @@ class Method(ABC):
 
     def calibrate(self, model: torch.nn.Module, tokenizer) -> dict[str, torch.Tensor]:
         """Compute this method's per-model artifacts from offline data (see `calibration_ids`); the harness
-        caches them per model and config and hands them back through `load_calibration`."""
+        caches them per model and config and hands them back through `load_calibration`. A learned method
+        trains here and returns a `kvbench.harness.training.Trained` (weights, data record, losses), which the
+        harness writes as a versioned checkpoint."""
         raise NotImplementedError(f"{self.name} needs no calibration")
 
     def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
         """Take artifacts made by `calibrate` (fresh or from the cache) before the first compress."""
         raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def method_bytes(self) -> int | None:
+        """Bytes of the model-sized artifacts the method holds that do not grow with the context (a decoder, a
+        scorer's weights): reported in their own column, never in kv_bytes. None for methods that hold none."""
+        return None
 
     def calibration_key(self) -> str:
         """What the artifacts depend on besides the model: by default the whole config."""

@@ -1,0 +1,101 @@
+"""The learned methods' shared plumbing: a recorded held-out split, one versioned checkpoint, one-line errors."""
+
+import pytest
+import torch
+from conftest import build_tasks_tokenizer
+
+from kvbench.harness.errors import KVBenchError
+from kvbench.harness.train_cli import training_options
+from kvbench.harness.training import FORMAT_VERSION, Trained, load_checkpoint, save_checkpoint, train_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tasks_tokenizer(chat_template=False)
+
+
+def test_split_is_disjoint_recorded_and_rebuilds_from_its_record(tokenizer, tmp_path):
+    extra = tmp_path / "notes.txt"
+    extra.write_text("A local text file the user adds to the training text. " * 50, encoding="utf-8")
+    split = train_text(tokenizer, tokens=4000, window=100, seed=3, heldout_fraction=0.25, text_files=[extra])
+    record = split.record
+    assert len(split.train) == 40 and len(split.heldout) == 10
+    assert not set(record["train_offsets"]) & set(record["heldout_offsets"])
+    assert all(len(w) == 100 for w in split.train + split.heldout)
+    assert [s["name"] for s in record["sources"]][1] == str(extra.resolve())
+    # The record alone rebuilds the windows from the same sources.
+    from kvbench.methods._calibration_data import calibration_text
+
+    ids = tokenizer.encode(calibration_text(), add_special_tokens=False)
+    ids += tokenizer.encode(extra.read_text(encoding="utf-8"), add_special_tokens=False)
+    assert split.heldout == [ids[o : o + 100] for o in record["heldout_offsets"]]
+    assert train_text(tokenizer, 4000, 100, seed=3, heldout_fraction=0.25, text_files=[extra]).record == record
+    assert train_text(tokenizer, 4000, 100, seed=4).record["train_offsets"] != record["train_offsets"]
+
+
+def test_too_much_training_text_asked_is_one_line(tokenizer):
+    with pytest.raises(KVBenchError, match="too few") as error:
+        train_text(tokenizer, tokens=10**9, window=100)
+    assert "\n" not in str(error.value)
+
+
+def trained():
+    return Trained({"w": torch.arange(6.0).reshape(2, 3)}, {"window": 8}, {"train": [1.0, 0.5], "heldout": 0.6})
+
+
+def test_checkpoint_round_trip_keeps_every_record(tmp_path):
+    path = save_checkpoint(tmp_path / "ae.pt", "autoencoder", {"latent_dim": 8}, trained(), "sha256:abc", {"s": 1})
+    payload = load_checkpoint(path, "autoencoder", "sha256:abc", "tiny")
+    assert payload["format_version"] == FORMAT_VERSION and payload["config"] == {"latent_dim": 8}
+    assert payload["data"] == {"window": 8} and payload["losses"]["heldout"] == 0.6
+    assert torch.equal(payload["artifacts"]["w"], torch.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("corrupt", "is corrupt or not a kvbench checkpoint"),
+        ("missing", "does not exist"),
+        ("method", "is snapkv's, not autoencoder's"),
+        ("model", "was trained on another model"),
+        ("version", "has format version 999"),
+        ("foreign", "is not a kvbench checkpoint"),
+    ],
+)
+def test_a_wrong_checkpoint_is_one_line_naming_the_fix(tmp_path, damage, expected):
+    path = tmp_path / "ae.pt"
+    method, fingerprint = "autoencoder", "sha256:abc"
+    if damage == "corrupt":
+        path.write_bytes(b"not a checkpoint")
+    elif damage == "method":
+        save_checkpoint(path, "snapkv", {}, trained(), fingerprint, {})
+    elif damage == "model":
+        save_checkpoint(path, method, {}, trained(), "sha256:other", {})
+    elif damage == "version":
+        save_checkpoint(path, method, {}, trained(), fingerprint, {})
+        payload = torch.load(path, weights_only=True)
+        torch.save({**payload, "format_version": 999}, path)
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(KVBenchError) as error:
+        load_checkpoint(path, method, fingerprint, "smollm2-135m")
+    message = str(error.value)
+    assert expected in message and "'kvbench train autoencoder --model smollm2-135m --out FILE'" in message
+    assert "\n" not in message
+
+
+def test_training_options_come_from_the_config_fields():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Config:
+        latent_dim: int = 16
+        per_head: bool = False
+        activation: str = "none"
+        checkpoint: str = ""
+
+    assert training_options("x", Config, ["--latent-dim", "8", "--per-head"]) == {"latent_dim": 8, "per_head": True}
+    with pytest.raises(KVBenchError, match="unrecognized arguments: --checkpoint"):
+        training_options("x", Config, ["--checkpoint", "a.pt"])
+    with pytest.raises(KVBenchError, match="invalid int value"):
+        training_options("x", Config, ["--latent-dim", "big"])
