@@ -129,13 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     if args.what == "methods":
-        from kvbench.methods import list_methods
+        from kvbench.methods import list_methods, method_origin
 
-        rows = list_methods()
-    else:
-        from kvbench.tasks import list_tasks
+        rows = [(name, family, method_origin(name), description) for name, family, description in list_methods()]
+        widths = [max(len(row[column]) for row in rows) for column in range(3)]
+        for row in rows:
+            print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[3]}")
+        return
+    from kvbench.tasks import list_tasks
 
-        rows = [(name, description) for name, description in list_tasks()]
+    rows = [(name, description) for name, description in list_tasks()]
     width = max(len(row[0]) for row in rows)
     for row in rows:
         print(f"{row[0]:<{width}}  " + "  ".join(row[1:]))

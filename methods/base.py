@@ -142,9 +142,13 @@ REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its name."""
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two methods are registered as {cls.name!r}")
+    """Class decorator: make a method available by its name (built-in modules and plug-ins alike)."""
+    other = REGISTRY.get(cls.name)
+    if other is not None and other is not cls:
+        raise ValueError(
+            f"method name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+            f"{other.__module__}.{other.__qualname__}; rename one"
+        )
     REGISTRY[cls.name] = cls
     return cls
 
@@ -158,12 +162,14 @@ def _defaults(config_type: type) -> str:
 def get_method(name: str, **options: Any) -> Method:
     """Instantiate a registered method from its name or a `NAME:option=value:...` spec (typed from the config's
     defaults); an unknown name lists the valid ones, an unknown option or bad value lists the options."""
-    from kvbench.methods import load_all
+    from kvbench.methods import failed_plugins, load_all
 
     load_all()
     spec = parse_method_spec(name)
     if spec.name not in REGISTRY:
-        raise UnknownNameError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+        failed = failed_plugins()
+        hint = f" (plug-ins that failed to load: {', '.join(sorted(failed))})" if failed else ""
+        raise UnknownNameError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(REGISTRY))}{hint}")
     cls = REGISTRY[spec.name]
     typed = configured_options(spec.name, cls.Config, spec)
     return cls(**{**typed, **options})
