@@ -156,14 +156,20 @@ def identity_hash(identity: dict[str, Any]) -> str:
 
 
 def cell_identity(run_identity: dict[str, Any], method: Any) -> dict[str, Any]:
-    """The run's identity plus the method's name, algorithm version, full configuration and artifact fingerprint."""
-    return {
+    """The run's identity plus the method's name, algorithm version, full configuration and artifact fingerprint;
+    a method from a plug-in also names its distribution and version (built-ins come with kvbench itself)."""
+    from kvbench.methods import REGISTRY, method_origin
+
+    identity = {
         **run_identity,
         "method": method.name,
         "method_version": method.version,
         "method_config": method.config_record(),
         "artifact": method.artifact_fingerprint(),
     }
+    if REGISTRY.get(method.name) is type(method) and method_origin(method.name) != "built-in":
+        identity["method_origin"] = method_origin(method.name)
+    return identity
 
 
 def provenance() -> dict[str, Any]:
