@@ -1,0 +1,158 @@
+"""KIVI: keys quantized per channel, values per token, a full-precision recent window (Liu et al., arXiv 2402.02750).
+
+Every context token is kept, at low precision: the cache stores packed integer codes plus an fp16 scale and
+minimum per group (`kvbench.harness.quantized_prefix`), and dequantizes them at attention time, never storing
+the result back. Keys are quantized after RoPE, as cached. The prefill attends to the exact keys and values;
+the stored context is quantized once, afterwards (reference_methods.md §9). This is not transformers'
+`QuantizedCache`, which quantizes both K and V per channel and re-quantizes on flushes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.prefill import Observation
+from kvbench.harness.prefix import LayerPrefix
+from kvbench.harness.quantized_prefix import BITS, QuantizedPrefix
+from kvbench.methods.base import Method, register
+
+# fp16 scale + fp16 minimum per group.
+GROUP_METADATA_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KIVIConfig:
+    """arXiv 2402.02750 with the paper's G = 32 and R = 128 (reference_methods.md §9).
+
+    key_bits / value_bits: 2, 4 or 8 (8 matters for fp32 caches, where 8 bits is a quarter of the bytes); 0
+    lets the budget choose: the largest width (K and V alike when both are 0) whose cost with the paper's
+    window fits the budget.
+
+    Residual: keys are quantized in blocks of R tokens, so N mod R keys stay raw; the last R values stay raw.
+    With `fill_budget` (default) the bytes the chosen width leaves under the budget keep more of the most
+    recent tokens in full precision (`extra` tokens beyond the paper's window, the most the budget pays for), so
+    the achieved ratio sits just under b instead of at the width's fixed ratio; `fill_budget=false` is the
+    paper's window exactly. b = 1 is the full cache (nothing quantized). A budget below the narrowest width's
+    cost with the paper's window is refused, naming the lowest reachable budget (all of a context shorter than
+    R stays raw: only b = 1 is reachable there).
+
+    Tokens decoded after the context are not quantized (the cache seam keeps them in the raw tail), unlike the
+    paper's streaming residual; on answers of tens of tokens this differs from the paper by at most R tokens.
+    """
+
+    key_bits: int = 0
+    value_bits: int = 0
+    group_size: int = 32
+    residual: int = 128
+    fill_budget: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            if getattr(self, name) not in (0, *BITS):
+                raise ValueError(f"{name} must be 0 (chosen by the budget) or one of {BITS}")
+        if self.group_size < 1 or self.residual < 0 or self.residual % self.group_size:
+            raise ValueError("group_size must be positive and residual a multiple of it")
+
+
+@dataclass(frozen=True)
+class KIVIPlan:
+    """What one context keeps: widths and how many tokens of keys/values are quantized (the rest stay raw)."""
+
+    key_bits: int
+    value_bits: int
+    key_quantized: int
+    value_quantized: int
+
+
+def quantized_counts(n: int, residual: int, group: int, key_extra: int, value_extra: int) -> tuple[int, int]:
+    """Tokens quantized: keys in whole blocks of R tokens (the paper's N mod R raw keys), less the groups of G
+    tokens that fall in the last `key_extra`; values all but the last R + `value_extra`."""
+    block = residual or group
+    keys = min(block * (n // block), group * (max(n - key_extra, 0) // group))
+    return keys, max(n - residual - value_extra, 0)
+
+
+def layer_bytes(n: int, heads: int, dim: int, element: int, plan: KIVIPlan, group: int, value_group: int) -> int:
+    """Bytes one layer's `QuantizedPrefix` stores: packed codes, fp16 scale + min per group, raw residuals."""
+    nk, nv = plan.key_quantized, plan.value_quantized
+    key = math.ceil(heads * nk * dim * plan.key_bits / 8) + heads * (nk // group) * dim * GROUP_METADATA_BYTES
+    value = math.ceil(heads * nv * dim * plan.value_bits / 8) + heads * nv * (dim // value_group) * GROUP_METADATA_BYTES
+    return key + value + heads * (2 * n - nk - nv) * dim * element
+
+
+@register
+class KIVI(Method):
+    name = "kivi"
+    family = "quantization"
+    description = (
+        "Keys per channel, values per token, asymmetric 2/4/8-bit codes packed, a full-precision recent window"
+    )
+    Config = KIVIConfig
+
+    def _widths(self) -> list[tuple[int, int]]:
+        key, value = self.config.key_bits, self.config.value_bits
+        if not key and not value:
+            return [(bits, bits) for bits in BITS]
+        return [(k, v) for k in ([key] if key else BITS) for v in ([value] if value else BITS)]
+
+    def plan(self, n: int, heads: int, dim: int, element: int, num_layers: int, budget: float) -> KIVIPlan:
+        """The widths whose cost with the paper's window is closest to the budget from below, then the longest
+        full-precision window the rest of the budget pays for (`fill_budget`)."""
+        config = self.config
+        value_group = min(config.group_size, dim)
+        if budget >= 1.0:
+            return KIVIPlan(BITS[-1], BITS[-1], 0, 0)
+        cap = budget * 2 * num_layers * heads * n * dim * element
+
+        def total(k: int, v: int, key_extra: int, value_extra: int) -> int:
+            nk, nv = quantized_counts(n, config.residual, config.group_size, key_extra, value_extra)
+            plan = KIVIPlan(k, v, nk, nv)
+            return num_layers * layer_bytes(n, heads, dim, element, plan, config.group_size, value_group)
+
+        def longest(fits, high: int) -> int:  # the largest extra window that fits (cost never falls as it grows)
+            low = 0
+            while low < high:
+                middle = (low + high + 1) // 2
+                low, high = (middle, high) if fits(middle) else (low, middle - 1)
+            return low
+
+        costs = sorted(((total(k, v, 0, 0), k, v) for k, v in self._widths()), reverse=True)
+        fitting = [cost for cost in costs if cost[0] <= cap]
+        if not fitting:
+            lowest = costs[-1][0] / (2 * num_layers * heads * n * dim * element)
+            raise BudgetError(
+                f"kivi at {costs[-1][1]}/{costs[-1][2]} bits with a {config.residual}-token full-precision window "
+                f"keeps at least {lowest:.4f} of this {n}-token context, so budget {budget:g} is unreachable; the "
+                f"lowest reachable budget is {math.ceil(lowest * 100) / 100:g}"
+            )
+        _, k, v = fitting[0]
+        extra = longest(lambda e: total(k, v, e, e) <= cap, n if config.fill_budget else 0)
+        # Keys go raw G tokens at a time: what is left of the budget after that pays for single value tokens.
+        value_extra = longest(lambda e: total(k, v, extra, e) <= cap, n if config.fill_budget else 0)
+        return KIVIPlan(k, v, *quantized_counts(n, config.residual, config.group_size, extra, value_extra))
+
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        config = self.config
+        heads, dim = observation.num_kv_heads, observation.head_dim
+        value_group = min(config.group_size, dim)
+        if dim % value_group:
+            raise KVBenchError(
+                f"kivi's value groups of {value_group} channels do not divide head_dim {dim}; pick a group_size that does"
+            )
+        element = observation.keys[0].element_size()
+        plan = self.plan(observation.context_length, heads, dim, element, observation.num_layers, budget)
+        return [
+            QuantizedPrefix(
+                keys,
+                values,
+                plan.key_bits,
+                plan.value_bits,
+                config.group_size,
+                value_group,
+                plan.key_quantized,
+                plan.value_quantized,
+            )
+            for keys, values in zip(observation.keys, observation.values, strict=True)
+        ]
