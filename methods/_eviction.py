@@ -105,3 +105,65 @@ def keep_window_and_top(
         return gather_heads(observation, layer, recent)
     top = prefix_scores.topk(n_kept - window, dim=-1).indices
     return gather_heads(observation, layer, torch.cat([top, recent], dim=-1))
+
+
+def protected(scores: torch.Tensor) -> torch.Tensor:
+    """Where a scorer protected a token (window, sinks, last token): it scores +inf, so it always survives."""
+    return torch.isposinf(scores)
+
+
+def top_indices(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """[H, n_kept] indices of each head's highest scores; protected tokens first.
+
+    Where a head's protected tokens alone fill the budget, the most recent of them stay (recency decides within
+    a window, as `keep_window_and_top` does), so +inf ties never leave the choice to `topk`.
+    """
+    guarded = protected(scores)
+    full = guarded.sum(dim=-1) >= n_kept
+    if bool(full.any()):
+        positions = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype).expand_as(scores)
+        by_recency = torch.where(guarded, positions, float("-inf"))
+        scores = torch.where(full[:, None], by_recency, scores)
+    return scores.topk(n_kept, dim=-1).indices
+
+
+def keep_scored(observation: Observation, layer: int, scores: torch.Tensor, n_kept: int) -> TokenPrefix:
+    """Keep each KV head's `n_kept` highest-scoring tokens of a scorer's [H_kv, N] scores (see `top_indices`)."""
+    return gather_heads(observation, layer, top_indices(scores, n_kept))
+
+
+def adaptive_head_indices(scores: torch.Tensor, n_kept: int, alpha: float) -> list[torch.Tensor]:
+    """Global top-(H·n_kept) over a layer's heads after each head secures its top int(n_kept·α) (AdaKV,
+    arXiv 2407.11550): ragged per-head counts summing to H·n_kept."""
+    h_kv, n = scores.shape
+    scores = scores.clone()
+    n_safe = int(n_kept * alpha)
+    if n_safe > 0:
+        safe = scores.topk(n_safe, dim=-1).indices
+        scores.scatter_(1, safe, float("inf"))
+    chosen = scores.flatten().topk(h_kv * n_kept).indices
+    heads, positions = chosen // n, chosen % n
+    return [positions[heads == h] for h in range(h_kv)]
+
+
+def adaptive_indices(scores: torch.Tensor, n_kept: int, alpha: float) -> torch.Tensor | list[torch.Tensor]:
+    """AdaKV's selection over a scorer's [H_kv, N] scores; where the protected tokens alone fill the budget, every
+    head keeps the same most recent protected tokens (there is nothing left to allocate)."""
+    if int(protected(scores).sum(dim=-1).max()) >= n_kept:
+        return top_indices(scores, n_kept)
+    return adaptive_head_indices(scores, n_kept, alpha)
+
+
+def decode_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention [H_kv, g, m, n] of the m newest tokens' queries [H_q, m, d] over a layer's stored keys
+    [H_kv, n, d] (uniform heads), fp32, per KV head's query group (never expanded).
+
+    The queries' own tokens are the last m stored keys (stored keys are in position order): only among those
+    does causality mask.
+    """
+    h_q, m, dim = queries.shape
+    h_kv, n = keys.shape[0], keys.shape[1]
+    grouped = queries.float().reshape(h_kv, h_q // h_kv, m, dim)
+    logits = torch.einsum("hgid,hjd->hgij", grouped, keys.float()) * scaling
+    future = torch.arange(n, device=keys.device)[None, :] > torch.arange(n - m, n, device=keys.device)[:, None]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
