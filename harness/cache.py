@@ -61,8 +61,9 @@ class CompressedLayer(CacheLayerMixin):
             raise ValueError("crop takes a negative count of tail tokens to remove")
         if tokens_to_remove == 0 or self.keys is None:
             return
-        self.keys = self.keys[..., :tokens_to_remove, :]
-        self.values = self.values[..., :tokens_to_remove, :]
+        # Copies, not views: a view would keep the dropped tokens' storage alive (and counted).
+        self.keys = self.keys[..., :tokens_to_remove, :].clone()
+        self.values = self.values[..., :tokens_to_remove, :].clone()
 
     def absorb_tail(self, prefix: LayerPrefix) -> None:
         """Replace the prefix by one that now also covers the tail (a method recompressed prefix + tail).
@@ -75,9 +76,10 @@ class CompressedLayer(CacheLayerMixin):
         self.reset_tail()
 
     def reset_tail(self) -> None:
+        """Empty the tail, freeing its storage (an empty view would keep it alive, and counted)."""
         if self.keys is not None:
-            self.keys = self.keys[..., :0, :]
-            self.values = self.values[..., :0, :]
+            self.keys = self.keys.new_empty((*self.keys.shape[:-2], 0, self.keys.shape[-1]))
+            self.values = self.values.new_empty((*self.values.shape[:-2], 0, self.values.shape[-1]))
 
 
 class KVBenchCache(Cache):

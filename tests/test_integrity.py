@@ -178,3 +178,16 @@ def test_stored_bytes_counts_a_shared_tensor_once_and_survives_cycles():
     holder = Holder()
     holder.a, holder.b, holder.self = tensor, tensor[2:], holder
     assert stored_bytes([holder, {"again": tensor}]) == 40
+
+
+def test_an_emptied_tail_holds_no_storage():
+    """A decode-time method absorbs the tail into its prefix; what the tail held must then be freed and uncounted."""
+    from kvbench.harness.cache import KVBenchCache
+
+    cache = KVBenchCache(1)
+    cache.layers[0].update(torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))
+    assert cache.held_bytes() == 2 * 2 * 5 * 4 * 4
+    cache.layers[0].crop(-2)
+    assert cache.held_bytes() == 2 * 2 * 3 * 4 * 4
+    cache.reset_tail()
+    assert cache.held_bytes() == 0 and cache.get_seq_length() == 0
