@@ -94,18 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--force", action="store_true", help="recompute even if cached")
 
     train = commands.add_parser(
-        "train", help="fine-tune a model to work with a method's compression (attention_clustering's distillation)"
+        "train",
+        help="train a learned method into a checkpoint file, or fine-tune a model for attention_clustering",
+        description="Learned methods take their config fields as options (e.g. kvbench train autoencoder "
+        "--latent-dim 16 --out ae.pt); attention_clustering takes --steps --length --batch --lr --max-cache "
+        "--clusters --seed and writes a model directory.",
     )
-    train.add_argument("method", help="a method with a training step (attention_clustering)")
+    train.add_argument("method", help="a learned method, or attention_clustering")
     _add_model_options(train)
-    train.add_argument("--out", required=True, help="directory for the fine-tuned model; use it as --model DIR")
-    train.add_argument("--steps", type=int, help="optimizer steps (default 100)")
-    train.add_argument("--length", type=int, help="tokens per training sequence (default 2048)")
-    train.add_argument("--batch", type=int, help="sequences per step (default 4)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
-    train.add_argument("--max-cache", type=int, help="entries B kept at each prune while training (default 1024)")
-    train.add_argument("--clusters", type=int, help="centroids K merged from them (default 256)")
-    train.add_argument("--seed", type=int, help="first seed of the training windows (default 0)")
+    train.add_argument("--out", required=True, help="checkpoint file (learned methods) or model directory")
 
     report = commands.add_parser("report", help="render report.md and report.html from a run directory")
     report.add_argument("run_dir")
@@ -303,16 +300,44 @@ TRAIN_OPTIONS = {
 }
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from kvbench.harness.models import load_model_for_training, save_model
+def _distillation_options(rest: list[str]) -> dict:
+    parser = _Parser(prog="kvbench train attention_clustering", add_help=False)
+    parser.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    parser.add_argument("--length", type=int, help="tokens per training sequence (default 2048)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default 4)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
+    parser.add_argument("--max-cache", type=int, help="entries B kept at each prune while training (default 1024)")
+    parser.add_argument("--clusters", type=int, help="centroids K merged from them (default 256)")
+    parser.add_argument("--seed", type=int, help="first seed of the training windows (default 0)")
+    parsed = parser.parse_args(rest)
+    return {field: getattr(parsed, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(parsed, flag) is not None}
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
+    from kvbench.harness.models import load_model, load_model_for_training, save_model
     from kvbench.harness.store import ensure_writable_dir
     from kvbench.methods import REGISTRY, get_method
 
     method = get_method(args.method)
+    if method.learns:
+        from kvbench.harness.train_cli import train_checkpoint, training_options
+
+        method = get_method(args.method, **training_options(method.name, type(method.config), rest))
+        out = Path(args.out)
+        if out.is_dir():
+            raise KVBenchError(f"--out {out} is a directory; give the checkpoint file to write, e.g. {out}/model.pt")
+        loaded = load_model(args.model, args.device, args.dtype)
+        summary = train_checkpoint(method, loaded, out)
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in summary["losses"].items() if isinstance(v, (int, float)))
+        print(
+            f"{method.label}: trained on {args.model} in {summary['seconds']:.1f} s ({losses or 'see the checkpoint'}); "
+            f"checkpoint {out} ({summary['fingerprint']}); use --methods {method.name}:checkpoint={out}"
+        )
+        return
     if not method.has_training_step:
-        trainable = sorted(name for name, cls in REGISTRY.items() if cls().has_training_step)
-        raise KVBenchError(f"{method.name} has no training step; methods that have one: {', '.join(trainable)}")
-    options = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
+        trainable = sorted(name for name, cls in REGISTRY.items() if cls.learns or cls().has_training_step)
+        raise KVBenchError(f"{method.name} has no training step; methods that train: {', '.join(trainable)}")
+    options = _distillation_options(rest)
     out = Path(args.out)
     ensure_writable_dir(out)
     # Training in bf16 loses most small updates: fp32 unless the user asks otherwise.
@@ -350,7 +375,9 @@ def _quiet_loaders() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # `train` takes the options of the method it trains, which only that method knows.
+        args, rest = parser.parse_known_args(argv) if argv[:1] == ["train"] else (parser.parse_args(argv), [])
         # Before any heavy import or model load: a mistake in the arguments is reported in milliseconds.
         check_arguments(args)
         if args.command == "list":
@@ -371,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_calibrate(args)
         elif args.command == "train":
             _quiet_loaders()
-            _cmd_train(args)
+            _cmd_train(args, rest)
         else:
             _quiet_loaders()
             _cmd_run(args, argv)

@@ -267,7 +267,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     if command in ("calibrate", "train"):
         check_model(args.model)
     if command == "train":
-        check_writable(args.out)
+        # --out is a checkpoint file (learned methods) or a model directory (attention_clustering): its parent
+        # must be writable either way; the command itself creates the rest.
+        check_writable(str(Path(args.out).resolve().parent))
     if command == "report":
         run_dir = Path(args.run_dir)
         if not (run_dir / "run.json").is_file():

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
-from kvbench.harness.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from kvbench.harness.models import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
 from kvbench.harness.models import _locate as locate_model
 from kvbench.harness.pipeline import CellResult, iter_context_cells
 from kvbench.harness.provenance import (
@@ -356,6 +356,9 @@ def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: 
 
 def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     methods = validate(spec)
+    maximum = model_max_length(spec.model)  # from the config alone: a length error needs no weights
+    if maximum is not None and max(spec.lengths) > maximum:
+        raise KVBenchError(f"length {max(spec.lengths)} exceeds {spec.model}'s maximum of {maximum} tokens")
     store = ResultStore(spec.out)
     # What must match for new rows to belong with those already in --out; checked before the model loads.
     identity = run_identity(spec)
