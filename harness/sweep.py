@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.fast_checks import check_lengths, split_list
 from kvbench.harness.models import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
 from kvbench.harness.models import _locate as locate_model
 from kvbench.harness.pipeline import CellResult, iter_context_cells
@@ -64,28 +65,13 @@ class SweepSpec:
     sample_cache: Path | None = field(default=None)
 
 
-def parse_list(text: str, what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise KVBenchError(f"--{what} is empty; give a comma-separated list")
-    return list(dict.fromkeys(items))
+# The torch-free parsers of the argument checks are the sweep's parsers too.
+parse_list = split_list
+parse_lengths = check_lengths
 
 
 def parse_budgets(text: str) -> list[float]:
     return list(dict.fromkeys(check_budget(item) for item in parse_list(text, "budgets")))
-
-
-def parse_lengths(text: str) -> list[int]:
-    lengths = []
-    for item in parse_list(text, "lengths"):
-        try:
-            value = int(item)
-        except ValueError:
-            raise KVBenchError(f"length {item!r} is not a whole number of tokens") from None
-        if value < 1:
-            raise KVBenchError(f"length {value} must be a positive number of tokens")
-        lengths.append(value)
-    return lengths
 
 
 def default_sample_cache() -> Path:

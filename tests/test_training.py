@@ -99,3 +99,35 @@ def test_training_options_come_from_the_config_fields():
         training_options("x", Config, ["--checkpoint", "a.pt"])
     with pytest.raises(KVBenchError, match="invalid int value"):
         training_options("x", Config, ["--latent-dim", "big"])
+
+
+def test_kvbench_train_writes_a_checkpoint_that_a_sweep_uses(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`kvbench train autoencoder ... --out FILE`, then `autoencoder:checkpoint=FILE` in a sweep: the rows carry
+    the checkpoint's weights fingerprint; a checkpoint made for another method is one line."""
+    import json
+
+    from kvbench.harness.cli import main
+    from kvbench.harness.provenance import tensors_fingerprint
+
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "ae.pt"
+    train = ["train", "autoencoder", "--model", tiny_model_dir, "--out", str(out), "--latent-dim", "8",
+             "--tokens", "256", "--window", "128", "--epochs", "1"]  # fmt: skip
+    assert main(train) == 0
+    assert "autoencoder:latent_dim=8" in capsys.readouterr().out
+    payload = torch.load(out, weights_only=True)
+    assert payload["config"]["latent_dim"] == 8 and payload["data"]["window"] == 128
+    run = ["run", "--model", tiny_model_dir, "--methods", f"autoencoder:latent_dim=8:checkpoint={out}",
+           "--budgets", "0.5", "--tasks", "niah_single_1", "--lengths", "512", "--samples", "1",
+           "--out", str(tmp_path / "run"), "--no-progress", "--no-report"]  # fmt: skip
+    assert run[4].startswith("autoencoder:")
+    assert main(run) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert rows and all(row["artifact"] == tensors_fingerprint(payload["artifacts"]) for row in rows)
+    wrong = tmp_path / "snap.pt"
+    save_checkpoint(wrong, "snapkv", {}, trained(), "sha256:x", {})
+    run[4] = f"autoencoder:checkpoint={wrong}"
+    capsys.readouterr()
+    assert main(run) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is snapkv's, not autoencoder's" in error and "\n" not in error
