@@ -23,7 +23,7 @@ from kvbench.harness.prefill import Observation, ObservationNeeds, streaming_pre
 from kvbench.harness.prefix import Prefixes, TokenPrefix
 from kvbench.methods._eviction import group_mean, tokens_for_budget
 from kvbench.methods._kmeans import CENTROID_RULES, merge
-from kvbench.methods._query_log import QueryLog
+from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
 
 SCOPES = ("shared", "per_layer_head")
@@ -350,18 +350,13 @@ class AttentionClustering(Method):
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """Record the queries of every token after the context: a prune while decoding scores with them."""
-        stream = cache.method_state
-        if stream is not None:
-            stream.log = QueryLog(list(range(len(cache.layers))))
-            cache.recorder = stream.log
+        attach_query_log(cache, list(range(len(cache.layers))))
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Prune and merge when the position passes a multiple of P with more than B entries stored."""
-        stream = cache.method_state
+        stream = logged_state(cache, self.name)
         if stream is None:
             return
-        if stream.log is None or cache.recorder is not stream.log:
-            raise RuntimeError(f"{self.name}'s decode steps need on_decode_start first, which attaches its query log")
         stream.after_tokens(cache, [stream.log.take(layer) for layer in range(len(cache.layers))])
 
     def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:

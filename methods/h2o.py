@@ -12,7 +12,7 @@ from kvbench.harness.errors import KVBenchError
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import Prefixes, TokenPrefix
 from kvbench.methods._eviction import decode_attention, gather_heads, group_mean, tokens_for_budget, top_indices
-from kvbench.methods._query_log import QueryLog
+from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
 
 
@@ -117,18 +117,14 @@ class H2O(Method):
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """The scores need the attention of the question's queries too: record from the first forward on."""
-        state = cache.method_state
-        if state is not None:
-            state.log = QueryLog(list(range(len(state.accumulated))))
-            cache.recorder = state.log
+        if cache.method_state is not None:
+            attach_query_log(cache, list(range(len(cache.method_state.accumulated))))
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Add the new tokens' attention to the scores, then evict down to the size held when generation began."""
-        state = cache.method_state
+        state = logged_state(cache, self.name)
         if state is None:
             return
-        if state.log is None or cache.recorder is not state.log:
-            raise RuntimeError("h2o's decode steps need on_decode_start first, which attaches its query log")
         for layer, cached in enumerate(cache.layers):
             self._evict(state, layer, cached)
 

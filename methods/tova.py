@@ -11,7 +11,7 @@ from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.prefill import Observation, ObservationNeeds
 from kvbench.harness.prefix import Prefixes, TokenPrefix
 from kvbench.methods._eviction import decode_attention, gather_heads, tokens_for_budget, top_indices, window_attention
-from kvbench.methods._query_log import QueryLog
+from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
 
 
@@ -81,18 +81,14 @@ class TOVA(Method):
         return cache.method_state is not None
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
-        state = cache.method_state
-        if state is not None:
-            state.log = QueryLog(list(range(state.layers)))
-            cache.recorder = state.log
+        if cache.method_state is not None:
+            attach_query_log(cache, list(range(cache.method_state.layers)))
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Drop each layer's least attended token, so the cache keeps the size it had when generation began."""
-        state = cache.method_state
+        state = logged_state(cache, self.name)
         if state is None:
             return
-        if state.log is None or cache.recorder is not state.log:
-            raise RuntimeError("tova's decode steps need on_decode_start first, which attaches its query log")
         for layer, cached in enumerate(cache.layers):
             self._evict(state, layer, cached)
 

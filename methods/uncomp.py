@@ -17,7 +17,7 @@ from kvbench.harness.prefix import LayerPrefix, Prefixes, TokenPrefix
 from kvbench.methods._calibration_data import calibration_ids
 from kvbench.methods._eviction import gather_heads, lowest_budget, snapkv_prefix_scores
 from kvbench.methods._head_scores import observe_all_queries, truncated_matrix_entropy
-from kvbench.methods._query_log import QueryLog
+from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
 
 
@@ -273,18 +273,14 @@ class UNComp(Method):
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """The running window needs the question's queries too: record from the first forward on."""
-        state = cache.method_state
-        if state is not None:
-            state.log = QueryLog(list(state.queries))
-            cache.recorder = state.log
+        if cache.method_state is not None:
+            attach_query_log(cache, list(cache.method_state.queries))
 
     def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
         """Evict one token per compressed head, so each holds the size it had when generation began."""
-        state = cache.method_state
+        state = logged_state(cache, self.name)
         if state is None:
             return
-        if state.log is None or cache.recorder is not state.log:
-            raise RuntimeError("uncomp's decode steps need on_decode_start first, which attaches its query log")
         for layer in state.queries:
             self._evict(state, layer, cache.layers[layer])
 
