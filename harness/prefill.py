@@ -119,6 +119,21 @@ def _column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torc
     return sums.reshape(h_q, n)
 
 
+def context_forward(model: torch.nn.Module, ids: torch.Tensor, cache: KVBenchCache, output_hidden_states=False):
+    """One forward of the whole context [1, n] from position 0 into `cache`, through kvbench's attention (which
+    hands the cache's recorder what it observes); only the last position's logits are computed."""
+    with kvbench_attention_enabled(model):
+        return model(
+            input_ids=ids,
+            position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+            **cache_argument(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=output_hidden_states,
+            kvbench_cache=cache,
+        )
+
+
 @torch.inference_mode()
 def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: ObservationNeeds) -> Observation:
     """Run the context once with full attention and return its observation."""
@@ -132,16 +147,7 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
     num_layers = model.config.num_hidden_layers
     cache = KVBenchCache(num_layers)
     cache.recorder = Recorder(needs, num_layers)
-    with kvbench_attention_enabled(model):
-        out = model(
-            input_ids=ids,
-            position_ids=torch.arange(n, device=device)[None],
-            **cache_argument(model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=needs.hidden_states,
-            kvbench_cache=cache,
-        )
+    out = context_forward(model, ids, cache, output_hidden_states=needs.hidden_states)
     return Observation(
         input_ids=ids[0],
         keys=[layer.keys[0] for layer in cache.layers],

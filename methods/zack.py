@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import CompressedLayer, KVBenchCache, cache_argument
+from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
 from kvbench.harness.models import head_dim
-from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
+from kvbench.harness.prefill import Observation, ObservationNeeds, context_forward, prefill
 from kvbench.harness.prefix import LayerPrefix, LowRankPrefix
 from kvbench.methods._calibration_data import calibration_ids
 from kvbench.methods.base import Method, register
@@ -211,15 +210,7 @@ def projected_prefill(
         raise ValueError("cannot prefill an empty context")
     cache = KVBenchCache(len(key_bases))
     cache.layers[:] = [_ProjectingLayer(k, v) for k, v in zip(key_bases, value_bases, strict=True)]
-    with kvbench_attention_enabled(model):
-        out = model(
-            input_ids=ids,
-            position_ids=torch.arange(n, device=device)[None],
-            **cache_argument(model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-            kvbench_cache=cache,
-        )
+    out = context_forward(model, ids, cache)
     return [layer.projected for layer in cache.layers], out.logits[0, -1]
 
 
