@@ -111,13 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="compress one prompt, answer it, print output, kv bytes and timings"
     )
     _add_model_options(generate)
-    generate.add_argument("--method", required=True, help="a registered method (kvbench list methods)")
     generate.add_argument(
-        "--budget", required=True, help="fraction of the full context cache's bytes to keep, in (0, 1]"
+        "--method", help="a registered method (kvbench list methods); with --load-cache, the stored one"
     )
-    source = generate.add_mutually_exclusive_group(required=True)
+    generate.add_argument(
+        "--budget",
+        help="fraction of the full context cache's bytes to keep, in (0, 1]; with --load-cache, the stored one",
+    )
+    source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the context text (compressed)")
     source.add_argument("--prompt-file", help="file holding the context text (compressed)")
+    source.add_argument(
+        "--load-cache", metavar="FILE", help="answer --question from a stored context (no prompt, no prefill)"
+    )
+    generate.add_argument(
+        "--save-cache", metavar="FILE", help="also write the compressed context to FILE (answer it later: --load-cache)"
+    )
     generate.add_argument("--question", default="", help="text after the context, not compressed")
     generate.add_argument("--answer-prefix", default="", help="text that starts the answer (after the chat turn)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
@@ -146,10 +155,13 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from kvbench.harness.models import load_model, resolve_device, resolve_dtype
     from kvbench.methods import get_method
 
-    method = get_method(args.method)
-    budget = check_budget(args.budget)
     if args.max_new_tokens < 1:
         raise KVBenchError("--max-new-tokens must be at least 1")
+    if args.load_cache is not None:
+        _generate_from_stored(args)
+        return
+    method = get_method(args.method)
+    budget = check_budget(args.budget)
     prompt = read_prompt(args)
     resolve_dtype(args.dtype, resolve_device(args.device))
 
@@ -167,15 +179,94 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             f"prompt of {len(parts.context_ids) + len(parts.question_ids)} tokens plus {args.max_new_tokens} new tokens "
             f"exceeds {args.model}'s maximum length of {loaded.max_length} tokens"
         )
-    (result,) = run_context(loaded, parts.context_ids, parts.question_ids, [(method, budget)], args.max_new_tokens)
+    if args.save_cache is None:
+        (result,) = run_context(loaded, parts.context_ids, parts.question_ids, [(method, budget)], args.max_new_tokens)
+        _print_generation(args, loaded, result, len(parts.context_ids), len(parts.question_ids))
+        return
+    from kvbench.harness import stored_context
+    from kvbench.harness.pipeline import CellResult, compress_context
+
+    effective = budget if method.uses_budget else 1.0
+    compressed = compress_context(loaded, None, method, effective, parts.context_ids)
+    size = stored_context.save_context(
+        args.save_cache,
+        compressed.cache,
+        compressed.last_logits,
+        stored_context.identity(loaded, method, effective),
+        compressed.kv_bytes_full,
+    )
+    done = stored_context.answer(
+        loaded, method, compressed.cache, compressed.last_logits, parts.question_ids, args.max_new_tokens
+    )
+    result = _cell_result(CellResult, method, effective, done, compressed.kv_bytes_full)
+    result.prefill_s, result.compress_s = compressed.prefill_s, compressed.compress_s
+    result.prefill_peak_memory_bytes = compressed.prefill_peak_memory_bytes
+    extra = {"saved_cache": str(args.save_cache), "stored_file_bytes": size}
+    _print_generation(args, loaded, result, len(parts.context_ids), len(parts.question_ids), extra)
+
+
+def _cell_result(cell_type, method, budget: float, done, kv_bytes_full: int):
+    generation = done.generation
+    return cell_type(
+        method=method.name,
+        budget=budget,
+        output=generation.text,
+        token_ids=generation.token_ids,
+        new_tokens=len(generation.token_ids),
+        stopped_by=generation.stopped_by,
+        kv_bytes=done.kv_bytes,
+        kv_bytes_full=kv_bytes_full,
+        prefill_s=0.0,
+        compress_s=0.0,
+        decode_s=done.decode_s,
+        kv_bytes_peak=done.kv_bytes_peak,
+        decode_peak_memory_bytes=done.decode_peak_memory_bytes,
+    )
+
+
+def _generate_from_stored(args: argparse.Namespace) -> None:
+    """Answer --question from a stored context: its identity checked first, then its cache rebuilt, no prefill."""
+    from kvbench.harness import stored_context
+    from kvbench.harness.models import load_model, resolve_device, resolve_dtype
+    from kvbench.harness.pipeline import CellResult, full_kv_bytes
+    from kvbench.methods import get_method
+    from kvbench.tasks.prompting import split_prompt
+
+    stored = stored_context.read_context(args.load_cache)
+    where = args.load_cache
+    method = get_method(stored["method"])
+    if args.method is not None and get_method(args.method).label != method.label:
+        raise KVBenchError(f"--load-cache {where} was compressed by {stored['method']}, not --method {args.method}")
+    if args.budget is not None and method.uses_budget and check_budget(args.budget) != stored["budget"]:
+        raise KVBenchError(f"--load-cache {where} was compressed at budget {stored['budget']:g}, not {args.budget}")
+    dtype = stored["dtype"] if args.dtype == "auto" else args.dtype
+    resolve_dtype(dtype, resolve_device(args.device))
+    loaded = load_model(args.model, args.device, dtype)
+    question = f"\n{args.question}" if args.question else ""
+    question_ids = split_prompt(loaded.tokenizer, "", question, args.answer_prefix).question_ids
+    context = int(stored["context_length"])
+    if context + len(question_ids) + args.max_new_tokens > loaded.max_length:
+        raise KVBenchError(
+            f"stored context of {context} tokens plus {len(question_ids)} question tokens and {args.max_new_tokens} "
+            f"new tokens exceeds {args.model}'s maximum length of {loaded.max_length} tokens"
+        )
+    cache, logits, load_s = stored_context.load_stored(stored, loaded, method)
+    done = stored_context.answer(loaded, method, cache, logits, question_ids, args.max_new_tokens)
+    full = stored.payload.get("kv_bytes_full") or full_kv_bytes(loaded.model.config, context, loaded.dtype)
+    result = _cell_result(CellResult, method, stored["budget"], done, full)
+    extra = {"loaded_cache": str(where), "load_s": round(load_s, 4)}
+    _print_generation(args, loaded, result, context, len(question_ids), extra)
+
+
+def _print_generation(args, loaded, result, context_tokens: int, question_tokens: int, extra=None) -> None:
     record = {
         "model": args.model,
         "method": result.method,
         "budget": result.budget,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
-        "context_tokens": len(parts.context_ids),
-        "question_tokens": len(parts.question_ids),
+        "context_tokens": context_tokens,
+        "question_tokens": question_tokens,
         "output": result.output,
         "new_tokens": result.new_tokens,
         "kv_bytes": result.kv_bytes,
@@ -188,16 +279,22 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         "kv_bytes_peak": result.kv_bytes_peak,
         "prefill_peak_memory_bytes": result.prefill_peak_memory_bytes,
         "decode_peak_memory_bytes": result.decode_peak_memory_bytes,
+        **(extra or {}),
     }
     if args.json:
         print(json.dumps(record, ensure_ascii=False))
         return
     print(result.output)
+    stored = ""
+    if "saved_cache" in record:
+        stored = f" | saved {record['saved_cache']} ({record['stored_file_bytes']:,} bytes)"
+    elif "loaded_cache" in record:
+        stored = f" | loaded {record['loaded_cache']} in {record['load_s']:.3f} s, no prefill"
     print(
         f"\n[{result.method} @ {result.budget:g}] kv_bytes {result.kv_bytes:,} of {result.kv_bytes_full:,} "
-        f"({result.kv_ratio:.3f}) | {len(parts.context_ids)} context tokens | prefill {result.prefill_s:.2f} s | "
+        f"({result.kv_ratio:.3f}) | {context_tokens} context tokens | prefill {result.prefill_s:.2f} s | "
         f"compress {result.compress_s:.3f} s | decode {result.decode_s:.2f} s for {result.new_tokens} tokens "
-        f"({record['decode_ms_per_token']} ms/token)",
+        f"({record['decode_ms_per_token']} ms/token){stored}",
         file=sys.stderr,
     )
 

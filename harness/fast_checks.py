@@ -230,12 +230,17 @@ def check_arguments(args: argparse.Namespace) -> None:
             check_method(method)
         for budget in split_list(args.budgets, "budgets"):
             check_budget(budget)
-    if command in ("generate", "calibrate", "train"):
+    if command in ("calibrate", "train"):
         check_method(args.method)
     if command == "generate":
-        check_budget(args.budget)
+        check_generate_sources(args)
+        if args.method is not None:
+            check_method(args.method)
+        if args.budget is not None:
+            check_budget(args.budget)
         check_at_least(args.max_new_tokens, "--max-new-tokens", 1)
-        read_prompt(args)
+        if args.load_cache is None:
+            read_prompt(args)
         maximum = check_model(args.model)
         if maximum is not None and args.max_new_tokens >= maximum:
             raise KVBenchError(
@@ -264,6 +269,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             )
         check_model(args.model)
         check_writable(args.out)
+    if command == "generate" and args.save_cache is not None:
+        check_writable(str(Path(args.save_cache).resolve().parent))  # last: it creates the directory
     if command in ("calibrate", "train"):
         check_model(args.model)
     if command == "train":
@@ -274,6 +281,29 @@ def check_arguments(args: argparse.Namespace) -> None:
         run_dir = Path(args.run_dir)
         if not (run_dir / "run.json").is_file():
             raise KVBenchError(f"no run.json in {run_dir}; pass a run directory written by `kvbench run`")
+
+
+def check_generate_sources(args: argparse.Namespace) -> None:
+    """`generate` compresses a prompt (--method, --budget, --prompt or --prompt-file; --save-cache optional) or
+    answers a stored context (--load-cache; method and budget come from the file, and must match if given)."""
+    if args.load_cache is not None:
+        if args.save_cache is not None:
+            raise KVBenchError("--save-cache and --load-cache exclude each other: a loaded context is already stored")
+        path = Path(args.load_cache)
+        if not path.is_file():
+            raise KVBenchError(
+                f"--load-cache {path} is not a file; write one with 'kvbench generate ... --save-cache FILE'"
+            )
+        return
+    if args.prompt is None and args.prompt_file is None:
+        raise KVBenchError(
+            "one of the arguments --prompt --prompt-file is required (or --load-cache FILE to answer a stored context)"
+        )
+    for flag, value in (("--method", args.method), ("--budget", args.budget)):
+        if value is None:
+            raise KVBenchError(f"{flag} is required to compress a prompt (a --load-cache FILE brings its own)")
+    if args.save_cache is not None and Path(args.save_cache).is_dir():
+        raise KVBenchError(f"--save-cache {args.save_cache} is a directory; give the file to write")
 
 
 def read_prompt(args: argparse.Namespace) -> str:
