@@ -319,8 +319,28 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     )
     store = run_sweep(spec, progress=not args.no_progress)
     print(f"results: {store.results_path}")
-    if not args.no_report:
-        _render(store.directory)
+    _finish_run(store.directory, render=not args.no_report)
+
+
+def _finish_run(run_dir: Path, render: bool) -> None:
+    """Render the report (unless --no-report), then print its summary table and, last, where the report is.
+
+    The table comes from the store through the report's own tables, so it is printed with --no-report too
+    (where a store the report could not read is said in one line instead of failing the finished run).
+    """
+    from kvbench.reports import ReportError, render_report
+    from kvbench.reports.terminal import summary_text
+
+    try:
+        paths = render_report(run_dir) if render else ()
+        table = summary_text(run_dir)
+    except ReportError as error:
+        if render:
+            raise KVBenchError(str(error)) from None
+        paths, table = (), f"summary: {error}"
+    print(table)
+    for path in paths:
+        print(f"report: {path}")
 
 
 def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:

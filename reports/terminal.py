@@ -1,0 +1,53 @@
+"""The report's summary as a plain-text table for the terminal, the last thing `kvbench run` prints.
+
+It is the Summary table of report.md, cut to the columns a first look needs: the same `tables.summary`
+numbers, formatted by the same code as the report, so the terminal and the report never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbench.reports import tables
+from kvbench.reports.content import COLUMNS, TEXT_COLUMNS, _format
+from kvbench.reports.store import load_run
+from kvbench.reports.tables import MEAN_OVER_TASKS, N_SCORED
+
+# Source columns of tables.summary (with the interval columns the score carries), in the order shown.
+SHOWN = ["metric", "length", "method_label", "budget", MEAN_OVER_TASKS, "kv_ratio", N_SCORED, "refused"]
+TITLE = (
+    "Summary (the numbers of report.md): score = mean over tasks [95% CI]; "
+    "KV ratio = stored / full-cache KV bytes; n = scored samples"
+)
+
+
+def _display(column: str) -> str:
+    return TEXT_COLUMNS.get(column) or COLUMNS.get(column, (column, ""))[0]
+
+
+def summary_text(run_dir: str | Path) -> str:
+    """The run's summary table as aligned text lines, read from its result store only."""
+    rows = load_run(run_dir).rows
+    frame = tables.summary(rows)
+    if frame.empty:
+        return f"{TITLE}\n(no result rows)"
+    formatted = _format("summary", frame)
+    shown = [_display(column) for column in SHOWN]
+    body = formatted.frame[shown].rename(columns={_display(MEAN_OVER_TASKS): "score [95% CI]"})
+    return "\n".join([TITLE, *_align(body, numeric=formatted.numeric | {"score [95% CI]"})])
+
+
+def _align(frame, numeric: frozenset[str] | set[str]) -> list[str]:
+    """Columns padded to their widest cell, numbers right-aligned, with a dashed rule under the header."""
+    columns = list(frame.columns)
+    widths = [max(len(column), *(len(value) for value in frame[column])) for column in columns]
+
+    def line(values: list[str]) -> str:
+        cells = [
+            value.rjust(width) if column in numeric else value.ljust(width)
+            for column, value, width in zip(columns, values, widths)
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return [line(columns), rule, *(line(list(values)) for values in frame.itertuples(index=False))]
