@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -254,18 +255,54 @@ def _check_supported(name: str, model: torch.nn.Module) -> None:
         )
 
 
-@lru_cache(maxsize=4)
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer once per process."""
+def _from_pretrained(location: str, torch_dtype: torch.dtype, gguf_file: str | None) -> tuple[object, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    return tokenizer, model
+
+
+def _load_gguf(location: str, gguf_file: str, torch_dtype: torch.dtype) -> tuple[object, object]:
+    """A GGUF file's tokenizer and dequantized model, from its converted copy in the model cache (converted
+    first if there is none). The copy loads as the direct load would: same tensors, and the names the
+    tokenizer and config were loaded under stay the GGUF's directory (sample-cache keys and records use them)."""
+    from kvbench.harness import model_cache
+
+    if not model_cache.cache_enabled():
+        return _from_pretrained(location, torch_dtype, gguf_file)
+
+    def convert(directory: Path) -> None:
+        tokenizer, model = _from_pretrained(location, torch_dtype, gguf_file)
+        _save_plain(gguf_file, model, tokenizer, directory)
+
+    def load(directory: Path) -> tuple[object, object]:
+        tokenizer, model = _from_pretrained(str(directory), torch_dtype, None)
+        tokenizer.name_or_path = location
+        model.config._name_or_path = location
+        return tokenizer, model
+
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    try:
+        return model_cache.load_converted(os.path.join(location, gguf_file), dtype_name, convert, load)
+    except OSError as error:  # an unwritable or full cache: load as without it (a bad GGUF fails again here)
+        print(f"kvbench: model cache not used ({error}); dequantizing {gguf_file} directly", file=sys.stderr)
+        return _from_pretrained(location, torch_dtype, gguf_file)
+
+
+@lru_cache(maxsize=4)
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer once per process. A GGUF file is read through the model cache
+    (`kvbench.harness.model_cache`); `source` stays the GGUF file, which results fingerprint."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     location, gguf_file = _locate(name)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        if gguf_file:
+            tokenizer, model = _load_gguf(location, gguf_file, torch_dtype)
+        else:
+            tokenizer, model = _from_pretrained(location, torch_dtype, None)
     except ImportError as error:
         raise KVBenchError(f"loading {name} needs a missing package: {error}") from None
     except (OSError, ValueError, KeyError) as error:
@@ -284,13 +321,15 @@ def load_model_for_training(name: str, device: str = "auto", dtype: str = "auto"
 
 
 def save_model(loaded: LoadedModel, directory: Path) -> None:
-    """Save weights, config and tokenizer as a plain transformers model directory (`--model DIR` loads it).
+    """Save weights, config and tokenizer as a plain transformers model directory (`--model DIR` loads it)."""
+    _save_plain(loaded.name, loaded.model, loaded.tokenizer, directory)
 
-    A model read from a GGUF file was dequantized on load: it holds plain tensors, but transformers still marks
-    it GGUF-quantized and refuses to save it. It is saved as the plain model it is, and the GGUF marks stay
-    on the loaded model.
+
+def _save_plain(name: str, model: torch.nn.Module, tokenizer: object, directory: Path) -> None:
+    """A model read from a GGUF file was dequantized on load: it holds plain tensors, but transformers still
+    marks it GGUF-quantized and refuses to save it. It is saved as the plain model it is, and the GGUF marks
+    stay on the loaded model.
     """
-    model = loaded.model
     quantizer = getattr(model, "hf_quantizer", None)
     marks = {}
     if quantizer is not None:
@@ -298,7 +337,7 @@ def save_model(loaded: LoadedModel, directory: Path) -> None:
         method = getattr(settings.quant_method, "value", settings.quant_method)
         packed = any("gguf" in type(module).__name__.lower() for module in model.modules())
         if method != "gguf" or packed or not all(p.is_floating_point() for p in model.parameters()):
-            raise KVBenchError(f"cannot save {loaded.name}: its weights stay {method}-quantized")
+            raise KVBenchError(f"cannot save {name}: its weights stay {method}-quantized")
         marks["hf_quantizer"] = (model, quantizer)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -306,7 +345,7 @@ def save_model(loaded: LoadedModel, directory: Path) -> None:
             del model.config.quantization_config
     try:
         model.save_pretrained(directory)
-        loaded.tokenizer.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
     finally:
         for attribute, (owner, value) in marks.items():
             setattr(owner, attribute, value)
