@@ -77,9 +77,12 @@ def test_every_method_at_budget_one_answers_like_full(smollm2, prompt):
 
 
 def test_the_embedded_gguf_model_saves_as_a_plain_model_that_loads_back(smollm2, tmp_path):
-    """`kvbench train` saves what it fine-tuned; transformers refuses to save a model read from GGUF as is."""
+    """`kvbench train` saves what it fine-tuned; transformers refuses to save a model read from GGUF as is. The
+    model comes from kvbench's converted copy or straight from the GGUF file (KVBENCH_NO_MODEL_CACHE=1): either
+    way saving leaves its marks as they were."""
+    marks = getattr(smollm2.model, "hf_quantizer", None)
     save_model(smollm2, tmp_path)
-    assert smollm2.model.hf_quantizer is not None  # the loaded model keeps its marks
+    assert getattr(smollm2.model, "hf_quantizer", None) is marks
     reloaded = load_model(str(tmp_path), "cpu", "float32")
     ids = torch.tensor([smollm2.tokenizer.encode("The pass key is 68142.")])
     with torch.no_grad():
