@@ -254,7 +254,7 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
     store.add_invocation(meta, previous, invocation)
     store.write_meta(meta)
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    context = RowContext(sweep, identities, provenance())
+    context = RowContext(sweep, identities, {**provenance(), "model_source": loaded.source})
     counts = doc_counts(manager, spec.tasks)
     wanted = {task: range(min(n, spec.limit) if spec.limit is not None else n) for task, n in counts.items()}
     present = {cell_key(row) for row in store.rows()}

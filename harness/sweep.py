@@ -101,12 +101,12 @@ def _version(package: str) -> str | None:
 def run_identity(spec: SweepSpec) -> dict[str, Any]:
     """What every row of this run shares and a resumed store must match, known before the model loads: the
     model and its weights' fingerprint, dtype, device, attention backend, task generator version, seed and
-    query-aware."""
+    query-aware. Where the weights lie is not part of it (the same weights elsewhere are the same model): rows
+    record it as `model_source`."""
     device = resolve_device(spec.device)
     location, gguf_file = locate_model(spec.model)
     return {
         "model": spec.model,
-        "model_source": os.path.join(location, gguf_file) if gguf_file else location,
         "model_fingerprint": model_fingerprint(location, gguf_file),
         "dtype": str(resolve_dtype(spec.dtype, device)).removeprefix("torch."),
         "device": device.type,
@@ -177,7 +177,7 @@ def refuse_mixed_identities(store: ResultStore, identities: dict[str, tuple[dict
     if not force:
         described = ", ".join(f"{count} rows of {label}" for label, count in stale.items())
         raise KVBenchError(
-            f"{store.directory} holds {described} computed with another configuration, artifact or chat template "
+            f"{store.directory} holds {described} computed with another configuration, algorithm version, artifact or chat template "
             "(or recorded without an identity); use another --out or --force to recompute them"
         )
     store.drop_rows(
@@ -363,7 +363,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     store.add_invocation(meta, previous, invocation)
     meta["calibration"] = {label: str(path) for label, path in calibrated.items()}
     store.write_meta(meta)
-    context = RowContext(spec, identities, provenance())
+    context = RowContext(spec, identities, {**provenance(), "model_source": loaded.source})
     # A cell is done when every metric its task reports has a row of its whole identity (a kill can fall between
     # a cell's rows).
     done = {cell_key(row) for row in store.rows()}

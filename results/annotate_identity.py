@@ -19,7 +19,6 @@ Rows keep their `git_commit` (from run.json) as provenance. Run: `python results
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -55,7 +54,6 @@ def annotate(directory: Path) -> int:
     loaded = load_model(meta["model"], "cpu", meta["dtype"])
     run_identity = {
         "model": meta["model"],
-        "model_source": meta["model_source"],
         "model_fingerprint": "sha256:" + file_sha256(meta["model_source"]),
         "dtype": meta["dtype"],
         "device": meta["device"],
@@ -85,6 +83,7 @@ def annotate(directory: Path) -> int:
             identity=identity,
             identity_hash=identity_hash(identity),
             kvbench_version=meta["versions"]["kvbench"],
+            model_source=meta["model_source"],
             git_commit=meta["git_commit"],
         )
     store.drop_rows(lambda row: True)

@@ -15,7 +15,7 @@ from kvbench.harness.prefix import stored_bytes
 from kvbench.methods import get_method
 
 IDENTITY_FIELDS = {
-    "model", "model_source", "model_fingerprint", "dtype", "device", "attention_backend", "task_generator_version",
+    "model", "model_fingerprint", "dtype", "device", "attention_backend", "task_generator_version",
     "seed", "query_aware", "chat_template", "method", "method_version", "method_config", "artifact",
 }  # fmt: skip
 
@@ -54,6 +54,7 @@ def test_every_row_carries_its_identity_and_provenance(model_dir, tmp_path):
         assert row["identity"]["model_fingerprint"].startswith("sha256:")
         assert row["identity"]["dtype"] == "float32" and row["identity"]["device"] == "cpu"
         assert row["identity_hash"] and row["git_commit"] and row["kvbench_version"]
+        assert row["model_source"] == model_dir
         assert row["method_config"] == row["identity"]["method_config"]
     snap = next(row for row in found if row["method"] == "snapkv")
     assert snap["method_label"] == "snapkv:window=16"
