@@ -18,7 +18,7 @@ import torch
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.provenance import loaded_fingerprint, tensors_fingerprint
-from kvbench.harness.store import now
+from kvbench.harness.store import now, save_atomically
 from kvbench.harness.training import Trained, load_checkpoint, save_checkpoint
 from kvbench.methods._calibration_data import DATA_VERSION
 from kvbench.methods.base import Method
@@ -82,10 +82,7 @@ def ensure_calibrated(
         payload = torch.load(path, map_location="cpu", weights_only=True)
     else:
         payload = {"artifacts": {name: tensor.detach().cpu() for name, tensor in made.items()}, "meta": meta}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
+        save_atomically(payload, path)
     say(f"kvbench: {'trained' if method.learns else 'calibrated'} {method.name} in {seconds:.1f} s")
     _hand_over(method, payload["artifacts"], payload)
     return path

@@ -20,6 +20,7 @@ from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel, load_model
 from kvbench.harness.provenance import provenance
+from kvbench.harness.requirements import installed_version
 from kvbench.harness.store import ResultStore, cell_key, now
 from kvbench.harness.sweep import (
     RowContext,
@@ -188,7 +189,7 @@ def lm_eval_identity(spec: LmEvalSpec) -> dict[str, Any]:
         "include_paths": [
             {"path": str(path.resolve()), "sha256": _directory_sha256(path)} for path in spec.include_paths
         ],
-        "lm_eval_version": _lm_eval_version(),
+        "lm_eval_version": installed_version("lm_eval"),
     }
 
 
@@ -246,7 +247,7 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
         include_paths=[str(path) for path in spec.include_paths],
         question_tokens=spec.question_tokens,
         apply_chat_template=spec.apply_chat_template,
-        versions={**meta["versions"], "lm_eval": _lm_eval_version()},
+        versions={**meta["versions"], "lm_eval": installed_version("lm_eval")},
     )
     if previous is not None and not previous.get("replaced"):
         meta["started_at"] = previous.get("started_at", meta["started_at"])
@@ -278,12 +279,3 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
     return store
-
-
-def _lm_eval_version() -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version("lm_eval")
-    except metadata.PackageNotFoundError:
-        return None

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +117,9 @@ def tensors_fingerprint(tensors: dict[str, Any]) -> str:
 
 
 def kvbench_version() -> str | None:
-    try:
-        return metadata.version("kvbench")
-    except metadata.PackageNotFoundError:
-        return None
+    from kvbench.harness.requirements import installed_version
+
+    return installed_version("kvbench")
 
 
 def git_commit() -> str | None:

@@ -50,6 +50,27 @@ def ensure_writable_dir(directory: Path) -> None:
         raise KVBenchError(f"cannot write to output directory {directory}: {error.strerror or error}") from None
 
 
+def save_atomically(payload: Any, path: Path) -> int:
+    """torch.save `payload` to `path` through a temporary file in the same directory, synced, then renamed into
+    place: a reader (or a kill) never sees half a file. Returns the file's size."""
+    import tempfile
+
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
 class ResultStore:
     """Append-only rows plus run metadata in one directory."""
 
@@ -136,9 +157,6 @@ class ResultStore:
             except json.JSONDecodeError:
                 continue
         return rows
-
-    def done(self) -> set[CellKey]:
-        return {cell_key(row) for row in self.rows()}
 
     def add_invocation(self, meta: dict[str, Any], previous: dict[str, Any] | None, invocation: dict[str, Any]) -> None:
         """`meta["invocations"]`: every invocation that wrote into the store, oldest first, this one last."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.latent_prefix import LatentDecoder
 from kvbench.harness.provenance import tensors_fingerprint
+from kvbench.harness.store import save_atomically
 
 FORMAT = "kvbench-stored-context"
 VERSION = 1
@@ -175,19 +175,7 @@ def save_context(
         ],
         "method_state": _encode(cache.method_state, -1),
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target.stat().st_size
+    return save_atomically(payload, Path(path))
 
 
 @dataclass

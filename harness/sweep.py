@@ -10,7 +10,6 @@ import os
 import platform
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from kvbench.harness.provenance import (
     model_fingerprint,
     provenance,
 )
+from kvbench.harness.requirements import installed_version
 from kvbench.harness.scoring_cells import ScoredCell, iter_scoring_cells
 from kvbench.harness.store import ResultStore, cell_key, now
 from kvbench.methods import Method, get_method
@@ -91,13 +91,6 @@ def validate(spec: SweepSpec) -> list[Method]:
     return methods
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def run_identity(spec: SweepSpec) -> dict[str, Any]:
     """What every row of this run shares and a resumed store must match, known before the model loads: the
     model and its weights' fingerprint, dtype, device, attention backend, task generator version, seed and
@@ -129,9 +122,9 @@ def run_metadata(spec: SweepSpec, loaded: LoadedModel, identity: dict[str, Any] 
         "device": str(loaded.device),
         "attention_backend": ATTENTION_BACKEND,
         "versions": {
-            "kvbench": _version("kvbench"),
-            "torch": _version("torch"),
-            "transformers": _version("transformers"),
+            "kvbench": installed_version("kvbench"),
+            "torch": installed_version("torch"),
+            "transformers": installed_version("transformers"),
             "python": platform.python_version(),
         },
         "platform": platform.platform(),

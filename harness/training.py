@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from kvbench.harness.errors import KVBenchError
+from kvbench.harness.store import save_atomically
 
 FORMAT = "kvbench-checkpoint"
 FORMAT_VERSION = 1
@@ -143,10 +144,7 @@ def save_checkpoint(
         "meta": meta,
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
+        save_atomically(payload, path)
     except OSError as error:
         raise KVBenchError(f"cannot write checkpoint {path}: {error.strerror or error}") from None
     return path

@@ -1,4 +1,5 @@
-"""Shared fixtures. Task-suite fixtures: `tasks_chat_tokenizer`, `tasks_plain_tokenizer`; `tiny_model_dir`."""
+"""Shared fixtures. Task-suite fixtures: `tasks_chat_tokenizer`, `tasks_plain_tokenizer`; `tiny_model_dir`;
+`chat_model_dir` (a tiny model with the task tokenizer and a chat template, for sweeps)."""
 
 from __future__ import annotations
 
@@ -60,4 +61,17 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama-gqa").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """A 2-layer tiny Llama (GQA) with the tasks' byte-level tokenizer and a chat template, saved for `--model DIR`:
+    sweeps of the offline tasks run on it in seconds."""
+    from tiny_models import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    tokenizer = build_tasks_tokenizer(chat_template=True)
+    tiny_model("llama-gqa", layers=2, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return str(path)

@@ -20,23 +20,14 @@ IDENTITY_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-integrity-model")
-    tokenizer = build_tasks_tokenizer(chat_template=True)
-    tiny_model("llama-gqa", layers=2, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def run(model_dir, out, methods, budgets="0.5", *extra):
+def run(chat_model_dir, out, methods, budgets="0.5", *extra):
     return main(
-        ["run", "--model", model_dir, "--methods", methods, "--budgets", budgets, "--tasks", "niah_single_1",
+        ["run", "--model", chat_model_dir, "--methods", methods, "--budgets", budgets, "--tasks", "niah_single_1",
          "--lengths", "512", "--samples", "2", "--out", str(out), "--no-progress", "--no-report", *extra]
     )  # fmt: skip
 
@@ -45,8 +36,8 @@ def rows(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def test_every_row_carries_its_identity_and_provenance(model_dir, tmp_path):
-    assert run(model_dir, tmp_path / "run", "full,snapkv:window=16") == 0
+def test_every_row_carries_its_identity_and_provenance(chat_model_dir, tmp_path):
+    assert run(chat_model_dir, tmp_path / "run", "full,snapkv:window=16") == 0
     found = rows(tmp_path / "run")
     assert len(found) == 4
     for row in found:
@@ -54,22 +45,22 @@ def test_every_row_carries_its_identity_and_provenance(model_dir, tmp_path):
         assert row["identity"]["model_fingerprint"].startswith("sha256:")
         assert row["identity"]["dtype"] == "float32" and row["identity"]["device"] == "cpu"
         assert row["identity_hash"] and row["git_commit"] and row["kvbench_version"]
-        assert row["model_source"] == model_dir
+        assert row["model_source"] == chat_model_dir
         assert row["method_config"] == row["identity"]["method_config"]
     snap = next(row for row in found if row["method"] == "snapkv")
     assert snap["method_label"] == "snapkv:window=16"
     assert snap["method_config"] == {"window": 16, "kernel": 5, "pooling": "avg"}
 
 
-def test_bf16_into_an_fp32_store_is_refused_and_force_replaces_it(model_dir, tmp_path, capsys):
+def test_bf16_into_an_fp32_store_is_refused_and_force_replaces_it(chat_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert run(model_dir, out, "full,snapkv", "0.5", "--dtype", "float32") == 0
+    assert run(chat_model_dir, out, "full,snapkv", "0.5", "--dtype", "float32") == 0
     capsys.readouterr()
-    assert run(model_dir, out, "full,snapkv", "0.5", "--dtype", "bfloat16") == 2
+    assert run(chat_model_dir, out, "full,snapkv", "0.5", "--dtype", "bfloat16") == 2
     error = capsys.readouterr().err.strip()
     assert "dtype 'float32' (now 'bfloat16')" in error and "\n" not in error
     assert {row["identity"]["dtype"] for row in rows(out)} == {"float32"}
-    assert run(model_dir, out, "full,snapkv", "0.5", "--dtype", "bfloat16", "--force") == 0
+    assert run(chat_model_dir, out, "full,snapkv", "0.5", "--dtype", "bfloat16", "--force") == 0
     assert {row["identity"]["dtype"] for row in rows(out)} == {"bfloat16"}
     meta = json.loads((out / "run.json").read_text())
     assert meta["dtype"] == "bfloat16" and meta["identity"]["dtype"] == "bfloat16"
@@ -78,52 +69,52 @@ def test_bf16_into_an_fp32_store_is_refused_and_force_replaces_it(model_dir, tmp
     assert meta["invocations"][0]["rows_replaced"] is True
 
 
-def test_two_configurations_are_two_cells_and_a_new_option_computes_only_its_cells(model_dir, tmp_path):
+def test_two_configurations_are_two_cells_and_a_new_option_computes_only_its_cells(chat_model_dir, tmp_path):
     out = tmp_path / "run"
-    assert run(model_dir, out, "snapkv,snapkv:window=16:kernel=3") == 0
+    assert run(chat_model_dir, out, "snapkv,snapkv:window=16:kernel=3") == 0
     first = rows(out)
     assert sorted({row["method_label"] for row in first}) == ["snapkv", "snapkv:window=16:kernel=3"]
     assert len(first) == 4
-    assert run(model_dir, out, "snapkv,snapkv:window=16:kernel=3,snapkv:window=8") == 0
+    assert run(chat_model_dir, out, "snapkv,snapkv:window=16:kernel=3,snapkv:window=8") == 0
     second = rows(out)
     assert second[:4] == first
     assert [row["method_label"] for row in second[4:]] == ["snapkv:window=8"] * 2
     # The same configuration written another way (defaults spelt out) is the same cell: nothing to compute.
-    assert run(model_dir, out, "snapkv:window=64:kernel=5,snapkv:kernel=3:window=16") == 0
+    assert run(chat_model_dir, out, "snapkv:window=64:kernel=5,snapkv:kernel=3:window=16") == 0
     assert rows(out) == second
 
 
-def test_a_row_of_another_configuration_under_the_same_label_is_refused(model_dir, tmp_path, capsys):
+def test_a_row_of_another_configuration_under_the_same_label_is_refused(chat_model_dir, tmp_path, capsys):
     """A store never mixes identities: a row whose identity differs from what its label means now (an older
     default, another artifact, or no identity at all) is refused, or recomputed with --force."""
     out = tmp_path / "run"
-    assert run(model_dir, out, "snapkv") == 0
+    assert run(chat_model_dir, out, "snapkv") == 0
     stale = rows(out)
     stale[0] = {k: v for k, v in stale[0].items() if k not in ("identity", "identity_hash")}
     (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
     capsys.readouterr()
-    assert run(model_dir, out, "snapkv") == 2
+    assert run(chat_model_dir, out, "snapkv") == 2
     assert "1 rows of snapkv" in capsys.readouterr().err
-    assert run(model_dir, out, "snapkv", "0.5", "--force") == 0
+    assert run(chat_model_dir, out, "snapkv", "0.5", "--force") == 0
     assert len(rows(out)) == 2 and all(row.get("identity_hash") for row in rows(out))
 
 
-def test_bad_method_options_are_one_line(model_dir, tmp_path, capsys):
+def test_bad_method_options_are_one_line(chat_model_dir, tmp_path, capsys):
     for spec, expected in [
         ("snapkv:win=3", "snapkv has no option 'win'; its options (defaults): window=64, kernel=5, pooling=avg"),
         ("snapkv:window=x", "snapkv option window='x' is not a valid int"),
         ("snapkv:pooling=median", "pooling must be 'avg' or 'max'"),
         ("snapkv:window", "is not option=value"),
     ]:
-        assert run(model_dir, tmp_path / "run", spec) == 2
+        assert run(chat_model_dir, tmp_path / "run", spec) == 2
         error = capsys.readouterr().err.strip()
         assert expected in error and "\n" not in error
         assert not (tmp_path / "run" / "results.jsonl").exists()
 
 
-def test_unreachable_budgets_of_an_own_prefill_method_are_refused_rows(model_dir, tmp_path):
+def test_unreachable_budgets_of_an_own_prefill_method_are_refused_rows(chat_model_dir, tmp_path):
     out = tmp_path / "run"
-    assert run(model_dir, out, "snapkv,attention_clustering", "0.001,0.5") == 0
+    assert run(chat_model_dir, out, "snapkv,attention_clustering", "0.001,0.5") == 0
     found = rows(out)
     cells = {(row["method"], row["budget"]) for row in found}
     assert cells == {("snapkv", 0.001), ("snapkv", 0.5), ("attention_clustering", 0.001), ("attention_clustering", 0.5)}

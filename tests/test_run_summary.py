@@ -3,8 +3,6 @@
 import re
 
 import pytest
-from conftest import build_tasks_tokenizer
-from tiny_models import tiny_model
 
 from kvbench.harness.cli import main
 
@@ -12,23 +10,14 @@ METHODS = ["full", "snapkv", "streaming_llm"]
 BUDGETS = ["0.25", "0.5"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-summary-model")
-    tokenizer = build_tasks_tokenizer(chat_template=True)
-    tiny_model("llama-gqa", layers=2, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(autouse=True)
 def sample_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def run_args(model_dir, out, *extra):
+def run_args(chat_model_dir, out, *extra):
     return [
-        "run", "--model", model_dir, "--methods", ",".join(METHODS), "--budgets", ",".join(BUDGETS),
+        "run", "--model", chat_model_dir, "--methods", ",".join(METHODS), "--budgets", ",".join(BUDGETS),
         "--tasks", "niah_single_1,passkey", "--lengths", "1024", "--samples", "2", "--out", str(out),
         "--no-progress", *extra,
     ]  # fmt: skip
@@ -65,9 +54,9 @@ def terminal_summary(stdout: str) -> dict[tuple, tuple[str, str, str]]:
     return cells
 
 
-def test_run_prints_the_reports_summary_then_the_report_path(model_dir, tmp_path, capsys):
+def test_run_prints_the_reports_summary_then_the_report_path(chat_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(run_args(model_dir, out)) == 0
+    assert main(run_args(chat_model_dir, out)) == 0
     stdout = capsys.readouterr().out
     printed = terminal_summary(stdout)
     expected = report_summary((out / "report.md").read_text())
@@ -81,7 +70,7 @@ def test_run_prints_the_reports_summary_then_the_report_path(model_dir, tmp_path
     assert stdout.rstrip().splitlines()[-1] == f"report: {out / 'report.html'}"
 
     # --no-report still prints the table (it reads only the store), and no report path
-    assert main(run_args(model_dir, out, "--no-report")) == 0
+    assert main(run_args(chat_model_dir, out, "--no-report")) == 0
     stdout = capsys.readouterr().out
     assert terminal_summary(stdout) == expected
     assert "report: " not in stdout

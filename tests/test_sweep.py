@@ -10,8 +10,6 @@ import time
 
 import pytest
 from browser import CHROMIUM, decoded_image_widths
-from conftest import build_tasks_tokenizer
-from tiny_models import tiny_model
 
 from kvbench.harness.cli import main
 
@@ -22,23 +20,14 @@ ROW_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sweep-model")
-    tokenizer = build_tasks_tokenizer(chat_template=True)
-    tiny_model("llama-gqa", layers=2, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(autouse=True)
 def sample_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def sweep_args(model_dir, out, *extra, samples="2"):
+def sweep_args(chat_model_dir, out, *extra, samples="2"):
     return [
-        "run", "--model", model_dir, "--methods", "full,snapkv,streaming_llm", "--budgets", "0.25,0.5",
+        "run", "--model", chat_model_dir, "--methods", "full,snapkv,streaming_llm", "--budgets", "0.25,0.5",
         "--tasks", "niah_single_1,vt", "--lengths", "1024", "--samples", samples, "--out", str(out), "--no-progress",
         *extra,
     ]  # fmt: skip
@@ -56,11 +45,11 @@ EXPECTED_CELLS = 2 * 2 * (1 + 2 + 2)  # tasks × samples × (full once + 2 metho
 
 
 @pytest.fixture(scope="module")
-def finished_run(model_dir, tmp_path_factory):
+def finished_run(chat_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "run"
     os.environ["KVBENCH_CACHE_DIR"] = str(out.parent / "cache")
     try:
-        assert main(sweep_args(model_dir, out)) == 0
+        assert main(sweep_args(chat_model_dir, out)) == 0
     finally:
         del os.environ["KVBENCH_CACHE_DIR"]
     return out
@@ -106,23 +95,23 @@ def test_reports_are_written_with_plots(finished_run, tmp_path):
     assert len(widths) == html.count("<img ") >= 3 and all(w > 100 for w in widths)
 
 
-def test_same_seed_gives_identical_rows(model_dir, finished_run, tmp_path):
+def test_same_seed_gives_identical_rows(chat_model_dir, finished_run, tmp_path):
     again = tmp_path / "again"
-    assert main(sweep_args(model_dir, again)) == 0
+    assert main(sweep_args(chat_model_dir, again)) == 0
     strip = [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in read_rows(finished_run)]
     assert strip == [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in read_rows(again)]
 
 
-def test_rerun_skips_finished_cells(model_dir, finished_run, capsys):
+def test_rerun_skips_finished_cells(chat_model_dir, finished_run, capsys):
     before = (finished_run / "results.jsonl").read_bytes()
-    assert main(sweep_args(model_dir, finished_run, "--no-report")) == 0
+    assert main(sweep_args(chat_model_dir, finished_run, "--no-report")) == 0
     assert (finished_run / "results.jsonl").read_bytes() == before
 
 
-def test_interrupted_run_loses_nothing_and_resumes(model_dir, tmp_path):
+def test_interrupted_run_loses_nothing_and_resumes(chat_model_dir, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "KVBENCH_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "kvbench.harness.cli", *sweep_args(model_dir, out, "--no-report")]
+    command = [sys.executable, "-m", "kvbench.harness.cli", *sweep_args(chat_model_dir, out, "--no-report")]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 120
@@ -138,7 +127,7 @@ def test_interrupted_run_loses_nothing_and_resumes(model_dir, tmp_path):
     with open(results, "a") as handle:  # a row cut short by the kill
         handle.write('{"task": "vt", "length": 1024, "sam')
 
-    assert main(sweep_args(model_dir, out, "--no-report")) == 0
+    assert main(sweep_args(chat_model_dir, out, "--no-report")) == 0
     lines = results.read_text().splitlines()
     assert lines[: len(finished)] == finished  # nothing finished was lost or rewritten
     rows = [json.loads(line) for line in lines]
@@ -156,8 +145,8 @@ def test_interrupted_run_loses_nothing_and_resumes(model_dir, tmp_path):
         (["--samples", "0"], "at least 1"),
     ],
 )
-def test_sweep_input_errors(model_dir, tmp_path, capsys, change, message):
-    args = sweep_args(model_dir, tmp_path / "out")
+def test_sweep_input_errors(chat_model_dir, tmp_path, capsys, change, message):
+    args = sweep_args(chat_model_dir, tmp_path / "out")
     for flag, value in zip(change[::2], change[1::2]):
         args[args.index(flag) + 1] = value
     assert main(args) == 2
@@ -166,20 +155,20 @@ def test_sweep_input_errors(model_dir, tmp_path, capsys, change, message):
     assert re.search(message, err[0])
 
 
-def test_unwritable_output_dir(model_dir, tmp_path, capsys):
+def test_unwritable_output_dir(chat_model_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(sweep_args(model_dir, blocker / "out")) == 2
+    assert main(sweep_args(chat_model_dir, blocker / "out")) == 2
     assert "cannot write to output directory" in capsys.readouterr().err
 
 
-def test_results_of_another_seed_are_refused_unless_forced(model_dir, finished_run, tmp_path, capsys):
+def test_results_of_another_seed_are_refused_unless_forced(chat_model_dir, finished_run, tmp_path, capsys):
     out = tmp_path / "copy"
     out.mkdir()
     for name in ("run.json", "results.jsonl"):
         (out / name).write_bytes((finished_run / name).read_bytes())
-    assert main([*sweep_args(model_dir, out, "--no-report", samples="1"), "--seed", "7"]) == 2
+    assert main([*sweep_args(chat_model_dir, out, "--no-report", samples="1"), "--seed", "7"]) == 2
     assert "another run: seed 42 (now 7)" in capsys.readouterr().err
-    assert main([*sweep_args(model_dir, out, "--no-report", samples="1"), "--seed", "7", "--force"]) == 0
+    assert main([*sweep_args(chat_model_dir, out, "--no-report", samples="1"), "--seed", "7", "--force"]) == 0
     rows = read_rows(out)
     assert len(rows) == EXPECTED_CELLS // 2 and {r["seed"] for r in rows} == {7}
