@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -37,6 +38,7 @@ class CellResult:
     kv_bytes_peak: int = 0
     prefill_peak_memory_bytes: int | None = None
     decode_peak_memory_bytes: int | None = None
+    head_spread: dict[str, float] | None = None
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
@@ -77,6 +79,23 @@ def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
     """Bytes of an uncompressed K and V cache for `context_length` tokens: the budget's denominator."""
     elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * context_length
     return elements * torch.empty((), dtype=dtype).element_size()
+
+
+def head_spread(cache: KVBenchCache) -> dict[str, float] | None:
+    """How unevenly the compressed context is spread over KV heads, right after compression: min, median and
+    max over every (layer, head) of n_h / mean_h(n_h), the mean taken within the head's layer (1/1/1 when every
+    head of a layer holds as many positions). Measured from the stored prefixes' head lengths, whatever the
+    method says of its budgets; None for a cache with no prefix."""
+    ratios: list[float] = []
+    for layer in cache.layers:
+        if layer.prefix is None:
+            continue
+        lengths = layer.prefix.head_lengths()
+        mean = sum(lengths) / len(lengths)
+        ratios.extend(n / mean if mean else 1.0 for n in lengths)
+    if not ratios:
+        return None
+    return {"min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4), "max": round(max(ratios), 4)}
 
 
 @dataclass
@@ -167,6 +186,7 @@ def run_cell(
     compressed = compress_context(loaded, observed, method, effective_budget, context_ids, seed)
     reset_peak_memory(loaded.device)
     kv_bytes = compressed.cache.kv_bytes()
+    spread = head_spread(compressed.cache)
     peak = PeakBytes(compressed.cache, method.on_decode_step)
     with timed(loaded.device) as decode_watch:
         generation = greedy_decode(
@@ -197,6 +217,7 @@ def run_cell(
         kv_bytes_peak=peak.read(compressed.cache),
         prefill_peak_memory_bytes=compressed.prefill_peak_memory_bytes,
         decode_peak_memory_bytes=peak_memory_bytes(loaded.device),
+        head_spread=spread,
         step_logits=generation.step_logits,
     )
 

@@ -14,7 +14,7 @@ from kvbench.harness.continuation import ContinuationScore, score_continuation
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import PeakBytes, TimedObservation, compress_context, iter_cells
+from kvbench.harness.pipeline import PeakBytes, TimedObservation, compress_context, head_spread, iter_cells
 from kvbench.methods.base import Method
 
 
@@ -33,6 +33,7 @@ class ScoredCell:
     kv_bytes_peak: int = 0
     prefill_peak_memory_bytes: int | None = None
     decode_peak_memory_bytes: int | None = None
+    head_spread: dict[str, float] | None = None
 
     @property
     def kv_ratio(self) -> float:
@@ -61,6 +62,7 @@ def run_scoring_cell(
     prefill_peak = compressed.prefill_peak_memory_bytes
     reset_peak_memory(loaded.device)
     kv_bytes = compressed.cache.kv_bytes()
+    spread = head_spread(compressed.cache)
     stepwise = method.changes_cache_within(
         compressed.cache, len(question_ids) + max(map(len, continuations), default=0)
     )
@@ -96,6 +98,7 @@ def run_scoring_cell(
         kv_bytes_peak=kv_bytes_peak,
         prefill_peak_memory_bytes=prefill_peak,
         decode_peak_memory_bytes=peak_memory_bytes(loaded.device),
+        head_spread=spread,
     )
 
 

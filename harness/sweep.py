@@ -227,6 +227,7 @@ def _measured(outcome: CellResult | ScoredCell) -> dict[str, Any]:
         "compress_s": round(outcome.compress_s, 4),
         "prefill_peak_memory_bytes": outcome.prefill_peak_memory_bytes,
         "decode_peak_memory_bytes": outcome.decode_peak_memory_bytes,
+        "head_spread": outcome.head_spread,
     }
 
 

@@ -142,3 +142,20 @@ def test_stop_strings_cut_the_output():
     stopped = greedy_decode(model, cache, [4], 6, [], tokenizer=Words(), stop_strings=[stop])
     assert stopped.stopped_by == "stop_string"
     assert stop not in stopped.text and len(stopped.token_ids) <= 3
+
+
+def test_head_spread_is_each_heads_length_over_its_layers_mean():
+    from kvbench.harness.pipeline import head_spread
+
+    layer_lengths = [(5, 2, 9), (4, 4, 6)]  # means 16/3 and 14/3
+    prefixes = [TokenPrefix([torch.randn(n, 8) for n in ns], [torch.randn(n, 8) for n in ns]) for ns in layer_lengths]
+    spread = head_spread(KVBenchCache(2, prefixes, 20))
+    ratios = sorted([5 * 3 / 16, 2 * 3 / 16, 9 * 3 / 16, 4 * 3 / 14, 4 * 3 / 14, 6 * 3 / 14])
+    assert spread == {
+        "min": round(ratios[0], 4),
+        "median": round((ratios[2] + ratios[3]) / 2, 4),
+        "max": round(ratios[-1], 4),
+    }
+    uniform = [TokenPrefix(torch.randn(3, 6, 8), torch.randn(3, 6, 8)) for _ in range(2)]
+    assert head_spread(KVBenchCache(2, uniform, 6)) == {"min": 1.0, "median": 1.0, "max": 1.0}
+    assert head_spread(KVBenchCache(2)) is None
