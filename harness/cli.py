@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="replace results of another model/seed/setting in --out")
     run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--workers", type=int, help="spread the samples over N Ray actors (local Ray; 1: in this process, the default)"
+    )
+    run.add_argument(
+        "--ray-address", help="run the actors on an existing Ray cluster (ray start --head), e.g. HOST:6379"
+    )
 
     lm_eval = commands.add_parser(
         "lm-eval", help="run lm-eval tasks through KVBenchLM for every method and budget into a result store"
@@ -300,6 +306,11 @@ def _print_generation(args, loaded, result, context_tokens: int, question_tokens
 
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
+    if args.ray_address or args.workers not in (None, 1):
+        from kvbench.harness.ray_runner import check_workers, require_ray
+
+        check_workers(args.workers)
+        require_ray()
     from kvbench.harness.sweep import SweepSpec, parse_budgets, parse_lengths, parse_list, run_sweep
 
     spec = SweepSpec(
@@ -316,6 +327,8 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         dtype=args.dtype,
         force=args.force,
         command=shlex.join(["kvbench", *argv]),
+        workers=args.workers if args.ray_address else (args.workers or 1),
+        ray_address=args.ray_address,
     )
     store = run_sweep(spec, progress=not args.no_progress)
     print(f"results: {store.results_path}")

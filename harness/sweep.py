@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kvbench.harness.calibration import ensure_calibrated
-from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.errors import KVBenchError, check_budget
 from kvbench.harness.fast_checks import check_lengths, split_list
 from kvbench.harness.models import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
 from kvbench.harness.models import _locate as locate_model
@@ -63,6 +63,9 @@ class SweepSpec:
     force: bool = False
     command: str = ""
     sample_cache: Path | None = field(default=None)
+    # More than one worker, or a cluster address, spreads the work units over Ray actors (harness/ray_runner.py).
+    workers: int | None = 1
+    ray_address: str | None = None
 
 
 # The torch-free parsers of the argument checks are the sweep's parsers too.
@@ -236,7 +239,7 @@ def _row(
     length: int,
     method: Method,
     budget: float,
-    outcome: CellResult | BudgetError,
+    outcome: CellResult | KVBenchError,
     parts,
     context: RowContext,
     metric: str,
@@ -256,7 +259,7 @@ def _row(
         "query_aware": context.spec.query_aware,
         "seed": context.spec.seed,
     }
-    if isinstance(outcome, BudgetError):
+    if isinstance(outcome, KVBenchError):
         return {**row, "score": None, "error": str(outcome)}
     return {
         **row,
@@ -274,7 +277,7 @@ def _perplexity_row(
     length: int,
     method: Method,
     budget: float,
-    outcome: ScoredCell | BudgetError,
+    outcome: ScoredCell | KVBenchError,
     context_ids: list[int],
     continuation_ids: list[int],
     context: RowContext,
@@ -296,7 +299,7 @@ def _perplexity_row(
         "query_aware": context.spec.query_aware,
         "seed": context.spec.seed,
     }
-    if isinstance(outcome, BudgetError):
+    if isinstance(outcome, KVBenchError):
         return {**row, "score": None, "error": str(outcome)}
     (scored,) = outcome.scores
     return {
@@ -334,6 +337,38 @@ def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: 
         )
 
 
+def unit_cells(loaded: LoadedModel, length: int, sample: Sample, todo, context: RowContext):
+    """One work unit, whole: the sample's prefill and all its cells, as (method label, budget, rows) per cell.
+    What a Ray actor runs and hands back to the driver, the store's only writer."""
+    return [(method.label, budget, rows) for method, budget, rows in _cell_rows(loaded, sample, length, todo, context)]
+
+
+def failed_unit_rows(loaded: LoadedModel, length: int, sample: Sample, todo, context: RowContext, reason: str):
+    """The rows of a unit no worker could finish: every cell's rows with no score and the reason as their error,
+    like a refused budget, marked `worker_failed` so that a rerun computes them again."""
+    failure = KVBenchError(reason)
+    if sample.metric == "perplexity":
+        context_ids, continuation_ids = token_split(loaded.tokenizer, sample)
+        made = [
+            _perplexity_row(sample, length, method, budget, failure, context_ids, continuation_ids, context)
+            for method, budget in todo
+        ]
+    else:
+        parts = split_prompt(
+            loaded.tokenizer,
+            sample.context,
+            sample.question,
+            sample.answer_prefix,
+            query_aware=context.spec.query_aware,
+        )
+        made = [
+            _row(sample, length, method, budget, failure, parts, context, metric)
+            for method, budget in todo
+            for metric in row_metrics(sample)
+        ]
+    return [{**row, "worker_failed": True} for row in made]
+
+
 def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     methods = validate(spec)
     maximum = model_max_length(spec.model)  # from the config alone: a length error needs no weights
@@ -358,6 +393,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     meta["calibration"] = {label: str(path) for label, path in calibrated.items()}
     store.write_meta(meta)
     context = RowContext(spec, identities, {**provenance(), "model_source": loaded.source})
+    if any(row.get("worker_failed") for row in store.rows()):
+        store.drop_rows(lambda row: row.get("worker_failed", False))  # units no worker finished: run them again
     # A cell is done when every metric its task reports has a row of its whole identity (a kill can fall between
     # a cell's rows).
     done = {cell_key(row) for row in store.rows()}
@@ -387,15 +424,24 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     bar = tqdm(total=total, disable=not progress, unit="cell", desc="kvbench run", file=sys.stderr, dynamic_ncols=True)
     if skipped:
         bar.write(f"kvbench: {skipped} finished cells found in {spec.out}; running the {total} left")
+
+    def record(rows: list[dict[str, Any]], where: str, cells: int = 1) -> None:
+        for row in rows:
+            if cell_key(row) not in done:
+                store.append(row)
+                done.add(cell_key(row))
+        bar.set_postfix_str(where, refresh=False)
+        bar.update(cells)
+
     with bar:
-        for length, sample, todo in plan:
-            for method, budget, rows in _cell_rows(loaded, sample, length, todo, context):
-                for row in rows:
-                    if cell_key(row) not in done:
-                        store.append(row)
-                        done.add(cell_key(row))
-                bar.set_postfix_str(f"{sample.task}@{length} {method.label}@{budget:g}", refresh=False)
-                bar.update(1)
+        if spec.ray_address or spec.workers != 1:
+            from kvbench.harness.ray_runner import run_units
+
+            run_units(spec, loaded, plan, methods, context, record)
+        else:
+            for length, sample, todo in plan:
+                for method, budget, rows in _cell_rows(loaded, sample, length, todo, context):
+                    record(rows, f"{sample.task}@{length} {method.label}@{budget:g}")
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
     return store
