@@ -78,14 +78,21 @@ Cell = tuple[Method, float]
 
 
 def median_seconds(
-    device: torch.device, repeats: int, work: Callable[[], Any], warmup: bool = False
+    device: torch.device,
+    repeats: int,
+    work: Callable[[], Any],
+    warmup: bool = False,
+    setup: Callable[[], Any] | None = None,
 ) -> tuple[float, list[float], Any]:
     """Median wall time of `work` over `repeats` runs (synchronized on CUDA), every sample, the last result;
-    `warmup` runs it once untimed first (model forwards: first-call setup is not what a stored context costs)."""
+    `warmup` runs it once untimed first (model forwards: first-call setup is not what a stored context costs),
+    `setup` runs untimed before each repeat."""
     samples, result = [], None
     if warmup:
         work()
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         with timed(device) as watch:
             result = work()
         samples.append(watch.seconds)
@@ -114,8 +121,21 @@ def map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return data
 
 
+def resident_bytes(path: Path) -> int | None:
+    """Bytes of the file in the page cache now (util-linux `fincore`; None where it is missing)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], capture_output=True, text=True
+        )
+        return int(done.stdout.split()[0]) if done.returncode == 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def load_from_disk(path: Path, method: Method) -> tuple[KVBenchCache, torch.Tensor, dict]:
-    drop_page_cache(path)
+    """Read and rebuild a stored context (the caller drops its pages from the page cache first, untimed)."""
     stored = stored_context.read_context(path)
     cache, logits = stored_context.rebuild(stored, method)
     return cache, logits, stored.payload
@@ -204,9 +224,13 @@ def measure_loaded(
     loaded (on `device`) for the first-token measurements."""
     kv_bytes, file_bytes, save_s = saved
     cpu = torch.device("cpu")
-    load_disk_s, disk_samples, (cache, _, payload) = median_seconds(cpu, repeats, partial(load_from_disk, path, method))
+    load_disk_s, disk_samples, (cache, _, payload) = median_seconds(
+        cpu, repeats, partial(load_from_disk, path, method), setup=partial(drop_page_cache, path)
+    )
     if cache.kv_bytes() != kv_bytes:
         raise RuntimeError(f"{path}: reloaded {cache.kv_bytes()} bytes, not the {kv_bytes} stored")
+    drop_page_cache(path)
+    cold = resident_bytes(path)
     tensor_bytes = stored_bytes(payload)
     h2d_s, h2d_samples = host_to_device(payload, repeats)
     if device.type != "cpu":
@@ -225,6 +249,7 @@ def measure_loaded(
         "file_bytes": file_bytes,
         "method_bytes": method.method_bytes(),
         "save_s": save_s,
+        "page_cache_bytes_after_drop": cold,
         "load_disk_s": load_disk_s,
         "load_memory_s": load_memory_s,
         "h2d_s": h2d_s if h2d_s is not None else NO_CUDA,
@@ -260,8 +285,9 @@ def measure_context(
         )
         return [{**base_row("model", target, m, b), "status": status} for m, b in cells]
     device, model = loaded.device, loaded.model
+    recompute(model, question_ids)  # warm-up on the question alone: a prefill-length warm-up costs a prefill
     prefill_s, prefill_samples, reference_token = median_seconds(
-        device, repeats, partial(recompute, model, [*context_ids, *question_ids]), warmup=True
+        device, repeats, partial(recompute, model, [*context_ids, *question_ids])
     )
     observation = prefill(model, list(context_ids), shared_needs([m for m, _ in cells]))
     observed = TimedObservation(observation, prefill_s)
@@ -595,6 +621,10 @@ def run(args: argparse.Namespace) -> int:
         raise KVBenchError("--repeats must be at least 1")
     if args.autoencoder_checkpoint and not Path(args.autoencoder_checkpoint).is_file():
         raise KVBenchError(f"--autoencoder-checkpoint {args.autoencoder_checkpoint} is not a file")
+    if args.threads < 0:
+        raise KVBenchError("--threads must be 0 (torch's default) or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="kvbench-ttft-", dir=args.workdir))
     run_record: dict[str, Any] = {
         "repeats": args.repeats,
@@ -606,8 +636,10 @@ def run(args: argparse.Namespace) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **provenance(),
         "notes": [
-            "load_disk_s: the file's pages dropped from the page cache (posix_fadvise DONTNEED) before each read",
-            "forward_s, first_token_seam_s and prefill_s: one untimed warm-up run before the timed repeats",
+            "load_disk_s: the file's pages dropped from the page cache (fsync, posix_fadvise DONTNEED, untimed) before "
+            "each read; page_cache_bytes_after_drop is what fincore then reports resident",
+            "forward_s and first_token_seam_s: one untimed warm-up run before the timed repeats; prefill_s: the "
+            "model warmed up on the question alone first",
             "TTFT = load_disk_s + h2d_s (CUDA only) + decompress_s + forward_s; prefill_s is the plain model over "
             "context and question",
         ],
@@ -687,6 +719,7 @@ def main() -> int:
     parser.add_argument("--methods", default="full,kivi,autoencoder,snapkv")
     parser.add_argument("--autoencoder-checkpoint", default=None, help="a 'kvbench train autoencoder' checkpoint")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--synthetic-tokens", default="1024,8192", help="synthetic context sizes ('' for none)")
     parser.add_argument("--synthetic-shape", default="32,8,128", help="layers,kv_heads,head_dim (Llama-3.1-8B)")
     parser.add_argument("--synthetic-dtype", default="bfloat16")
