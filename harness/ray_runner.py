@@ -48,15 +48,22 @@ class SweepWorker:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         torch.set_num_threads(threads)
-        self.loaded = load_model(model, device, dtype)
+        self.problem = None  # a user error (the model does not load here) is said by the driver, in one line
+        try:
+            self.loaded = load_model(model, device, dtype)
+        except KVBenchError as error:
+            self.problem = str(error)
         self.methods = {method.label: method for method in methods}
         self.context = context
         self.threads = threads
 
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "device": str(self.loaded.device), "threads": self.threads}
+        device = None if self.problem else str(self.loaded.device)
+        return {"pid": os.getpid(), "device": device, "threads": self.threads, "problem": self.problem}
 
     def run(self, length: int, sample, cells: list[tuple[str, float]]) -> list[tuple[str, float, list[dict]]]:
+        if self.problem:
+            raise KVBenchError(f"a Ray worker could not load the model: {self.problem}")
         todo = [(self.methods[label], budget) for label, budget in cells]
         return _run_unit(self.loaded, length, sample, todo, self.context)
 
@@ -76,7 +83,9 @@ def _connect(ray, address: str | None) -> bool:
         if address:
             ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=True)
         else:
-            ray.init(runtime_env=env, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            ray.init(
+                address="local", runtime_env=env, include_dashboard=False, logging_level="WARNING", log_to_driver=True
+            )
     except ConnectionError as error:
         raise KVBenchError(f"cannot reach the Ray cluster at {address}: {error}") from None
     return True
@@ -143,9 +152,12 @@ def run_units(
                 f"{workers} Ray workers were not all placed within {READY_TIMEOUT_S:.0f} s; "
                 f"the cluster lacks {resources} for each: use fewer --workers"
             ) from None
-        except (ActorDiedError, RayTaskError) as error:  # the model does not load in a worker: no retry helps
-            cause = getattr(error, "cause", None) or error
-            raise KVBenchError(f"a Ray worker could not start: {_reason(cause)}") from None
+        except (ActorDiedError, RayTaskError) as error:  # a worker that cannot start: no retry helps
+            last = [line.strip() for line in str(error).splitlines() if line.strip()][-1]
+            raise KVBenchError(f"a Ray worker could not start: {last}") from None
+        problems = [info["problem"] for info in infos if info["problem"]]
+        if problems:
+            raise KVBenchError(f"a Ray worker could not load the model: {problems[0]}")
         print(
             f"kvbench: {workers} Ray workers on {infos[0]['device']}, {threads} torch threads each",
             file=sys.stderr,
