@@ -89,9 +89,10 @@ def ensure_calibrated(
 
 
 def _hand_over(method: Method, artifacts: dict[str, torch.Tensor], payload: dict) -> None:
+    # The record first: a method checks in load_calibration that the checkpoint was made for its configuration.
+    method.artifact_record = {k: v for k, v in payload.items() if k != "artifacts"}
     method.load_calibration(artifacts)
     method._artifact_fingerprint = tensors_fingerprint(artifacts)
-    method.artifact_record = {k: v for k, v in payload.items() if k != "artifacts"}
 
 
 def calibration_meta(path: Path) -> dict:
