@@ -7,15 +7,17 @@
   context size (model sizes solid, synthetic sizes dashed);
 - speedup.png: prefill recompute time over TTFT from the stored context, against context size (1 = no gain).
 
-    python benchmarks/ttft_plots.py [results/ttft/ttft.json] [--out results/ttft/plots]
+    python benchmarks/ttft_plots.py [results/ttft/ttft.json ...] [--out results/ttft/plots]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ STAGES = [
 
 
 def cell_name(row: dict[str, Any]) -> str:
-    return row["label"] if row["method"] == "full" else f"{row['label']} @ {row['budget']:g}"
+    """The method's label without a checkpoint's path (the results file records it), and the budget."""
+    label = re.sub(r":checkpoint=[^:]*", "", row["label"])
+    return label if row["method"] == "full" else f"{label} @ {row['budget']:g}"
 
 
 def measured(rows: list[dict[str, Any]], key: str, part: str | None = None) -> list[dict[str, Any]]:
@@ -100,8 +104,11 @@ def line_plot(lines: dict, path: Path, ylabel: str, title: str, reference: float
     return path
 
 
-def plot(results: Path, out: Path) -> list[Path]:
-    rows = json.loads(Path(results).read_text())["rows"]
+def plot(results: Path | Sequence[Path], out: Path) -> list[Path]:
+    """The three PNGs under `out` from one output file or several (their rows together; each row's ratios were
+    taken within its own run)."""
+    paths = [results] if isinstance(results, str | Path) else list(results)
+    rows = [row for path in paths for row in json.loads(Path(path).read_text())["rows"]]
     out.mkdir(parents=True, exist_ok=True)
     return [
         time_comparison(rows, out / "time_comparison.png"),
@@ -123,17 +130,18 @@ def plot(results: Path, out: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="?", default=str(RESULTS / "ttft.json"))
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: plots/ beside the results)")
+    parser.add_argument("results", nargs="*", default=[str(RESULTS / "ttft.json")], help="ttft.py output files")
+    parser.add_argument("--out", default=None, help="folder for the PNGs (default: plots/ beside the first file)")
     args = parser.parse_args()
-    results = Path(args.results)
-    if not results.is_file():
-        print(f"ttft_plots: {results} is not a file; write one with 'python benchmarks/ttft.py'", file=sys.stderr)
-        return 2
+    results = [Path(path) for path in args.results]
+    for path in results:
+        if not path.is_file():
+            print(f"ttft_plots: {path} is not a file; write one with 'python benchmarks/ttft.py'", file=sys.stderr)
+            return 2
     try:
-        paths = plot(results, Path(args.out) if args.out else results.parent / "plots")
+        paths = plot(results, Path(args.out) if args.out else results[0].parent / "plots")
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        print(f"ttft_plots: {results} is not a ttft.py output ({error.__class__.__name__})", file=sys.stderr)
+        print(f"ttft_plots: {args.results} is not ttft.py output ({error.__class__.__name__})", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
