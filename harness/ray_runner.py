@@ -91,21 +91,24 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
-def _placement(ray, workers: int | None, device: str) -> tuple[int, dict[str, float], int]:
+def _placement(ray, workers: int | None, device: str, units: int) -> tuple[int, dict[str, float], int]:
     """(actors, Ray resources per actor, torch threads per actor): one GPU each on CUDA, else the cluster's CPUs
-    split evenly (`--workers` unset: one actor per GPU, or per node)."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
+    split evenly (`--workers` unset: one actor per GPU, or per node); never more actors than units. What the
+    nodes cannot hold is refused at once rather than left waiting for resources that never come."""
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    cpus = sum(int(node.get("CPU", 0)) for node in nodes)
     if workers is None:
-        workers = gpus if device == "cuda" and gpus else len([node for node in ray.nodes() if node.get("Alive")])
-        workers = max(1, workers)
+        workers = max(1, gpus if device == "cuda" and gpus else len(nodes))
+    workers = min(workers, units)
     if device == "cuda":
         if gpus < workers:
             raise KVBenchError(f"--workers {workers} needs {workers} GPUs but the Ray cluster has {gpus}")
         return workers, {"num_gpus": 1, "num_cpus": 1}, max(1, cpus // workers)
-    threads = max(1, cpus // workers)
-    return workers, {"num_cpus": threads}, threads
+    for threads in range(max(1, cpus // workers), 0, -1):  # the most threads each that the nodes can hold
+        if sum(int(node.get("CPU", 0)) // threads for node in nodes) >= workers:
+            return workers, {"num_cpus": threads}, threads
+    raise KVBenchError(f"--workers {workers} needs {workers} CPUs but the Ray cluster has {cpus}")
 
 
 def _reason(error: BaseException) -> str:
@@ -135,8 +138,7 @@ def run_units(
     try:
         if not plan:
             return
-        workers, resources, threads = _placement(ray, spec.workers, device)
-        workers = min(workers, len(plan))  # an actor with no unit to run would only load the model
+        workers, resources, threads = _placement(ray, spec.workers, device, len(plan))
         remote = ray.remote(**resources, max_restarts=0)(SweepWorker)
 
         def spawn():

@@ -214,3 +214,47 @@ def test_without_ray_the_flags_say_how_to_install_it(chat_model_dir, tmp_path, m
 def test_workers_below_one_is_one_line(chat_model_dir, tmp_path, capsys):
     assert main(sweep_args(chat_model_dir, tmp_path / "out", "--workers", "0")) == 2
     assert capsys.readouterr().err == "kvbench: error: --workers 0 must be at least 1\n"
+
+
+class FakeCluster:
+    """What `_placement` reads of Ray: the alive nodes and their resources."""
+
+    def __init__(self, *nodes):
+        self._nodes = [{"Alive": True, "Resources": dict(node)} for node in nodes]
+        self._nodes.append({"Alive": False, "Resources": {"CPU": 64, "GPU": 8}})  # a dead node counts for nothing
+
+    def nodes(self):
+        return self._nodes
+
+
+@pytest.mark.parametrize(
+    "nodes, workers, device, units, expected",
+    [
+        ([{"CPU": 2}], 2, "cpu", 10, (2, {"num_cpus": 1}, 1)),  # this machine: one thread each
+        ([{"CPU": 16}], 2, "cpu", 10, (2, {"num_cpus": 8}, 8)),
+        ([{"CPU": 16}], 8, "cpu", 3, (3, {"num_cpus": 5}, 5)),  # no more actors than units, their threads shared
+        ([{"CPU": 4}, {"CPU": 2}], 2, "cpu", 10, (2, {"num_cpus": 2}, 2)),  # 3 each fit no second node
+        ([{"CPU": 8}, {"CPU": 8}], None, "cpu", 10, (2, {"num_cpus": 8}, 8)),  # unset: one per node
+        ([{"CPU": 16, "GPU": 4}], None, "cuda", 10, (4, {"num_gpus": 1, "num_cpus": 1}, 4)),  # unset: one per GPU
+        ([{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}], 3, "cuda", 10, (3, {"num_gpus": 1, "num_cpus": 1}, 5)),
+    ],
+)
+def test_placement_splits_the_cluster(nodes, workers, device, units, expected):
+    from kvbench.harness.ray_runner import _placement
+
+    assert _placement(FakeCluster(*nodes), workers, device, units) == expected
+
+
+@pytest.mark.parametrize(
+    "nodes, workers, device, message",
+    [
+        ([{"CPU": 2}], 4, "cpu", "--workers 4 needs 4 CPUs but the Ray cluster has 2"),
+        ([{"CPU": 16, "GPU": 1}], 2, "cuda", "--workers 2 needs 2 GPUs but the Ray cluster has 1"),
+    ],
+)
+def test_placement_refuses_what_the_cluster_cannot_hold(nodes, workers, device, message):
+    from kvbench.harness.errors import KVBenchError
+    from kvbench.harness.ray_runner import _placement
+
+    with pytest.raises(KVBenchError, match=message):
+        _placement(FakeCluster(*nodes), workers, device, 10)
