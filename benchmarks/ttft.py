@@ -12,7 +12,8 @@ For each context size and each (method, budget), the context is compressed once,
 - load from host memory: the same from the file's bytes already in RAM (deserialize and rebuild, no I/O);
 - host to device: the payload's tensors copied from pinned host memory to the CUDA device, the timer bracketed
   by `torch.cuda.synchronize()`; where there is no CUDA the column says "no CUDA";
-- decompress: every layer's prefix materialized (dequantized, decoded from latents, split per head) once;
+- decompress: every layer's prefix materialized (dequantized, decoded from latents, split per head) once, layer
+  by layer, each dropped before the next (attention holds one layer's at a time);
 - forward: the question fed against the decompressed context (the first answer token's logits);
 - first token (seam): the question fed against the compressed cache as kvbench decodes, decompressing inside
   attention (a cross-check of decompress + forward);
@@ -29,7 +30,7 @@ Not a test: timings depend on the machine.
     python benchmarks/ttft.py [--model smollm2-135m] [--lengths 1024,2048,4096] [--budgets 0.25,0.125]
         [--methods full,kivi,autoencoder,snapkv] [--autoencoder-checkpoint PATH] [--repeats 3]
         [--synthetic-tokens 1024,8192] [--synthetic-shape 32,8,128] [--synthetic-dtype bfloat16]
-        [--out results/ttft/ttft.json] [--plots]
+        [--threads N] [--workdir DIR] [--out results/ttft/ttft.json] [--plots]
 """
 
 from __future__ import annotations
