@@ -229,6 +229,44 @@ class Scorer(torch.nn.Module):
         return torch.einsum("hnk,hk->hn", hidden, self.w2[layer]) + self.b2[layer][:, None]
 
 
+def token_vectors(
+    keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, hidden: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """k, v, q̄ (group-mean query) and x (broadcast to every head) of each token, fp32 [H, n, ·]."""
+    h = keys.shape[0]
+    return {
+        "k": keys.float(),
+        "v": values.float(),
+        "q": group_mean(queries.float(), h),
+        "x": hidden.float()[None].expand(h, -1, -1),
+    }
+
+
+def fixed_features(
+    features: tuple[str, ...], vectors: dict[str, torch.Tensor], flags: torch.Tensor | None, heads: int
+) -> torch.Tensor | None:
+    """The static features without parameters (vector statistics, token flags): [H, n, ·] or None."""
+    parts = []
+    for name in ("vector_norm", "vector_cv", "vector_z_score"):
+        if name in features:
+            parts.append(torch.stack([vector_stats(vectors[v])[name] for v in VECTORS], dim=-1))
+    if "token_profiling" in features:
+        parts.append(flags.float()[None].expand(heads, -1, -1))
+    return torch.cat(parts, dim=-1) if parts else None
+
+
+def convolution_features(scorer: Scorer, layer: int, vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The trainable double convolutions over k, v, q̄ and x: [H, n, ·] or None when not selected."""
+    if "convolution" not in scorer.features:
+        return None
+    return torch.cat([scorer.convolutions[v](layer, vectors[v]) for v in VECTORS], dim=-1)
+
+
+def join(*parts: torch.Tensor | None) -> torch.Tensor | None:
+    present = [p for p in parts if p is not None]
+    return torch.cat(present, dim=-1) if present else None
+
+
 def static_features(
     scorer: Scorer,
     layer: int,
@@ -238,29 +276,12 @@ def static_features(
     hidden: torch.Tensor | None,
     flags: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """The features fixed once a token is cached, [H, n, F_static] fp32 (None when none is selected):
-    keys/values [H, n, d], queries [H_q, n, d] (post-RoPE, their own positions), hidden [n, D], flags [n, 2]."""
-    features = scorer.features
-    h = keys.shape[0]
-    vectors: dict[str, torch.Tensor] = {}
-    if needs_vectors(features):
-        vectors = {
-            "k": keys.float(),
-            "v": values.float(),
-            "q": group_mean(queries.float(), h),
-            "x": hidden.float()[None].expand(h, -1, -1),
-        }
-    parts = []
-    for name in FEATURES:
-        if name not in features or name in DYNAMIC:
-            continue
-        if name in ("vector_norm", "vector_cv", "vector_z_score"):
-            parts.append(torch.stack([vector_stats(vectors[v])[name] for v in VECTORS], dim=-1))
-        elif name == "token_profiling":
-            parts.append(flags.float()[None].expand(h, -1, -1))
-        elif name == "convolution":
-            parts += [scorer.convolutions[v](layer, vectors[v]) for v in VECTORS]
-    return torch.cat(parts, dim=-1) if parts else None
+    """The features fixed once a token is cached, [H, n, F_static] fp32 (None when none is selected), in
+    `FEATURES` order: keys/values [H, n, d], queries [H_q, n, d] (post-RoPE, their own positions), hidden [n, D],
+    flags [n, 2]."""
+    vectors = token_vectors(keys, values, queries, hidden) if needs_vectors(scorer.features) else {}
+    fixed = fixed_features(scorer.features, vectors, flags, keys.shape[0])
+    return join(fixed, convolution_features(scorer, layer, vectors))
 
 
 def assemble(
@@ -302,29 +323,37 @@ def parse_features(text: str) -> tuple[str, ...]:
     return FEATURES if names == ("all",) else check_features(names)
 
 
-def prefill_layer_features(
-    scorer: Scorer, observation, layer: int, flags: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """One layer's features from the prefill's observation: (attn_score [H, N] or None, static [H, N, F_s] or
-    None, all features [H, N, F]). The observation must hold every context query (window = N) when attn_score
-    or a vector feature is selected, and the hidden states for a vector feature."""
-    features = scorer.features
-    keys, values = observation.keys[layer], observation.values[layer]
-    n = keys.shape[1]
-    queries = None
+def observed_inputs(
+    features: tuple[str, ...], observation, layer: int, flags: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(queries [H_q, N, d], hidden [N, D], token flags [N, 2]) of one layer's context, each None where no
+    selected feature needs it. The observation must hold every context query (window = N) when attn_score or a
+    vector feature is selected, and the hidden states for a vector feature."""
+    n = observation.keys[layer].shape[1]
+    queries = hidden = token = None
     if "attn_score" in features or needs_vectors(features):
         queries = observation.window_queries[layer] if observation.window_queries is not None else None
         if queries is None or queries.shape[1] != n:
             raise ValueError("lightweight needs every context query from the prefill; declare window=N in needs()")
-    hidden = None
     if needs_vectors(features):
         if observation.hidden_states is None:
             raise ValueError("lightweight needs the prefill's hidden states; declare hidden_states in needs()")
         hidden = observation.hidden_states[layer]
-    ids = observation.input_ids
+    if "token_profiling" in features:
+        token = flags[observation.input_ids.cpu()].to(observation.keys[layer].device)
+    return queries, hidden, token
+
+
+def prefill_layer_features(
+    scorer: Scorer, observation, layer: int, flags: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """One layer's features from the prefill's observation: (attn_score [H, N] or None, static [H, N, F_s] or
+    None, all features [H, N, F])."""
+    features = scorer.features
+    keys, values = observation.keys[layer], observation.values[layer]
+    n = keys.shape[1]
+    queries, hidden, token = observed_inputs(features, observation, layer, flags)
     attn = prefill_attn_score(queries, keys, observation.scaling) if "attn_score" in features else None
-    static = static_features(
-        scorer, layer, keys, values, queries, hidden, flags[ids.cpu()].to(keys.device) if flags is not None else None
-    )
+    static = static_features(scorer, layer, keys, values, queries, hidden, token)
     positions = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
     return attn, static, assemble(features, attn, positions, n - 1, static)

@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -142,54 +142,72 @@ def relaxed_weights(
     return hard[:, None, :] * visible[None] + (soft - soft.detach())
 
 
-def needs_for(scorer: lw.Scorer) -> ObservationNeeds:
-    return ObservationNeeds(window=lw.ALL_QUERIES, hidden_states=lw.needs_vectors(scorer.features))
+def needs_for(features: tuple[str, ...]) -> ObservationNeeds:
+    return ObservationNeeds(window=lw.ALL_QUERIES, hidden_states=lw.needs_vectors(features))
 
 
-def _usable(observation: Observation) -> Observation:
-    """The prefill's inference-mode tensors copied into ordinary ones, which autograd may save."""
+@dataclass
+class Prepared:
+    """What training needs of one context's full prefill, computed once (no grad) and reused every epoch: its
+    keys/values per layer, attn_score [H, C] and the parameter-free static features [H, C, ·] per layer (None
+    when not selected), and the vectors the convolutions read (only when they are selected)."""
 
-    def copy(tensors):
-        return [t.clone() for t in tensors] if tensors is not None else None
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    attn: list[torch.Tensor | None]
+    fixed: list[torch.Tensor | None]
+    vectors: list[dict[str, torch.Tensor]] | None
 
-    return replace(
-        observation,
-        keys=copy(observation.keys),
-        values=copy(observation.values),
-        window_queries=copy(observation.window_queries),
-        hidden_states=copy(observation.hidden_states),
-        input_ids=observation.input_ids.clone(),
-    )
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[1])
+
+
+def prepare(features: tuple[str, ...], observation: Observation, flags: torch.Tensor | None) -> Prepared:
+    """The observation's inference-mode tensors are copied into ordinary ones, which autograd may save."""
+    keys, values, attns, fixed, vectors = [], [], [], [], []
+    with torch.no_grad():
+        for layer in range(observation.num_layers):
+            k, v = observation.keys[layer].clone(), observation.values[layer].clone()
+            queries, hidden, token = lw.observed_inputs(features, observation, layer, flags)
+            queries = queries.clone() if queries is not None else None
+            hidden = hidden.clone() if hidden is not None else None
+            token = token.clone() if token is not None else None
+            found = lw.token_vectors(k, v, queries, hidden) if lw.needs_vectors(features) else {}
+            keys.append(k)
+            values.append(v)
+            attns.append(lw.prefill_attn_score(queries, k, observation.scaling) if "attn_score" in features else None)
+            fixed.append(lw.fixed_features(features, found, token, k.shape[0]))
+            vectors.append(found)
+    return Prepared(keys, values, attns, fixed, vectors if "convolution" in features else None)
+
+
+def prepared_features(scorer: lw.Scorer, prepared: Prepared, layer: int) -> torch.Tensor:
+    """[H, C, F], as `prefill_layer_features` gives them at inference (the convolutions with their gradient)."""
+    convolution = lw.convolution_features(scorer, layer, prepared.vectors[layer]) if prepared.vectors else None
+    keys = prepared.keys[layer]
+    positions = torch.arange(prepared.length, device=keys.device).expand(keys.shape[0], -1)
+    static = lw.join(prepared.fixed[layer], convolution)
+    return lw.assemble(scorer.features, prepared.attn[layer], positions, prepared.length - 1, static)
 
 
 def example_loss(
-    model: torch.nn.Module,
-    scorer: lw.Scorer | None,
-    example: Example,
-    config,
-    flags: torch.Tensor | None,
-    observation: Observation | None = None,
+    model: torch.nn.Module, scorer: lw.Scorer | None, example: Example, prepared: Prepared, config
 ) -> torch.Tensor:
     """Mean cross-entropy of the response tokens after the context compressed at `keep_fraction` by `scorer`
     (straight-through relaxed; None: the full cache)."""
-    if observation is None:
-        observation = prefill(
-            model, example.context_ids, needs_for(scorer) if scorer is not None else ObservationNeeds()
-        )
-    observation = _usable(observation)
-    n = observation.context_length
+    n = prepared.length
     tail_ids = example.question_ids + example.response_ids
-    rows = torch.arange(n, n + len(tail_ids), device=observation.keys[0].device)
-    weights: list[torch.Tensor | None] = [None] * observation.num_layers
+    rows = torch.arange(n, n + len(tail_ids), device=prepared.keys[0].device)
+    weights: list[torch.Tensor | None] = [None] * len(prepared.keys)
     if scorer is not None:
         n_kept = tokens_for_budget(n, config.keep_fraction)
-        for layer in range(observation.num_layers):
-            _, _, features = lw.prefill_layer_features(scorer, observation, layer, flags)
-            scores = scorer(layer, features)
+        for layer in range(len(prepared.keys)):
+            scores = scorer(layer, prepared_features(scorer, prepared, layer))
             weights[layer] = relaxed_weights(
                 scores, rows, n_kept, config.global_tokens, config.recent_window, config.temperature
             )
-    relax = Relaxation(observation.keys, observation.values, weights)
+    relax = Relaxation(prepared.keys, prepared.values, weights)
     with relaxed_attention_enabled(model):
         logits = model(
             input_ids=torch.tensor([tail_ids], device=rows.device),
@@ -207,10 +225,10 @@ def example_loss(
 
 def check_disjoint(seed: int, tasks: tuple[str, ...], length: int, count: int) -> None:
     """The training prompts' sample seeds (derived from `seed` as the task generators derive them) share none
-    with evaluation's (from EVALUATION_SEED) for the same tasks and length, for any of the first 10 000 samples."""
+    with evaluation's (from EVALUATION_SEED) for the same tasks and length, for any of the first 1 000 samples."""
     assert seed != EVALUATION_SEED, "training prompts must not use the evaluation seed"
     for task in tasks:
-        evaluation = {derive_seed(EVALUATION_SEED, task, length, i) for i in range(10_000)}
+        evaluation = {derive_seed(EVALUATION_SEED, task, length, i) for i in range(1_000)}
         evaluation.add(derive_seed(EVALUATION_SEED, task, length, "search"))
         training = {derive_seed(seed, task, length, i) for i in range(count)}
         training.add(derive_seed(seed, task, length, "search"))
@@ -264,25 +282,29 @@ def eos_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     return [] if ids is None else [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def self_distilled(model: torch.nn.Module, tokenizer, config) -> list[Example]:
-    """The prompts with the full-cache model's own greedy answers as responses."""
-    examples = []
+def self_distilled(model: torch.nn.Module, tokenizer, config, flags) -> tuple[list[Example], list[Prepared]]:
+    """The prompts with the full-cache model's own greedy answers as responses, and each context's prepared
+    prefill (the same prefill the answer came from)."""
+    examples, prepared = [], []
     eos = eos_ids(model, tokenizer)
+    features = config.feature_names
     for context_ids, question_ids, record in progress(prompts(tokenizer, config), desc="kvbench: answer (full cache)"):
-        observation = prefill(model, context_ids, ObservationNeeds())
+        observation = prefill(model, context_ids, needs_for(features))
         prefixes = [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values, strict=True)]
         cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
         answer = greedy_decode(model, cache, question_ids, config.response_tokens, eos, tokenizer=tokenizer)
         examples.append(Example(context_ids, question_ids, answer.token_ids, {**record, "response": answer.text}))
-    return examples
+        prepared.append(prepare(features, observation, flags))
+    return examples, prepared
 
 
 # --- training --------------------------------------------------------------------------------------------------
 
 
-def heldout_loss(model, scorer, examples: list[Example], config, flags) -> float:
+def heldout_loss(model, scorer, examples: list[Example], prepared: list[Prepared], config) -> float:
     with torch.no_grad():
-        return sum(example_loss(model, scorer, e, config, flags).item() for e in examples) / len(examples)
+        losses = [example_loss(model, scorer, e, p, config).item() for e, p in zip(examples, prepared, strict=True)]
+    return sum(losses) / len(losses)
 
 
 def shapes(model: torch.nn.Module) -> tuple[int, int, int, int]:
@@ -304,7 +326,8 @@ def train(model: torch.nn.Module, tokenizer, config) -> Trained:
     was_training = model.training
     model.eval()
     try:
-        examples = self_distilled(model, tokenizer, config)
+        flags = lw.token_flags(tokenizer, model.config.vocab_size) if "token_profiling" in features else None
+        examples, prepared = self_distilled(model, tokenizer, config, flags)
         data_seconds = time.perf_counter() - start
         order = list(range(len(examples)))
         random.Random(config.seed).shuffle(order)
@@ -312,12 +335,11 @@ def train(model: torch.nn.Module, tokenizer, config) -> Trained:
         if len(examples) - held < 1:
             raise KVBenchError(f"--samples {config.samples} leaves no training prompt after the held-out split")
         heldout_index, train_index = sorted(order[:held]), sorted(order[held:])
-        heldout = [examples[i] for i in heldout_index]
-        train_set = [examples[i] for i in train_index]
-        flags = lw.token_flags(tokenizer, model.config.vocab_size) if "token_profiling" in features else None
+        heldout, heldout_prepared = [examples[i] for i in heldout_index], [prepared[i] for i in heldout_index]
+        train_set, train_prepared = [examples[i] for i in train_index], [prepared[i] for i in train_index]
         scorer = lw.Scorer(config.scorer, features, layers, heads, dim, hidden, config.conv_channels, config.seed)
-        untrained = heldout_loss(model, scorer, heldout, config, flags)
-        full = heldout_loss(model, None, heldout, config, flags)
+        untrained = heldout_loss(model, scorer, heldout, heldout_prepared, config)
+        full = heldout_loss(model, None, heldout, heldout_prepared, config)
         optimizer = torch.optim.AdamW(scorer.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1, min_lr=1e-6)
         generator = torch.Generator().manual_seed(config.seed)
@@ -327,7 +349,7 @@ def train(model: torch.nn.Module, tokenizer, config) -> Trained:
             running = 0.0
             optimizer.zero_grad()
             for step, index in enumerate(torch.randperm(len(train_set), generator=generator).tolist()):
-                loss = example_loss(model, scorer, train_set[index], config, flags)
+                loss = example_loss(model, scorer, train_set[index], train_prepared[index], config)
                 (loss / config.grad_accumulation).backward()
                 if (step + 1) % config.grad_accumulation == 0 or step + 1 == len(train_set):
                     optimizer.step()
@@ -336,7 +358,7 @@ def train(model: torch.nn.Module, tokenizer, config) -> Trained:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch + 1)
             epoch_train.append(running / len(train_set))
-            epoch_heldout.append(heldout_loss(model, scorer, heldout, config, flags))
+            epoch_heldout.append(heldout_loss(model, scorer, heldout, heldout_prepared, config))
             plateau.step(epoch_heldout[-1])
         bar.close()
     finally:

@@ -8,6 +8,12 @@ token's features join the decode state and each head evicts its lowest-scoring u
 running attention estimates, positions and the fixed features of every kept token, and the new tokens' queries
 and hidden states until a step takes them) lives in `cache.method_state`, where `kv_bytes` counts it; the
 scorer's weights are `method_bytes`. Training: `methods/_lightweight_training.py` (`kvbench train lightweight`).
+
+Cost (the seed needed eager attention for its features): the prefill itself stays SDPA; it collects every context
+query and, for vector features, each layer's input hidden states (H_q·N·d + N·D floats per layer, transient), and
+attn_score recomputes the causal attention from those queries in chunks of rows (N² per query head, never
+materialised), as H2O's column sums do. Decoding costs one attention row per new token and layer over the kept
+tokens. One sequence at a time: a batch is refused in one line.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class LightweightConfig:
     score, unweighted), the backward pass takes the gradient of the soft weights. Cross-entropy on the response
     tokens only. AdamW lr 5e-3, weight decay 1e-4, ReduceLROnPlateau on the held-out loss (factor 0.5, patience 1,
     min 1e-6), as the seed; `grad_accumulation` 1 instead of its 8 because a CPU run makes ~100 steps, not 10k
-    samples × 5 epochs. Defaults (40 prompts of 768 tokens, 3 epochs) train SmolLM2-135M in minutes on 2 CPU
+    samples × 5 epochs. Defaults (32 prompts of 1024 tokens, 3 epochs) train SmolLM2-135M in minutes on 2 CPU
     cores; on a GPU raise `samples` (thousands), `length` (2048, the seed's) and `grad_accumulation` (8).
     """
 
@@ -62,8 +68,8 @@ class LightweightConfig:
     conv_channels: int = 4
     temperature: float = 0.7
     keep_fraction: float = 0.25
-    samples: int = 40
-    length: int = 768
+    samples: int = 32
+    length: int = 1024
     response_tokens: int = 48
     heldout_fraction: float = 0.2
     epochs: int = 3
