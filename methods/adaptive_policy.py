@@ -55,11 +55,13 @@ class AdaptivePolicyConfig:
     `texts` windows of `length` tokens of offline prose (plus `text_file`s), `heldout_fraction` held out
     (recorded), AdamW lr `lr`, weight decay `weight_decay`, hidden 128, one text per step, c ~ U(0.2, 0.8) per
     step, `epochs` passes. The spec's defaults are 100 texts (README: 1000) of 2048 tokens (README: 4096), 10
-    epochs, lr 1e-4, batch 1 (README: 4). Here: 22 texts of 2048 tokens, 6 held out, because kvbench's offline
-    prose holds 29 such windows for SmolLM2's tokenizer; the prefills are the cost (about 5 s each on 2 shared
-    CPU cores), the steps take milliseconds, so 60 epochs at lr 1e-3 fit in about 10 minutes. On a GPU, give
-    more text (`--text-file`), raise `texts` to the spec's 100 and `length` to 4096; the epochs then can drop to
-    the spec's 10.
+    epochs, lr 1e-4, batch 1 (README: 4). Here: 22 texts of 2048 tokens and 6 held out, all that kvbench's offline
+    prose holds (29 such windows for SmolLM2's tokenizer); with 22 texts instead of 100, 60 epochs at lr 1e-3 give
+    the policy about as many steps (1320). The teacher prefills are the whole cost: a policy step takes about 16 ms
+    on SmolLM2's shapes (one thread), a 2048-token prefill some seconds on idle cores and minutes on busy ones
+    (4–5 min each at a load of 11–16 on 2 cores, measured; `--texts 6` then takes about 40 minutes). On a GPU,
+    give more text (`--text-file`), raise `texts` to the spec's 100 and `length` to 4096; the epochs can then drop
+    to the spec's 10.
     """
 
     base: str = "snapkv"
