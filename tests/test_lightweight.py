@@ -29,9 +29,11 @@ from kvbench.methods import _lightweight_training as lt
 from kvbench.methods import get_method
 from kvbench.methods.lightweight import Lightweight, LightweightConfig, layout_record
 
-# Tiny Llama, GQA: 4 query heads over 2 KV heads, head_dim 16, hidden 64, 2 layers. Training at a keep fraction of
-# 0.1 with a high learning rate, so that 4 epochs of 9 prompts move the selection.
-TRAIN = dict(samples=12, length=1000, response_tokens=8, epochs=4, lr=0.05, keep_fraction=0.1)
+# Tiny Llama, GQA: 4 query heads over 2 KV heads, head_dim 16, hidden 64, 2 layers. A short training for the checkpoint
+# tests; LEARN trains at a keep fraction of 0.1 with a high learning rate, so that 4 epochs of 9 prompts move the
+# selection (slow-marked: it is the file's longest part).
+TRAIN = dict(samples=4, length=1000, response_tokens=4, epochs=1)
+LEARN = dict(samples=12, length=1000, response_tokens=8, epochs=4, lr=0.05, keep_fraction=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -351,17 +353,25 @@ def trained(loaded, tmp_path_factory):
     return method, out, summary
 
 
+@pytest.mark.slow
+def test_training_lowers_the_heldout_loss(loaded):
+    trained = lt.train(loaded.model, loaded.tokenizer, LightweightConfig(**LEARN))
+    heldout = trained.losses["heldout"]
+    assert heldout["trained"] < heldout["untrained"] - 0.005  # measured: 1.5500 untrained → 1.5402 trained
+    assert trained.losses["heldout_epochs"][-1] == heldout["trained"]
+    assert len(trained.data["heldout_indices"]) == 3 and len(trained.data["train_indices"]) == 9
+
+
 def test_checkpoint_records_its_data_split_and_losses(loaded, trained):
     method, out, summary = trained
     payload = load_checkpoint(out, "lightweight", None, "tiny")
     data = payload["data"]
-    assert len(data["examples"]) == 12 and data["data_seed"] == lt.DATA_SEED
-    assert sorted(data["train_indices"] + data["heldout_indices"]) == list(range(12))
+    assert len(data["examples"]) == 4 and data["data_seed"] == lt.DATA_SEED
+    assert sorted(data["train_indices"] + data["heldout_indices"]) == list(range(4))
     assert not set(data["train_indices"]) & set(data["heldout_indices"])
-    assert {e["kind"] for e in data["examples"]} == {"task", "prose"}
+    assert {e["kind"] for e in data["examples"]} == {"task"}  # prose is the 6th source
     heldout = payload["losses"]["heldout"]
     assert set(heldout) == {"untrained", "trained", "full_cache"}
-    assert heldout["trained"] < heldout["untrained"] - 0.005  # training lowers the held-out loss (1.550 → 1.540)
     assert payload["losses"]["heldout_epochs"][-1] == heldout["trained"]
     assert lw.decode_layout(payload["artifacts"]["layout"])["features"] == ["attn_score", "vector_norm"]
     again = get_method("lightweight", checkpoint=str(out), **TRAIN)
