@@ -17,6 +17,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvbench.harness.batched_cache import BatchedCache
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.prefix import PrefixKV
 
@@ -87,25 +88,53 @@ def kvbench_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    kvbench_cache: KVBenchCache | None = None,
+    kvbench_cache: KVBenchCache | BatchedCache | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if kvbench_cache is None:
         raise RuntimeError(
             "the kvbench attention runs only inside kvbench's prefill and decode (kvbench_cache missing)"
         )
-    if query.shape[0] != 1:
-        raise ValueError("kvbench decodes one sequence at a time (batch size 1)")
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer = kvbench_cache.layers[module.layer_idx]
+    if isinstance(kvbench_cache, BatchedCache):
+        # Each row over its own prefix and tail (the tail its update just grew); only the projections and the MLP
+        # around this call see the rows as one batch.
+        outputs = []
+        for b, row in enumerate(kvbench_cache.rows):
+            layer = row.layers[module.layer_idx]
+            outputs.append(_attend_row(module, query[b : b + 1], layer.keys, layer.values, row, scaling)[0])
+        return torch.cat(outputs), None
+    if query.shape[0] != 1:
+        raise ValueError("a KVBenchCache holds one sequence; decode several through a BatchedCache")
+    return _attend_row(module, query, key, value, kvbench_cache, scaling)
+
+
+def _attend_row(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: KVBenchCache,
+    scaling: float,
+) -> tuple[torch.Tensor, None]:
+    """One sequence: query [1, Hq, L, d] over its cache's prefix and its tail key/value [1, Hkv, t, d]."""
+    layer = cache.layers[module.layer_idx]
     fresh_prefill = layer.prefix is None and key.shape[2] == query.shape[2]
-    if kvbench_cache.recorder is not None:
-        kvbench_cache.recorder.observe(module.layer_idx, query, key, scaling)
+    if cache.recorder is not None:
+        cache.recorder.observe(module.layer_idx, query, key, scaling)
     if fresh_prefill:
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
+    if layer.joined:
+        keys, values, prefix_length = layer.joined_states()
+        return _sdpa_over_prefix(module, query, keys, values, prefix_length, scaling)
     prefix = layer.prefix.materialize() if layer.prefix is not None else None
     if prefix is None or (prefix.uniform and prefix.bias is None):
-        return _sdpa_over_prefix(module, query, key, value, prefix, scaling)
+        prefix_length = 0
+        if prefix is not None:
+            prefix_length = prefix.keys.shape[1]
+            key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
+            value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
+        return _sdpa_over_prefix(module, query, key, value, prefix_length, scaling)
     out = attend_compressed(query[0], key[0], value[0], prefix, scaling)
     return out.transpose(0, 1).unsqueeze(0), None
 
@@ -115,19 +144,16 @@ def _sdpa_over_prefix(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    prefix: PrefixKV | None,
+    prefix_length: int,
     scaling: float,
 ) -> tuple[torch.Tensor, None]:
     """Equal-length heads without bias: the same SDPA call a plain transformers cache would make.
 
     Keys are [prefix; tail] exactly as a dynamic cache would hold them when nothing was dropped, so the
-    `full` method reproduces plain generation bit for bit; the concatenation is transient, per layer.
+    `full` method reproduces plain generation bit for bit: read in place from the layer's joined buffer where
+    the prefix lives there (`CompressedLayer`), else concatenated for this call only (a prefix decompressed from
+    another representation).
     """
-    prefix_length = 0
-    if prefix is not None:
-        prefix_length = prefix.keys.shape[1]
-        key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
-        value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
     query_length = query.shape[2]
     mask = None
     if query_length > 1:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvbench.harness.batched_settings import DEFAULT_BATCH_SIZE
 from kvbench.harness.errors import KVBenchError, check_budget
 from kvbench.harness.fast_checks import check_arguments, read_prompt
 
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="replace results of another model/seed/setting in --out")
     run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"cells of one sample decoded together in one batch (1: each alone; default {DEFAULT_BATCH_SIZE})",
+    )
     run.add_argument(
         "--workers", type=int, help="spread the samples over N Ray actors (local Ray; 1: in this process, the default)"
     )
@@ -326,6 +333,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         device=args.device,
         dtype=args.dtype,
         force=args.force,
+        batch_size=args.batch_size,
         command=shlex.join(["kvbench", *argv]),
         workers=args.workers if args.ray_address else (args.workers or 1),
         ray_address=args.ray_address,

@@ -9,8 +9,9 @@ from typing import TypeVar
 
 import torch
 
+from kvbench.harness.batched_decode import DecodeRow, batched_greedy_decode
 from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.decode import Generation, greedy_decode
 from kvbench.harness.errors import BudgetError
 from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.models import LoadedModel, head_dim
@@ -39,6 +40,8 @@ class CellResult:
     prefill_peak_memory_bytes: int | None = None
     decode_peak_memory_bytes: int | None = None
     head_spread: dict[str, float] | None = None
+    # The rows its decode batch started with (1: decoded alone); decode_s is then its share of the batch's time.
+    decode_batch: int = 1
     step_logits: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
@@ -202,9 +205,34 @@ def run_cell(
             keep_logits=keep_logits,
             start_hook=method.on_decode_start,
         )
+    return _cell_result(
+        method,
+        effective_budget,
+        compressed,
+        generation,
+        kv_bytes,
+        spread,
+        decode_watch.seconds,
+        peak.read(compressed.cache),
+        peak_memory_bytes(loaded.device),
+    )
+
+
+def _cell_result(
+    method: Method,
+    budget: float,
+    compressed: CompressedContext,
+    generation: Generation,
+    kv_bytes: int,
+    spread: dict[str, float] | None,
+    decode_s: float,
+    kv_bytes_peak: int,
+    decode_peak_memory_bytes: int | None,
+    decode_batch: int = 1,
+) -> CellResult:
     return CellResult(
         method=method.name,
-        budget=effective_budget,
+        budget=budget,
         output=generation.text,
         token_ids=generation.token_ids,
         new_tokens=len(generation.token_ids),
@@ -213,13 +241,32 @@ def run_cell(
         kv_bytes_full=compressed.kv_bytes_full,
         prefill_s=compressed.prefill_s,
         compress_s=compressed.compress_s,
-        decode_s=decode_watch.seconds,
-        kv_bytes_peak=peak.read(compressed.cache),
+        decode_s=decode_s,
+        kv_bytes_peak=kv_bytes_peak,
         prefill_peak_memory_bytes=compressed.prefill_peak_memory_bytes,
-        decode_peak_memory_bytes=peak_memory_bytes(loaded.device),
+        decode_peak_memory_bytes=decode_peak_memory_bytes,
         head_spread=spread,
+        decode_batch=decode_batch,
         step_logits=generation.step_logits,
     )
+
+
+def _prefill_plan(
+    loaded: LoadedModel, context_ids: Sequence[int], cells: Sequence[tuple[Method, float]], seed: int
+) -> tuple[list[bool | BudgetError], TimedObservation | None]:
+    """Per cell whether it needs its own prefill (or the BudgetError of a refused budget), and the shared prefill
+    of the others (None when no cell shares it)."""
+    own: list[bool | BudgetError] = []
+    for method, budget in cells:
+        try:
+            own.append(method.prefills_itself(loaded.model.config, len(context_ids), budget))
+        except BudgetError as refusal:
+            own.append(refusal)
+    shared = None
+    sharing = [m for (m, _), mine in zip(cells, own) if mine is False]
+    if sharing:
+        shared = observe(loaded, context_ids, shared_needs(sharing), seed)
+    return own, shared
 
 
 def iter_cells(
@@ -233,16 +280,7 @@ def iter_cells(
     method that needs its own; `run(observed, method, budget)` does the cell. A budget a method refuses (even
     when deciding which prefill it needs) is yielded as its BudgetError, not raised, so a sweep records it and
     goes on."""
-    own: list[bool | BudgetError] = []
-    for method, budget in cells:
-        try:
-            own.append(method.prefills_itself(loaded.model.config, len(context_ids), budget))
-        except BudgetError as refusal:
-            own.append(refusal)
-    shared = None
-    sharing = [m for (m, _), mine in zip(cells, own) if mine is False]
-    if sharing:
-        shared = observe(loaded, context_ids, shared_needs(sharing), seed)
+    own, shared = _prefill_plan(loaded, context_ids, cells, seed)
     for (method, budget), mine in zip(cells, own):
         if isinstance(mine, BudgetError):
             yield method, budget, mine
@@ -255,6 +293,53 @@ def iter_cells(
         yield method, budget, result
 
 
+def run_batch(
+    loaded: LoadedModel,
+    compressed: Sequence[tuple[Method, float, CompressedContext]],
+    question_ids: Sequence[int],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    keep_logits: bool = False,
+) -> list[CellResult]:
+    """Answer the question after each compressed context, all of them in one decode batch (`batched_greedy_decode`):
+    each row's tokens, bytes and score are those `run_cell` gives it alone. Per row, `kv_bytes`, `kv_bytes_peak`
+    and `head_spread` are its own cache's; `decode_s` its share of the batch's time (see `RowDecode`) and
+    `decode_batch` the batch's size; `decode_peak_memory_bytes` is the batch's device peak, shared by its rows."""
+    kv_bytes = [entry.cache.kv_bytes() for _, _, entry in compressed]
+    spreads = [head_spread(entry.cache) for _, _, entry in compressed]
+    peaks = [PeakBytes(entry.cache, method.on_decode_step) for method, _, entry in compressed]
+    rows = [
+        DecodeRow(
+            entry.cache,
+            list(question_ids),
+            max_new_tokens,
+            first_logits=entry.last_logits,
+            stop_strings=stop_strings,
+            step_hook=peak.step,
+            start_hook=method.on_decode_start,
+        )
+        for (method, _, entry), peak in zip(compressed, peaks)
+    ]
+    reset_peak_memory(loaded.device)
+    decoded = batched_greedy_decode(loaded.model, rows, loaded.eos_token_ids, loaded.tokenizer, keep_logits)
+    device_peak = peak_memory_bytes(loaded.device)
+    return [
+        _cell_result(
+            method,
+            budget,
+            entry,
+            row.generation,
+            kv,
+            spread,
+            row.decode_s,
+            peak.read(entry.cache),
+            device_peak,
+            row.batch,
+        )
+        for (method, budget, entry), row, kv, spread, peak in zip(compressed, decoded, kv_bytes, spreads, peaks)
+    ]
+
+
 def iter_context_cells(
     loaded: LoadedModel,
     context_ids: Sequence[int],
@@ -263,8 +348,15 @@ def iter_context_cells(
     max_new_tokens: int,
     stop_strings: Sequence[str] = (),
     seed: int = 0,
+    batch_size: int = 1,
 ) -> Iterator[tuple[Method, float, CellResult | BudgetError]]:
-    """Every (method, budget) answering the question after one context (see `iter_cells`)."""
+    """Every (method, budget) answering the question after one context (see `iter_cells`). With `batch_size` > 1
+    the cells decode `batch_size` at a time in one batch (`run_batch`), cells with their own prefill among them,
+    each batch's cells yielded when it finishes; 1 decodes each cell alone (`run_cell`), the reference path."""
+    if batch_size > 1:
+        return _iter_batched_cells(
+            loaded, context_ids, question_ids, cells, max_new_tokens, stop_strings, seed, batch_size
+        )
 
     def answer(observed: TimedObservation | None, method: Method, budget: float) -> CellResult:
         return run_cell(
@@ -280,6 +372,44 @@ def iter_context_cells(
         )
 
     return iter_cells(loaded, context_ids, cells, answer, seed)
+
+
+def _iter_batched_cells(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    question_ids: Sequence[int],
+    cells: Sequence[tuple[Method, float]],
+    max_new_tokens: int,
+    stop_strings: Sequence[str],
+    seed: int,
+    batch_size: int,
+) -> Iterator[tuple[Method, float, CellResult | BudgetError]]:
+    own, shared = _prefill_plan(loaded, context_ids, cells, seed)
+    pending: list[tuple[Method, float, float, CompressedContext]] = []
+
+    def decode_pending() -> list[tuple[Method, float, CellResult]]:
+        results = run_batch(
+            loaded, [(m, effective, c) for m, _, effective, c in pending], question_ids, max_new_tokens, stop_strings
+        )
+        done = [(m, budget, result) for (m, budget, _, _), result in zip(pending, results)]
+        pending.clear()
+        return done
+
+    for (method, budget), mine in zip(cells, own):
+        if isinstance(mine, BudgetError):
+            yield method, budget, mine
+            continue
+        effective = budget if method.uses_budget else 1.0
+        try:
+            compressed = compress_context(loaded, None if mine else shared, method, effective, context_ids, seed)
+        except BudgetError as refusal:
+            yield method, budget, refusal
+            continue
+        pending.append((method, budget, effective, compressed))
+        if len(pending) == batch_size:
+            yield from decode_pending()
+    if pending:
+        yield from decode_pending()
 
 
 def run_context(

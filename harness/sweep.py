@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kvbench.harness.batched_settings import DEFAULT_BATCH_SIZE, check_batch_size
 from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import KVBenchError, check_budget
 from kvbench.harness.fast_checks import check_lengths, split_list
@@ -63,6 +64,8 @@ class SweepSpec:
     force: bool = False
     command: str = ""
     sample_cache: Path | None = field(default=None)
+    # Cells of one sample decoded together (harness/batched_decode.py); 1 decodes each alone, the reference path.
+    batch_size: int = DEFAULT_BATCH_SIZE
     # More than one worker, or a cluster address, spreads the work units over Ray actors (harness/ray_runner.py).
     workers: int | None = 1
     ray_address: str | None = None
@@ -90,6 +93,7 @@ def validate(spec: SweepSpec) -> list[Method]:
         get_task(task)
     if spec.samples < 1:
         raise KVBenchError(f"--samples {spec.samples} must be at least 1")
+    check_batch_size(spec.batch_size)
     resolve_dtype(spec.dtype, resolve_device(spec.device))
     return methods
 
@@ -267,6 +271,7 @@ def _row(
         "output": outcome.output,
         **_measured(outcome),
         "decode_s": round(outcome.decode_s, 4),
+        "decode_batch": outcome.decode_batch,
         "new_tokens": outcome.new_tokens,
         "stopped_by": outcome.stopped_by,
     }
@@ -328,7 +333,15 @@ def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: 
     parts = split_prompt(
         loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=context.spec.query_aware
     )
-    outcomes = iter_context_cells(loaded, parts.context_ids, parts.question_ids, todo, sample.max_new_tokens, seed=seed)
+    outcomes = iter_context_cells(
+        loaded,
+        parts.context_ids,
+        parts.question_ids,
+        todo,
+        sample.max_new_tokens,
+        seed=seed,
+        batch_size=context.spec.batch_size,
+    )
     for method, budget, outcome in outcomes:
         yield (
             method,
