@@ -124,9 +124,6 @@ def _attend_row(
         cache.recorder.observe(module.layer_idx, query, key, scaling)
     if fresh_prefill:
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling)
-    if layer.joined:
-        keys, values, prefix_length = layer.joined_states()
-        return _sdpa_over_prefix(module, query, keys, values, prefix_length, scaling)
     prefix = layer.prefix.materialize() if layer.prefix is not None else None
     if prefix is None or (prefix.uniform and prefix.bias is None):
         prefix_length = 0
@@ -150,9 +147,7 @@ def _sdpa_over_prefix(
     """Equal-length heads without bias: the same SDPA call a plain transformers cache would make.
 
     Keys are [prefix; tail] exactly as a dynamic cache would hold them when nothing was dropped, so the
-    `full` method reproduces plain generation bit for bit: read in place from the layer's joined buffer where
-    the prefix lives there (`CompressedLayer`), else concatenated for this call only (a prefix decompressed from
-    another representation).
+    `full` method reproduces plain generation bit for bit; the caller concatenates them for this call only.
     """
     query_length = query.shape[2]
     mask = None

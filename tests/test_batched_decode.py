@@ -1,4 +1,4 @@
-"""Batched decoding gives every row what it gets decoding alone; the joined prefix buffer stores the prefix once.
+"""Batched decoding gives every row what it gets decoding alone.
 
 The reference is the unbatched path (`run_cell`, `greedy_decode`), itself checked against plain transformers
 generation in test_exactness.py. Every registered method runs as one row of a single batch, so rows of different
@@ -22,7 +22,6 @@ from kvbench.harness.latent_prefix import LatentDecoder, LatentPrefix
 from kvbench.harness.models import LoadedModel
 from kvbench.harness.pipeline import TimedObservation, compress_context, iter_context_cells, run_batch, run_cell
 from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import TokenPrefix
 from kvbench.methods import REGISTRY, get_method, load_all
 
 load_all()
@@ -243,53 +242,6 @@ def test_context_cells_in_batches_equal_cells_alone(loaded, context):
         batched = run(size)
         assert sorted(cell[:4] for cell in batched) == sorted(cell[:4] for cell in single)
         assert max(cell[4] for cell in batched if len(cell) == 5) == size
-
-
-def test_full_keeps_prefix_and_tail_in_one_buffer_and_counts_the_prefix_once():
-    """`full` decodes over a joined buffer: the prefix is moved there (stored once, not twice), kv_bytes still
-    counts exactly its n positions, held_bytes the whole buffer, and steps within its room copy nothing."""
-    model = tiny_model("llama-gqa")
-    observation = prefill(model, random_ids(50, seed=12), ObservationNeeds())
-    cache = KVBenchCache(observation.num_layers, get_method("full").compress(observation, 1.0), 50)
-    before = cache.kv_bytes()
-    assert before == observation.kv_bytes_full()
-    pointers = []
-    greedy_decode(
-        model,
-        cache,
-        random_ids(3, seed=13),
-        20,
-        [],
-        step_hook=lambda c, step: pointers.append(c.layers[0].keys.untyped_storage().data_ptr()),
-    )
-    layer = cache.layers[0]
-    assert layer.joined and layer.tail_length == 3 + 19
-    assert cache.kv_bytes() == before
-    keys, values, n = layer.joined_states()
-    assert n == 50 and keys.shape[2] == 50 + 22
-    assert torch.equal(keys[0, :, :50], observation.keys[0]) and torch.equal(values[0, :, :50], observation.values[0])
-    capacity = layer.keys.untyped_storage().nbytes() // (4 * observation.num_kv_heads * observation.head_dim)
-    assert capacity >= 50 + 22
-    assert (
-        cache.held_bytes()
-        == observation.num_layers * 2 * observation.num_kv_heads * capacity * observation.head_dim * 4
-    )
-    assert len(set(pointers)) == 1  # 3 + 19 tail tokens fit the first room (at least 64): no regrowth, no copies
-    cache.reset_tail()
-    assert not layer.joined and cache.held_bytes() == cache.kv_bytes() == before
-
-
-def test_a_joined_layer_gives_its_buffer_up_when_a_method_replaces_the_prefix():
-    model = tiny_model("llama-mha", layers=1)
-    observation = prefill(model, random_ids(20, seed=14), ObservationNeeds())
-    cache = KVBenchCache(1, get_method("full").compress(observation, 1.0), 20)
-    greedy_decode(model, cache, random_ids(2, seed=15), 3, [])
-    layer = cache.layers[0]
-    assert layer.joined
-    kept_keys, kept_values = layer.prefix.keys[:, :5].clone(), layer.prefix.values[:, :5].clone()
-    layer.absorb_tail(TokenPrefix(kept_keys, kept_values))
-    assert not layer.joined and layer.tail_length == 0 and layer.prefix_length == 20 + 4
-    assert cache.kv_bytes() == cache.held_bytes() == 2 * kept_keys.numel() * 4
 
 
 def latent_prefixes(observation, bits):
