@@ -163,11 +163,17 @@ AttentionInterface.register(ATTENTION_NAME, kvbench_attention)
 
 
 @contextmanager
-def kvbench_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
-    """Route the model's attention through kvbench for the duration, restoring the user's choice after."""
+def attention_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Route the model's attention through the registered attention function `name` for the duration, restoring
+    the user's choice after."""
     previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
+    model.set_attn_implementation(name)
     try:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def kvbench_attention_enabled(model: torch.nn.Module):
+    """Route the model's attention through kvbench for the duration, restoring the user's choice after."""
+    return attention_implementation(model, ATTENTION_NAME)

@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 
+from kvbench.harness.attention import attention_implementation
 from kvbench.harness.cache import KVBenchCache
 from kvbench.harness.decode import greedy_decode
 from kvbench.harness.errors import KVBenchError
@@ -115,14 +114,8 @@ def relaxed_attention(
 AttentionInterface.register(ATTENTION_NAME, relaxed_attention)
 
 
-@contextmanager
-def relaxed_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+def relaxed_attention_enabled(model: torch.nn.Module):
+    return attention_implementation(model, ATTENTION_NAME)
 
 
 def relaxed_weights(
