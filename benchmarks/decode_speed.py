@@ -44,9 +44,17 @@ def transformers_prefill(model, context_ids: list[int]) -> DynamicCache:
 def transformers_decode(model, prefilled: DynamicCache, context_ids, question_ids, new_tokens) -> list[int]:
     ids = torch.tensor([list(context_ids) + list(question_ids)], device=model.device)
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), generation_config=config, **cache_argument(model, prefilled)
-    )
+    # generate fills a None eos_token_id from the model's own generation config, so it would stop at EOS (22 of 64
+    # tokens on the 4k passkey context) while kvbench decodes all of them: blank the model's default for the call.
+    defaults = model.generation_config
+    saved = defaults.eos_token_id
+    defaults.eos_token_id = None
+    try:
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), generation_config=config, **cache_argument(model, prefilled)
+        )
+    finally:
+        defaults.eos_token_id = saved
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -85,6 +93,9 @@ def main() -> int:
             theirs_tokens = transformers_decode(model, prefilled, context, question, args.new_tokens)
         theirs_s.append(watch.seconds)
         del prefilled
+    if len(ours_tokens) != args.new_tokens or len(theirs_tokens) != args.new_tokens:
+        print(f"decoded {len(ours_tokens)} (kvbench) and {len(theirs_tokens)} (transformers) of {args.new_tokens} tokens")
+        return 1
     ours = args.new_tokens / statistics.median(ours_s)
     theirs = args.new_tokens / statistics.median(theirs_s)
     print(f"kvbench full:              {ours:8.2f} tokens/s  (runs: {', '.join(f'{s:.2f}' for s in ours_s)} s)")
