@@ -94,7 +94,9 @@ def main() -> int:
         theirs_s.append(watch.seconds)
         del prefilled
     if len(ours_tokens) != args.new_tokens or len(theirs_tokens) != args.new_tokens:
-        print(f"decoded {len(ours_tokens)} (kvbench) and {len(theirs_tokens)} (transformers) of {args.new_tokens} tokens")
+        print(
+            f"decoded {len(ours_tokens)} (kvbench) and {len(theirs_tokens)} (transformers) of {args.new_tokens} tokens"
+        )
         return 1
     ours = args.new_tokens / statistics.median(ours_s)
     theirs = args.new_tokens / statistics.median(theirs_s)
