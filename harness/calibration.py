@@ -37,6 +37,15 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def calibration_available(loaded: LoadedModel, method: Method) -> bool:
+    """Whether `ensure_calibrated` would only load (a given checkpoint, a cached artifact), not calibrate or train."""
+    return (
+        not method.needs_calibration
+        or bool(getattr(method.config, "checkpoint", ""))
+        or (artifact_path(loaded, method).exists())
+    )
+
+
 def ensure_calibrated(
     loaded: LoadedModel, method: Method, force: bool = False, say: Callable[[str], None] = _say
 ) -> Path | None:

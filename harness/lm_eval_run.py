@@ -16,7 +16,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kvbench.harness.calibration import ensure_calibrated
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models import LoadedModel, load_model
 from kvbench.harness.provenance import provenance
@@ -25,10 +24,9 @@ from kvbench.harness.store import ResultStore, cell_key, now
 from kvbench.harness.sweep import (
     RowContext,
     SweepSpec,
+    calibrate_checked,
     cells_for,
     invocation_record,
-    method_identities,
-    refuse_mixed_identities,
     run_identity,
     run_metadata,
     validate,
@@ -234,10 +232,7 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
     identity = lm_eval_identity(spec)
     previous = store.open(identity, force=spec.force)
     loaded = load_model(spec.model, spec.device, spec.dtype)
-    for method in methods:
-        ensure_calibrated(loaded, method)
-    identities = method_identities(methods, identity, loaded.tokenizer)
-    refuse_mixed_identities(store, identities, spec.force)
+    _, identities = calibrate_checked(loaded, methods, store, identity, spec.force)
     meta = run_metadata(sweep, loaded, identity)
     meta.update(
         runner=RUNNER,

@@ -16,7 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kvbench.harness.batched_settings import DEFAULT_BATCH_SIZE, check_batch_size
-from kvbench.harness.calibration import ensure_calibrated
+from kvbench.harness.calibration import calibration_available, ensure_calibrated
 from kvbench.harness.errors import KVBenchError, check_budget
 from kvbench.harness.fast_checks import check_lengths, split_list
 from kvbench.harness.models import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
@@ -161,6 +161,24 @@ def method_identities(
         cell = cell_identity(shared, method)
         out[method.label] = (cell, identity_hash(cell))
     return out
+
+
+def calibrate_checked(
+    loaded: LoadedModel, methods: list[Method], store: ResultStore, identity: dict[str, Any], force: bool
+) -> tuple[dict[str, Path | None], dict[str, tuple[dict[str, Any], str]]]:
+    """Calibrate what needs it and refuse a store of other identities, checking before any slow work what can be:
+    the methods that need no calibration or only load theirs (a cached artifact, `checkpoint=`) are compared with
+    the store first, so that a stale row of one of them is refused before another method trains for minutes. A
+    method that calibrates now is compared after: its artifact's fingerprint is known only once it exists."""
+    ready = [m for m in methods if calibration_available(loaded, m)]
+    calibrated = {m.label: ensure_calibrated(loaded, m) for m in ready if m.needs_calibration}
+    refuse_mixed_identities(store, method_identities(ready, identity, loaded.tokenizer), force)
+    for method in methods:
+        if method.needs_calibration and method.label not in calibrated:
+            calibrated[method.label] = ensure_calibrated(loaded, method)
+    identities = method_identities(methods, identity, loaded.tokenizer)
+    refuse_mixed_identities(store, identities, force)
+    return calibrated, identities
 
 
 def refuse_mixed_identities(store: ResultStore, identities: dict[str, tuple[dict[str, Any], str]], force: bool) -> None:
@@ -395,9 +413,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     too_long = [n for n in spec.lengths if n > loaded.max_length]
     if too_long:
         raise KVBenchError(f"length {too_long[0]} exceeds {spec.model}'s maximum of {loaded.max_length} tokens")
-    calibrated = {m.label: ensure_calibrated(loaded, m) for m in methods if m.needs_calibration}
-    identities = method_identities(methods, identity, loaded.tokenizer)
-    refuse_mixed_identities(store, identities, spec.force)
+    calibrated, identities = calibrate_checked(loaded, methods, store, identity, spec.force)
     meta = run_metadata(spec, loaded, identity)
     if previous is not None and not previous.get("replaced"):
         meta["started_at"] = previous.get("started_at", meta["started_at"])

@@ -99,6 +99,24 @@ def test_a_row_of_another_configuration_under_the_same_label_is_refused(chat_mod
     assert len(rows(out)) == 2 and all(row.get("identity_hash") for row in rows(out))
 
 
+def test_a_stale_row_is_refused_before_another_method_calibrates(chat_model_dir, tmp_path, capsys):
+    """Methods whose identity is known without calibrating are checked against the store first: a stale snapkv row
+    is refused before razor (not yet calibrated for this model) spends its calibration."""
+    out = tmp_path / "run"
+    assert run(chat_model_dir, out, "snapkv") == 0
+    stale = rows(out)
+    stale[0] = {k: v for k, v in stale[0].items() if k not in ("identity", "identity_hash")}
+    (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    capsys.readouterr()
+    assert run(chat_model_dir, out, "snapkv,razor") == 2
+    err = capsys.readouterr().err
+    assert "1 rows of snapkv" in err and "calibrating razor" not in err
+    assert not list((tmp_path / "cache").glob("calibration/razor-*"))
+    assert run(chat_model_dir, out, "snapkv,razor", "0.5", "--force") == 0
+    assert "calibrating razor" in capsys.readouterr().err
+    assert {row["method"] for row in rows(out)} == {"snapkv", "razor"}
+
+
 def test_bad_method_options_are_one_line(chat_model_dir, tmp_path, capsys):
     for spec, expected in [
         ("snapkv:win=3", "snapkv has no option 'win'; its options (defaults): window=64, kernel=5, pooling=avg"),
