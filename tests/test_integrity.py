@@ -36,6 +36,13 @@ def rows(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+def strip_identity_of_first_row(out):
+    """Make the store's first row stale: recorded without an identity."""
+    stale = rows(out)
+    stale[0] = {k: v for k, v in stale[0].items() if k not in ("identity", "identity_hash")}
+    (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+
+
 def test_every_row_carries_its_identity_and_provenance(chat_model_dir, tmp_path):
     assert run(chat_model_dir, tmp_path / "run", "full,snapkv:window=16") == 0
     found = rows(tmp_path / "run")
@@ -89,9 +96,7 @@ def test_a_row_of_another_configuration_under_the_same_label_is_refused(chat_mod
     default, another artifact, or no identity at all) is refused, or recomputed with --force."""
     out = tmp_path / "run"
     assert run(chat_model_dir, out, "snapkv") == 0
-    stale = rows(out)
-    stale[0] = {k: v for k, v in stale[0].items() if k not in ("identity", "identity_hash")}
-    (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    strip_identity_of_first_row(out)
     capsys.readouterr()
     assert run(chat_model_dir, out, "snapkv") == 2
     assert "1 rows of snapkv" in capsys.readouterr().err
@@ -104,9 +109,7 @@ def test_a_stale_row_is_refused_before_another_method_calibrates(chat_model_dir,
     is refused before razor (not yet calibrated for this model) spends its calibration."""
     out = tmp_path / "run"
     assert run(chat_model_dir, out, "snapkv") == 0
-    stale = rows(out)
-    stale[0] = {k: v for k, v in stale[0].items() if k not in ("identity", "identity_hash")}
-    (out / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in stale))
+    strip_identity_of_first_row(out)
     capsys.readouterr()
     assert run(chat_model_dir, out, "snapkv,razor") == 2
     err = capsys.readouterr().err
