@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvbench.harness.batched_cache import BatchedCache
 from kvbench.harness.cache import CompressedLayer, KVBenchCache
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.prefill import Observation, ObservationNeeds
@@ -156,30 +157,42 @@ class LightweightDecodeState:
 _HOOKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _recording(kwargs: dict) -> DecodeLog | None:
+def _recordings(kwargs: dict) -> list[tuple[int, DecodeLog]]:
+    """(row, log) for every decoding lightweight cache in this forward pass: the one cache decoding alone, or each
+    row of a `BatchedCache` whose method is lightweight (row b owns batch index b)."""
     cache = kwargs.get("kvbench_cache")
-    state = getattr(cache, "method_state", None)
-    if isinstance(state, LightweightDecodeState) and state.log is not None and cache.recorder is state.log:
-        return state.log
-    return None
+    rows = cache.rows if isinstance(cache, BatchedCache) else [cache]
+    found = []
+    for b, row in enumerate(rows):
+        state = getattr(row, "method_state", None)
+        if isinstance(state, LightweightDecodeState) and state.log is not None and row.recorder is state.log:
+            found.append((b, state.log))
+    return found
+
+
+def _batch_of(tensor: torch.Tensor, kwargs: dict) -> None:
+    cache = kwargs.get("kvbench_cache")
+    expected = len(cache.rows) if isinstance(cache, BatchedCache) else 1
+    if tensor.shape[0] != expected:
+        raise KVBenchError(f"lightweight expected {expected} sequence(s) in this forward pass, got {tensor.shape[0]}")
 
 
 def _ids_hook(module, args, kwargs) -> None:
-    log = _recording(kwargs)
-    if log is not None and log.ids is not None:
+    logs = [(b, log) for b, log in _recordings(kwargs) if log.ids is not None]
+    if logs:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids.shape[0] != 1:
-            raise KVBenchError("lightweight decodes one sequence at a time (batch size 1)")
-        log.ids.append(ids[0].detach().cpu())
+        _batch_of(ids, kwargs)
+        for b, log in logs:
+            log.ids.append(ids[b].detach().cpu())
 
 
 def _hidden_hook(module, args, kwargs) -> None:
-    log = _recording(kwargs)
-    if log is not None and log.hidden is not None:
+    logs = [(b, log) for b, log in _recordings(kwargs) if log.hidden is not None]
+    if logs:
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[0] != 1:
-            raise KVBenchError("lightweight decodes one sequence at a time (batch size 1)")
-        log.hidden[module.self_attn.layer_idx].append(hidden[0].detach())
+        _batch_of(hidden, kwargs)
+        for b, log in logs:
+            log.hidden[module.self_attn.layer_idx].append(hidden[b].detach())
 
 
 def install_hooks(model: torch.nn.Module) -> None:
