@@ -97,16 +97,50 @@ def kvbench_attention(
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(kvbench_cache, BatchedCache):
-        # Each row over its own prefix and tail (the tail its update just grew); only the projections and the MLP
-        # around this call see the rows as one batch.
-        outputs = []
-        for b, row in enumerate(kvbench_cache.rows):
-            layer = row.layers[module.layer_idx]
-            outputs.append(_attend_row(module, query[b : b + 1], layer.keys, layer.values, row, scaling)[0])
-        return torch.cat(outputs), None
+        return _attend_rows(module, query, kvbench_cache, scaling), None
     if query.shape[0] != 1:
         raise ValueError("a KVBenchCache holds one sequence; decode several through a BatchedCache")
     return _attend_row(module, query, key, value, kvbench_cache, scaling)
+
+
+def _attend_rows(module: torch.nn.Module, query: torch.Tensor, batch: BatchedCache, scaling: float) -> torch.Tensor:
+    """Each row of a batch over its own prefix and tail (the tail its update just grew); only the projections and
+    the MLP around this call see the rows as one batch. Rows whose prefixes are uniform and unbiased with as many
+    tokens, and whose tails are as long, share one SDPA call over a [G, H, n + t, d] stack made for the call only
+    (as the unbatched path concatenates prefix and tail for its call); every other row attends alone."""
+    index = module.layer_idx
+    outputs: list[torch.Tensor | None] = [None] * len(batch.rows)
+    groups: dict[tuple, list[tuple[int, PrefixKV]]] = {}
+    for b, row in enumerate(batch.rows):
+        layer = row.layers[index]
+        tail_keys = layer.keys
+        if layer.prefix is None:
+            outputs[b] = _attend_row(module, query[b : b + 1], tail_keys, layer.values, row, scaling)[0][0]
+            continue
+        if row.recorder is not None:
+            row.recorder.observe(index, query[b : b + 1], tail_keys, scaling)
+        prefix = layer.prefix.materialize()
+        if prefix.uniform and prefix.bias is None:
+            shape = (prefix.keys.shape[1], tail_keys.shape[2], prefix.keys.dtype)
+            groups.setdefault(shape, []).append((b, prefix))
+        else:
+            out = attend_compressed(query[b], tail_keys[0], layer.values[0], prefix, scaling)
+            outputs[b] = out.transpose(0, 1)
+    for (prefix_length, _, _), members in groups.items():
+        rows = [b for b, _ in members]
+        tails = [batch.rows[b].layers[index] for b in rows]
+        dtype = tails[0].keys.dtype
+        keys = torch.cat(
+            [torch.stack([prefix.keys for _, prefix in members]).to(dtype), torch.cat([t.keys for t in tails])], dim=2
+        )
+        values = torch.cat(
+            [torch.stack([prefix.values for _, prefix in members]).to(dtype), torch.cat([t.values for t in tails])],
+            dim=2,
+        )
+        out = _sdpa_over_prefix(module, query[rows], keys, values, prefix_length, scaling)[0]
+        for j, b in enumerate(rows):
+            outputs[b] = out[j]
+    return torch.stack(outputs)
 
 
 def _attend_row(

@@ -63,6 +63,15 @@ class Observation:
     hidden_states: list[torch.Tensor] | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
     seed: int = 0
+    # Results of deterministic functions of this observation, memoized so that the cells sharing one prefill
+    # compute them once (SnapKV's window scores at every budget); see `memoized`.
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def memoized(self, key: tuple, compute) -> torch.Tensor:
+        """compute() the first time `key` is asked for, a copy of that result afterwards (callers may write to it)."""
+        if key not in self.derived:
+            self.derived[key] = compute()
+        return self.derived[key].clone()
 
     @property
     def context_length(self) -> int:

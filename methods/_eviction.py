@@ -61,7 +61,14 @@ def window_attention(observation: Observation, layer: int, window: int) -> torch
 
 
 def snapkv_prefix_scores(observation: Observation, layer: int, window: int, kernel: int, pooling: str) -> torch.Tensor:
-    """SnapKV scores of the tokens before the window: mean window attention, pooled, group-averaged: [H_kv, N − w]."""
+    """SnapKV scores of the tokens before the window: mean window attention, pooled, group-averaged: [H_kv, N − w].
+
+    Computed once per (observation, layer, window, kernel, pooling): every budget of a sweep's cells asks again."""
+    key = ("snapkv_prefix_scores", layer, window, kernel, pooling)
+    return observation.memoized(key, lambda: _snapkv_prefix_scores(observation, layer, window, kernel, pooling))
+
+
+def _snapkv_prefix_scores(observation: Observation, layer: int, window: int, kernel: int, pooling: str) -> torch.Tensor:
     n = observation.context_length
     attention = window_attention(observation, layer, window)[..., : n - window].mean(dim=1)
     if kernel > 1:

@@ -172,6 +172,26 @@ def test_snapkv_matches_independent_scoring(model, observation):
             assert kept_positions(observation, layer, prefix, head) == expected
 
 
+def test_snapkv_scores_are_computed_once_per_prefill_and_unchanged(observation, monkeypatch):
+    """The cells of one prefill share SnapKV's window scores (memoized on the observation): pyramidkv and snapkv at
+    three budgets score each layer once, and every prefix equals the one compressed from an unmemoized copy."""
+    import kvbench.methods._eviction as eviction
+
+    calls = []
+    original = eviction.window_attention
+    monkeypatch.setattr(eviction, "window_attention", lambda *a: calls.append(a[1]) or original(*a))
+    shared = dataclasses.replace(observation)  # a fresh memo
+    methods = [get_method("snapkv", window=32), get_method("pyramidkv", window=32)]
+    cells = [(method, budget) for method in methods for budget in (0.5, 0.25, 0.1)]
+    memoized = [method.compress(shared, budget) for method, budget in cells]
+    assert sorted(calls) == list(range(observation.num_layers))
+    for (method, budget), prefixes in zip(cells, memoized, strict=True):
+        alone = method.compress(dataclasses.replace(observation), budget)
+        for ours, reference in zip(prefixes, alone, strict=True):
+            assert torch.equal(ours.materialize().keys, reference.materialize().keys)
+            assert torch.equal(ours.materialize().values, reference.materialize().values)
+
+
 def test_column_sums_match_eager_attention(model, observation):
     attentions = eager_attention(model, observation.input_ids.tolist())
     for layer in range(observation.num_layers):
