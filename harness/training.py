@@ -112,8 +112,11 @@ def train_text(
 
 
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "kvbench train") -> tqdm:
-    """The training progress bar (stderr): steps, rate, ETA; set `bar.set_postfix(loss=...)` as it goes."""
-    return tqdm(iterable, total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    """The training progress bar (stderr): steps, rate, ETA; set `bar.set_postfix(loss=...)` as it goes.
+
+    `disable=False` explicitly: the CLI sets TQDM_DISABLE to silence the model loaders' bars, and tqdm takes that
+    variable as the default of every bar it draws, which would hide this one too."""
+    return tqdm(iterable, total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, disable=False)
 
 
 def remake_command(method: str, model: str) -> str:

@@ -131,3 +131,18 @@ def test_kvbench_train_writes_a_checkpoint_that_a_sweep_uses(tiny_model_dir, tmp
     assert main(run) == 2
     error = capsys.readouterr().err.strip()
     assert "is snapkv's, not autoencoder's" in error and "\n" not in error
+
+
+def test_training_progress_bar_shows_under_the_clis_quiet_loaders():
+    """The CLI sets TQDM_DISABLE=1 before tqdm is imported (to quiet the model loaders); kvbench's training bar
+    must still be drawn. A fresh interpreter, because tqdm reads the variable when it is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ['TQDM_DISABLE'] = '1'\n"
+        "from kvbench.harness.training import progress\n"
+        "bar = progress(total=3, desc='kvbench: train x'); bar.update(3); bar.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "kvbench: train x: 100%" in result.stderr and "3/3" in result.stderr
