@@ -469,7 +469,7 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in summary["losses"].items() if isinstance(v, (int, float)))
         print(
             f"{method.label}: trained on {args.model} in {summary['seconds']:.1f} s ({losses or 'see the checkpoint'}); "
-            f"checkpoint {out} ({summary['fingerprint']}); use --methods {method.name}:checkpoint={out}"
+            f"checkpoint {out} ({summary['fingerprint']}); use --methods {method.label}:checkpoint={out}"
         )
         return
     if not method.has_training_step:

@@ -114,7 +114,10 @@ def test_kvbench_train_writes_a_checkpoint_that_a_sweep_uses(tiny_model_dir, tmp
     train = ["train", "autoencoder", "--model", tiny_model_dir, "--out", str(out), "--latent-dim", "8",
              "--tokens", "256", "--window", "128", "--epochs", "1"]  # fmt: skip
     assert main(train) == 0
-    assert "autoencoder:latent_dim=8" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "autoencoder:latent_dim=8" in printed
+    # the hint names the options the checkpoint was trained with (a bare NAME:checkpoint= would be refused)
+    assert "use --methods autoencoder:latent_dim=8:" in printed and f":checkpoint={out}" in printed
     payload = torch.load(out, weights_only=True)
     assert payload["config"]["latent_dim"] == 8 and payload["data"]["window"] == 128
     run = ["run", "--model", tiny_model_dir, "--methods", f"autoencoder:latent_dim=8:checkpoint={out}",
