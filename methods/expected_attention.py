@@ -86,7 +86,14 @@ def expected_attention_scores(
     observation: Observation, layer: int, config: ExpectedAttentionConfig, n_kept: int
 ) -> torch.Tensor:
     """Expected attention of the next n_future_positions queries (× ‖v‖ with use_vnorm), group-averaged:
-    [H_kv, N]; the sinks are protected (+inf). n_kept is unused (no budget-dependent protection)."""
+    [H_kv, N]; the sinks are protected (+inf). n_kept is unused (no budget-dependent protection), so the scores
+    are computed once per (observation, layer, config): the cells of a sweep at several budgets, and adakv or
+    adaptive_policy over this scorer, share them."""
+    key = ("expected_attention_scores", layer, config)
+    return observation.memoized(key, lambda: _expected_attention_scores(observation, layer, config))
+
+
+def _expected_attention_scores(observation: Observation, layer: int, config: ExpectedAttentionConfig) -> torch.Tensor:
     n, h_kv = observation.context_length, observation.num_kv_heads
     keys = observation.keys[layer].float()
     scores = torch.full((h_kv, n), float("inf"), device=keys.device)

@@ -192,6 +192,34 @@ def test_snapkv_scores_are_computed_once_per_prefill_and_unchanged(observation, 
             assert torch.equal(ours.materialize().values, reference.materialize().values)
 
 
+def test_expected_attention_scores_are_computed_once_per_prefill_and_unchanged(observation, monkeypatch):
+    """expected_attention, adakv and adaptive_policy-style callers over it at three budgets share one computation
+    of each layer's scores (memoized on the observation), and every prefix equals an unmemoized copy's."""
+    import kvbench.methods.expected_attention as ea
+
+    calls = []
+    original = ea._expected_attention_scores
+    monkeypatch.setattr(ea, "_expected_attention_scores", lambda *a: calls.append(a[1]) or original(*a))
+    shared = dataclasses.replace(observation)  # a fresh memo
+    methods = [get_method("expected_attention"), get_method("adakv", base="expected_attention")]
+    cells = [(method, budget) for method in methods for budget in (0.5, 0.25, 0.1)]
+    memoized = [method.compress(shared, budget) for method, budget in cells]
+    assert sorted(calls) == list(range(observation.num_layers))
+    for (method, budget), prefixes in zip(cells, memoized, strict=True):
+        alone = method.compress(dataclasses.replace(observation), budget)
+        for ours, reference in zip(prefixes, alone, strict=True):
+            for field in ("keys", "values"):
+                mine, theirs = getattr(ours.materialize(), field), getattr(reference.materialize(), field)
+                if isinstance(mine, torch.Tensor):  # uniform heads; adakv's ragged heads are one tensor per head
+                    mine, theirs = [mine], [theirs]
+                assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    calls.clear()
+    other = ea.ExpectedAttentionConfig(n_future_positions=7)
+    ea.expected_attention_scores(shared, 0, other, 1)  # another config is another entry, not a stale hit
+    ea.expected_attention_scores(shared, 0, other, 5)
+    assert calls == [0]
+
+
 def test_column_sums_match_eager_attention(model, observation):
     attentions = eager_attention(model, observation.input_ids.tolist())
     for layer in range(observation.num_layers):
