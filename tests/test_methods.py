@@ -172,6 +172,24 @@ def test_snapkv_matches_independent_scoring(model, observation):
             assert kept_positions(observation, layer, prefix, head) == expected
 
 
+def _memoized_cells_equal_unmemoized(observation, methods, calls: list):
+    """Compress every (method, budget) from one shared observation (the scorer, logging each layer it computes
+    into `calls`, runs once per layer), then each from a fresh copy: equal prefixes."""
+    shared = dataclasses.replace(observation)  # a fresh memo
+    cells = [(method, budget) for method in methods for budget in (0.5, 0.25, 0.1)]
+    memoized = [method.compress(shared, budget) for method, budget in cells]
+    assert sorted(calls) == list(range(observation.num_layers))
+    alone = [method.compress(dataclasses.replace(observation), budget) for method, budget in cells]
+    for prefixes, references in zip(memoized, alone, strict=True):
+        for ours, reference in zip(prefixes, references, strict=True):
+            for field in ("keys", "values"):
+                mine, theirs = getattr(ours.materialize(), field), getattr(reference.materialize(), field)
+                if isinstance(mine, torch.Tensor):  # uniform heads; ragged heads (adakv) are one tensor per head
+                    mine, theirs = [mine], [theirs]
+                assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    return shared
+
+
 def test_snapkv_scores_are_computed_once_per_prefill_and_unchanged(observation, monkeypatch):
     """The cells of one prefill share SnapKV's window scores (memoized on the observation): pyramidkv and snapkv at
     three budgets score each layer once, and every prefix equals the one compressed from an unmemoized copy."""
@@ -180,39 +198,20 @@ def test_snapkv_scores_are_computed_once_per_prefill_and_unchanged(observation, 
     calls = []
     original = eviction.window_attention
     monkeypatch.setattr(eviction, "window_attention", lambda *a: calls.append(a[1]) or original(*a))
-    shared = dataclasses.replace(observation)  # a fresh memo
     methods = [get_method("snapkv", window=32), get_method("pyramidkv", window=32)]
-    cells = [(method, budget) for method in methods for budget in (0.5, 0.25, 0.1)]
-    memoized = [method.compress(shared, budget) for method, budget in cells]
-    assert sorted(calls) == list(range(observation.num_layers))
-    for (method, budget), prefixes in zip(cells, memoized, strict=True):
-        alone = method.compress(dataclasses.replace(observation), budget)
-        for ours, reference in zip(prefixes, alone, strict=True):
-            assert torch.equal(ours.materialize().keys, reference.materialize().keys)
-            assert torch.equal(ours.materialize().values, reference.materialize().values)
+    _memoized_cells_equal_unmemoized(observation, methods, calls)
 
 
 def test_expected_attention_scores_are_computed_once_per_prefill_and_unchanged(observation, monkeypatch):
-    """expected_attention, adakv and adaptive_policy-style callers over it at three budgets share one computation
-    of each layer's scores (memoized on the observation), and every prefix equals an unmemoized copy's."""
+    """expected_attention and adakv over it at three budgets share one computation of each layer's scores (memoized
+    on the observation), every prefix equals an unmemoized copy's, and another config is its own entry."""
     import kvbench.methods.expected_attention as ea
 
     calls = []
     original = ea._expected_attention_scores
     monkeypatch.setattr(ea, "_expected_attention_scores", lambda *a: calls.append(a[1]) or original(*a))
-    shared = dataclasses.replace(observation)  # a fresh memo
     methods = [get_method("expected_attention"), get_method("adakv", base="expected_attention")]
-    cells = [(method, budget) for method in methods for budget in (0.5, 0.25, 0.1)]
-    memoized = [method.compress(shared, budget) for method, budget in cells]
-    assert sorted(calls) == list(range(observation.num_layers))
-    for (method, budget), prefixes in zip(cells, memoized, strict=True):
-        alone = method.compress(dataclasses.replace(observation), budget)
-        for ours, reference in zip(prefixes, alone, strict=True):
-            for field in ("keys", "values"):
-                mine, theirs = getattr(ours.materialize(), field), getattr(reference.materialize(), field)
-                if isinstance(mine, torch.Tensor):  # uniform heads; adakv's ragged heads are one tensor per head
-                    mine, theirs = [mine], [theirs]
-                assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    shared = _memoized_cells_equal_unmemoized(observation, methods, calls)
     calls.clear()
     other = ea.ExpectedAttentionConfig(n_future_positions=7)
     ea.expected_attention_scores(shared, 0, other, 1)  # another config is another entry, not a stale hit
