@@ -2,12 +2,12 @@
 
 Prints, per context length: prefill seconds; compress seconds and kv_bytes per method at one budget (a method
 that prunes while prefilling is timed through its own prefill; one that cannot reach the budget says so); decode
-ms/token for `full` vs `snapkv` (or --decode-method, with its decode hooks); and the ratios of each against `full`
-measured in this same run. Medians over --repeats. Methods that need calibration are calibrated first, or read
+ms/token for `full` vs `snapkv` (or the comma-separated --decode-method list, each with its decode hooks); and the
+ratios of each against `full` measured in this same run. Medians over --repeats. Methods that need calibration are calibrated first, or read
 from the calibration cache. Not a test: numbers depend on the machine.
 
     python benchmarks/core.py [--model smollm2-135m] [--lengths 2048,4096] [--budget 0.25] [--repeats 3]
-                              [--methods all] [--decode-method snapkv] [--new-tokens 32]
+                              [--methods all] [--decode-method snapkv,h2o] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--decode-method", default="snapkv")
+    parser.add_argument("--decode-method", default="snapkv", help="comma-separated method specs to decode vs full")
     parser.add_argument("--methods", default="all", help="comma-separated, or all registered methods")
     args = parser.parse_args()
 
@@ -81,14 +81,15 @@ def main() -> int:
     load_all()
     names = sorted(REGISTRY) if args.methods == "all" else args.methods.split(",")
     methods = [get_method(name) for name in names]
-    for method in methods:  # from the calibration cache, or calibrated now (said on stderr)
+    decoders = [get_method(name) for name in args.decode_method.split(",")]
+    for method in methods + decoders:  # from the calibration cache, or calibrated now (said on stderr)
         ensure_calibrated(loaded, method)
     print(f"model {args.model} | device {loaded.device} | dtype {loaded.dtype} | torch {torch.__version__}")
     print(f"budget {args.budget} | repeats {args.repeats} (medians) | {torch.get_num_threads()} CPU threads")
     for length in (int(x) for x in args.lengths.split(",")):
         sample = generate_samples("passkey", loaded.tokenizer, length, 1)[0]
         parts = split_prompt(loaded.tokenizer, sample.context, sample.question, sample.answer_prefix)
-        needs = shared_needs(methods)
+        needs = shared_needs(methods + decoders)
         prefill_s, observation = median_seconds(
             loaded.device, args.repeats, partial(prefill, loaded.model, parts.context_ids, needs)
         )
@@ -107,22 +108,22 @@ def main() -> int:
                     partial(compress_context, loaded, observed, method, budget, parts.context_ids),
                 )
             except BudgetError as refusal:
-                print(f"{method.name:<22}{'refused':>12}  {refusal}")
+                print(f"{method.label:<22}{'refused':>12}  {refusal}")
                 continue
             kv_bytes = compressed.cache.kv_bytes()
             note = "  (its own prefill, compression included)" if own else ""
-            print(f"{method.name:<22}{compress_s:>12.4f}{kv_bytes:>14,}{kv_bytes / full_bytes:>10.3f}{note}")
+            print(f"{method.label:<22}{compress_s:>12.4f}{kv_bytes:>14,}{kv_bytes / full_bytes:>10.3f}{note}")
         context_ids = parts.context_ids
         full_ms = decode_ms_per_token(
             loaded, observed, get_method("full"), 1.0, context_ids, parts.question_ids, args.new_tokens, args.repeats
         )
-        other = get_method(args.decode_method)
-        ensure_calibrated(loaded, other)
-        other_ms = decode_ms_per_token(
-            loaded, observed, other, args.budget, context_ids, parts.question_ids, args.new_tokens, args.repeats
-        )
-        print(f"decode full: {full_ms:.2f} ms/token | {other.name}@{args.budget}: {other_ms:.2f} ms/token")
-        print(f"ratio {other.name}/full decode time: {other_ms / full_ms:.3f} | kv_bytes full {full_bytes:,}")
+        print(f"decode full: {full_ms:.2f} ms/token | kv_bytes full {full_bytes:,}")
+        for other in decoders:
+            other_ms = decode_ms_per_token(
+                loaded, observed, other, args.budget, context_ids, parts.question_ids, args.new_tokens, args.repeats
+            )
+            print(f"decode {other.label}@{args.budget}: {other_ms:.2f} ms/token")
+            print(f"ratio {other.label}/full decode time: {other_ms / full_ms:.3f}")
     return 0
 
 

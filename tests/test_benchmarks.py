@@ -19,11 +19,14 @@ def run_script(name, argv, monkeypatch):
 def test_core_benchmark_times_a_method_through_its_own_prefill(tiny_model_dir, monkeypatch, capsys):
     # attention_clustering prunes while prefilling at 0.25 (B < N): compress() on the shared prefill would raise.
     argv = ["--model", tiny_model_dir, "--lengths", "256", "--repeats", "1", "--new-tokens", "4", "--budget", "0.25"]
-    argv += ["--methods", "full,snapkv,attention_clustering", "--decode-method", "attention_clustering"]
+    # Two decode methods, one of them (h2o with decode_evict) not in --methods: the shared prefill collects its needs.
+    argv += ["--methods", "full,snapkv,attention_clustering"]
+    argv += ["--decode-method", "attention_clustering,h2o:decode_evict=true"]
     run_script("core.py", argv, monkeypatch)
     out = capsys.readouterr().out
     assert "attention_clustering" in out and "its own prefill" in out
     assert "ratio attention_clustering/full decode time" in out
+    assert "ratio h2o:decode_evict=true/full decode time" in out
 
 
 def test_streaming_benchmark_shows_the_bounded_cache(tiny_model_dir, monkeypatch, capsys):
