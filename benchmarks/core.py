@@ -3,8 +3,8 @@
 Prints, per context length: prefill seconds; compress seconds and kv_bytes per method at one budget (a method
 that prunes while prefilling is timed through its own prefill; one that cannot reach the budget says so); decode
 ms/token for `full` vs `snapkv` (or the comma-separated --decode-method list, each with its decode hooks); and the
-ratios of each against `full` measured in this same run. Medians over --repeats. Methods that need calibration are calibrated first, or read
-from the calibration cache. Not a test: numbers depend on the machine.
+ratios of each against `full` measured in this same run. Medians over --repeats. Methods that need calibration
+are calibrated first, or read from the calibration cache. Not a test: numbers depend on the machine.
 
     python benchmarks/core.py [--model smollm2-135m] [--lengths 2048,4096] [--budget 0.25] [--repeats 3]
                               [--methods all] [--decode-method snapkv,h2o] [--new-tokens 32]
