@@ -188,7 +188,11 @@ class DoubleConvolution(torch.nn.Module):
 
 class Scorer(torch.nn.Module):
     """Per (layer, KV head): linear F→1, or MLP F→2F→ReLU→1; weights N(0, 0.02), biases 0 (the seed's init);
-    plus the double convolutions when that feature is selected."""
+    plus the double convolutions when that feature is selected.
+
+    standardize: the network reads (f − shift) · scale instead of the raw features f, with per (layer, KV head,
+    feature) buffers that training sets from its training split and the checkpoint carries;
+    the identity until then. kvbench's addition, not the seed's (LightweightConfig says why)."""
 
     def __init__(
         self,
@@ -200,6 +204,7 @@ class Scorer(torch.nn.Module):
         hidden: int,
         channels: int,
         seed: int,
+        standardize: bool = False,
     ):
         super().__init__()
         if kind not in SCORERS:
@@ -215,6 +220,12 @@ class Scorer(torch.nn.Module):
             self.b1 = torch.nn.Parameter(torch.zeros(layers, heads, 2 * width))
             self.w2 = _normal((layers, heads, 2 * width), generator)
             self.b2 = torch.nn.Parameter(torch.zeros(layers, heads))
+        self.standardize = standardize
+        # The features before the convolutions' outputs (which `assemble` puts last).
+        self.plain_width = feature_dim(tuple(f for f in features if f != "convolution"), head_dim, hidden)
+        if standardize:
+            self.register_buffer("shift", torch.zeros(layers, heads, width))
+            self.register_buffer("scale", torch.ones(layers, heads, width))
         self.convolutions = torch.nn.ModuleDict()
         if "convolution" in features:
             for name in VECTORS:
@@ -223,6 +234,8 @@ class Scorer(torch.nn.Module):
 
     def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """features [H, n, F] → scores [H, n] (higher = keep)."""
+        if self.standardize:
+            features = (features - self.shift[layer][:, None]) * self.scale[layer][:, None]
         if self.kind == "linear":
             return torch.einsum("hnf,hf->hn", features, self.weight[layer]) + self.bias[layer][:, None]
         hidden = torch.relu(torch.einsum("hnf,hfk->hnk", features, self.w1[layer]) + self.b1[layer][:, None])

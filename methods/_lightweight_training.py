@@ -184,6 +184,28 @@ def prepared_features(scorer: lw.Scorer, prepared: Prepared, layer: int) -> torc
     return lw.assemble(scorer.features, prepared.attn[layer], positions, prepared.length - 1, static)
 
 
+@torch.no_grad()
+def standardize_from(scorer: lw.Scorer, prepared: list[Prepared]) -> None:
+    """Set `scorer`'s shift and scale to each (layer, KV head, feature)'s mean and 1/std (population, fp64) over
+    every token of `prepared` (the training split's contexts; no response is read). The trainable convolutions'
+    outputs (already min-max normalised per token) and features constant over the split keep scale 1 (and the
+    convolutions shift 0)."""
+    plain = scorer.plain_width
+    for layer in range(len(prepared[0].keys)):
+        total = square = count = 0
+        for item in prepared:
+            values = prepared_features(scorer, item, layer).double()  # [H, C, F]
+            total = total + values.sum(dim=1)
+            square = square + (values * values).sum(dim=1)
+            count += values.shape[1]
+        mean = total / count
+        std = (square / count - mean * mean).clamp(min=0).sqrt()
+        shift, scale = mean.clone(), torch.where(std < lw.GUARD, torch.ones_like(std), 1 / std.clamp(min=lw.GUARD))
+        shift[:, plain:], scale[:, plain:] = 0.0, 1.0
+        scorer.shift[layer] = shift.to(scorer.shift.dtype)
+        scorer.scale[layer] = scale.to(scorer.scale.dtype)
+
+
 def example_loss(
     model: torch.nn.Module, scorer: lw.Scorer | None, example: Example, prepared: Prepared, config
 ) -> torch.Tensor:
@@ -330,7 +352,11 @@ def train(model: torch.nn.Module, tokenizer, config) -> Trained:
         heldout_index, train_index = sorted(order[:held]), sorted(order[held:])
         heldout, heldout_prepared = [examples[i] for i in heldout_index], [prepared[i] for i in heldout_index]
         train_set, train_prepared = [examples[i] for i in train_index], [prepared[i] for i in train_index]
-        scorer = lw.Scorer(config.scorer, features, layers, heads, dim, hidden, config.conv_channels, config.seed)
+        scorer = lw.Scorer(
+            config.scorer, features, layers, heads, dim, hidden, config.conv_channels, config.seed, config.standardize
+        )
+        if config.standardize:
+            standardize_from(scorer, train_prepared)
         untrained = heldout_loss(model, scorer, heldout, heldout_prepared, config)
         full = heldout_loss(model, None, heldout, heldout_prepared, config)
         optimizer = torch.optim.AdamW(scorer.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -53,7 +53,9 @@ def fresh_method(loaded, seed: int = 3, **options) -> Lightweight:
     config = method.config
     model = loaded.model
     layers, heads, dim, hidden = lt.shapes(model)
-    scorer = lw.Scorer(config.scorer, config.feature_names, layers, heads, dim, hidden, config.conv_channels, seed)
+    scorer = lw.Scorer(
+        config.scorer, config.feature_names, layers, heads, dim, hidden, config.conv_channels, seed, config.standardize
+    )
     artifacts = {f"scorer.{k}": v for k, v in scorer.state_dict().items()}
     artifacts["layout"] = lw.encode_layout(layout_record(config, layers, heads, dim, hidden))
     if "token_profiling" in config.feature_names:
@@ -357,7 +359,7 @@ def trained(loaded, tmp_path_factory):
 def test_training_lowers_the_heldout_loss(loaded):
     trained = lt.train(loaded.model, loaded.tokenizer, LightweightConfig(**LEARN))
     heldout = trained.losses["heldout"]
-    assert heldout["trained"] < heldout["untrained"] - 0.005  # measured: 1.5500 untrained → 1.5402 trained
+    assert heldout["trained"] < heldout["untrained"] - 0.005  # measured: 1.5572 untrained → 1.5411 trained
     assert trained.losses["heldout_epochs"][-1] == heldout["trained"]
     assert len(trained.data["heldout_indices"]) == 3 and len(trained.data["train_indices"]) == 9
 
@@ -399,6 +401,52 @@ def test_mismatched_or_corrupt_checkpoint_is_one_line(loaded, trained, tmp_path)
     observation = prefill(other.model, random_ids(30, seed=17), method.needs())
     with pytest.raises(KVBenchError, match="another model shape"):
         method.compress(observation, 0.5)
+
+
+def test_standardization_is_the_training_splits_statistics_and_inference_applies_it(loaded):
+    """shift / scale = mean / (1 / std) of each (layer, KV head, feature) over the training split's context tokens,
+    recomputed here through inference's own prefill; the convolutions' outputs pass unchanged; the loaded scorer's
+    scores are the linear map of the standardised features."""
+    config = LightweightConfig(features="attn_score,vector_norm,convolution", **TRAIN)
+    trained = lt.train(loaded.model, loaded.tokenizer, config)
+    method = get_method("lightweight", features=config.features)
+    method.load_calibration(trained.weights)
+    probe = fresh_method(loaded, features=config.features, standardize=False).scorer
+    contexts = [lt.prompts(loaded.tokenizer, config)[i][0] for i in trained.data["train_indices"]]
+    observations = [prefill(loaded.model, ids, method.needs()) for ids in contexts]
+    plain = 1 + 4  # attn_score and the four norms come before the convolutions' 3·4 + 4 outputs
+    shift, scale = trained.weights["scorer.shift"], trained.weights["scorer.scale"]
+    for layer in range(2):
+        features = torch.cat([lw.prefill_layer_features(probe, o, layer, None)[2] for o in observations], dim=1)
+        values = features[..., :plain].double()
+        assert torch.allclose(shift[layer, :, :plain].double(), values.mean(dim=1), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(scale[layer, :, :plain].double(), 1 / values.std(dim=1, unbiased=False), rtol=1e-5)
+        assert torch.equal(shift[layer, :, plain:], torch.zeros(2, 16))
+        assert torch.equal(scale[layer, :, plain:], torch.ones(2, 16))
+    observation = observations[0]
+    features = lw.prefill_layer_features(method.scorer, observation, 1, None)[2]
+    standardised = (features - shift[1][:, None]) * scale[1][:, None]
+    weight, bias = trained.weights["scorer.weight"][1], trained.weights["scorer.bias"][1]
+    expected = (standardised * weight[:, None]).sum(dim=-1) + bias[:, None]
+    assert torch.allclose(method.scorer(1, features), expected, atol=1e-5)
+
+
+def test_checkpoints_from_before_standardization_load_as_unstandardized(loaded):
+    """A checkpoint whose layout has no `standardize` was trained on raw features: it loads with
+    standardize=false, and the default (standardised) configuration refuses it in one line naming that option."""
+    layers, heads, dim, hidden = lt.shapes(loaded.model)
+    scorer = lw.Scorer("linear", ("attn_score", "vector_norm"), layers, heads, dim, hidden, 4, 5)
+    record = layout_record(LightweightConfig(), layers, heads, dim, hidden)
+    del record["standardize"]
+    artifacts = {f"scorer.{k}": v for k, v in scorer.state_dict().items()}
+    artifacts["layout"] = lw.encode_layout(record)
+    with pytest.raises(KVBenchError, match="trained with standardize=false") as error:
+        get_method("lightweight").load_calibration(artifacts)
+    assert "\n" not in str(error.value) and "lightweight:standardize=false" in str(error.value)
+    old = get_method("lightweight", standardize=False)
+    old.load_calibration(artifacts)
+    features = torch.randn(heads, 7, 5)
+    assert torch.equal(old.scorer(0, features), scorer(0, features))
 
 
 def test_training_options_are_the_issue_flags():
