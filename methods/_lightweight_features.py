@@ -29,6 +29,7 @@ import json
 import math
 import string
 import unicodedata
+from functools import partial
 
 import torch
 
@@ -366,7 +367,12 @@ def prefill_layer_features(
     keys, values = observation.keys[layer], observation.values[layer]
     n = keys.shape[1]
     queries, hidden, token = observed_inputs(features, observation, layer, flags)
-    attn = prefill_attn_score(queries, keys, observation.scaling) if "attn_score" in features else None
+    attn = None
+    if "attn_score" in features:
+        # O(N²) and independent of the scorer and the budget: computed once per (observation, layer), shared by
+        # the cells of a sweep at several budgets and by every lightweight scorer compressing this observation.
+        compute = partial(prefill_attn_score, queries, keys, observation.scaling)
+        attn = observation.memoized(("lightweight_attn_score", layer), compute)
     static = static_features(scorer, layer, keys, values, queries, hidden, token)
     positions = torch.arange(n, device=keys.device).expand(keys.shape[0], -1)
     return attn, static, assemble(features, attn, positions, n - 1, static)

@@ -289,6 +289,25 @@ def test_budget_one_is_the_full_cache(loaded):
     assert all(torch.equal(a, b) for a, b in zip(outputs[0].step_logits, outputs[1].step_logits))
 
 
+def test_attn_score_is_computed_once_per_observation_and_layer(loaded, monkeypatch):
+    """Cells at several budgets and several scorers over one observation share one attn_score per layer; their
+    kept tokens and decode state are those of compressions of fresh (unshared) observations."""
+    calls = []
+    original = lw.prefill_attn_score
+    monkeypatch.setattr(lw, "prefill_attn_score", lambda *a: calls.append(1) or original(*a))
+    methods = [fresh_method(loaded, seed=3), fresh_method(loaded, seed=4, scorer="mlp")]
+    ids = random_ids(48, seed=21)
+    shared = prefill(loaded.model, ids, methods[0].needs())
+    for method in methods:
+        for budget in (0.5, 0.25):
+            prefixes = method.compress(shared, budget)
+            alone = method.compress(prefill(loaded.model, ids, method.needs()), budget)
+            assert all(torch.equal(a, b) for a, b in zip(prefixes.decode_state.positions, alone.decode_state.positions))
+            assert all(torch.equal(a, b) for a, b in zip(prefixes.decode_state.attn, alone.decode_state.attn))
+            assert all(torch.equal(a.keys, b.keys) for a, b in zip(prefixes, alone))
+    assert len(calls) == 2 + 4 * 2  # the shared observation's two layers once; each fresh one's two layers
+
+
 @pytest.mark.parametrize("features", ["attn_score,vector_norm", "all"])
 def test_decode_eviction_keeps_each_heads_size_and_its_protected_tokens(loaded, features):
     method = fresh_method(loaded, features=features, scorer="mlp")
