@@ -3,10 +3,15 @@
 Rows are appended, flushed and fsync'ed as each cell finishes, so a killed run loses nothing finished; a line
 cut short by the kill is dropped when the store is reopened, and rerunning the same command skips every cell
 whose row is already there.
+
+A store kept in git may hold its rows gzip-compressed as `results.jsonl.gz` instead (large result stores; the
+`results/` directory does so above a few MB): reading takes either, and reopening the store to write unpacks it
+into `results.jsonl` first.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -17,11 +22,22 @@ from typing import Any
 from kvbench.harness.errors import KVBenchError
 
 RESULTS = "results.jsonl"
+PACKED_RESULTS = RESULTS + ".gz"
 RUN_META = "run.json"
 # (task, length, sample id, budget, metric, identity hash): a row is done only for its whole identity.
 CellKey = tuple[str, int, int, float, str, str | None]
 # Fields of the run identity that stores written before identities existed kept at the top of run.json.
 LEGACY_IDENTITY = ("model", "dtype", "device", "seed", "query_aware", "runner")
+
+
+def read_results_text(results_path: Path) -> str | None:
+    """The text of `results.jsonl`, or of `results.jsonl.gz` beside it when only that exists; None if neither."""
+    if results_path.exists():
+        return results_path.read_text(encoding="utf-8")
+    packed = results_path.with_name(PACKED_RESULTS)
+    if packed.exists():
+        return gzip.decompress(packed.read_bytes()).decode("utf-8")
+    return None
 
 
 def cell_key(row: dict[str, Any]) -> CellKey:
@@ -85,6 +101,7 @@ class ResultStore:
         run.json keeps the invocations that wrote them). Returns the metadata of the run being resumed (or of the
         replaced one, with `replaced` set), if any."""
         ensure_writable_dir(self.directory)
+        self._unpack()
         previous = self.read_meta()
         if previous is None:
             if self.results_path.exists() and not force:
@@ -107,6 +124,7 @@ class ResultStore:
 
     def drop_rows(self, unwanted) -> int:
         """Rewrite the store without the rows `unwanted(row)` picks (atomically); returns how many went."""
+        self._unpack()
         rows = self.rows()
         kept = [row for row in rows if not unwanted(row)]
         temporary = self.results_path.with_suffix(".jsonl.tmp")
@@ -119,7 +137,8 @@ class ResultStore:
         return len(rows) - len(kept)
 
     def clear(self, keep_meta: bool = False) -> None:
-        for path in (self.results_path,) if keep_meta else (self.results_path, self.meta_path):
+        rows = (self.results_path, self.directory / PACKED_RESULTS)
+        for path in rows if keep_meta else (*rows, self.meta_path):
             path.unlink(missing_ok=True)
         for derived in ("report.md", "report.html"):
             (self.directory / derived).unlink(missing_ok=True)
@@ -138,6 +157,16 @@ class ResultStore:
         temporary.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(temporary, self.meta_path)
 
+    def _unpack(self) -> None:
+        """A packed store (`results.jsonl.gz` alone) becomes a plain one, which appends and rewrites need."""
+        packed = self.directory / PACKED_RESULTS
+        if self.results_path.exists() or not packed.exists():
+            return
+        temporary = self.results_path.with_suffix(".jsonl.tmp")
+        temporary.write_bytes(gzip.decompress(packed.read_bytes()))
+        os.replace(temporary, self.results_path)
+        packed.unlink()
+
     def _repair_tail(self) -> None:
         """Drop a last line cut short by a kill, so the next row starts on a line of its own."""
         if not self.results_path.exists():
@@ -148,10 +177,11 @@ class ResultStore:
                 handle.truncate(data.rfind(b"\n") + 1)
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.results_path.exists():
+        text = read_results_text(self.results_path)
+        if text is None:
             return []
         rows = []
-        for line in self.results_path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

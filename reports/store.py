@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from kvbench.harness.store import read_results_text
 from kvbench.reports.errors import ReportError
 
 # tasks.md §11.1 post-processing, restated here because reports may import nothing but the store's
@@ -120,11 +121,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Parse one row per line, skipping lines a killed run left half-written."""
-    if not path.is_file():
+    text = read_results_text(path)
+    if text is None:
         raise ReportError(f"no results.jsonl in {path.parent}; the run wrote no results yet")
     records: list[dict[str, Any]] = []
     skipped = 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         try:

@@ -134,6 +134,25 @@ def test_interrupted_run_loses_nothing_and_resumes(chat_model_dir, tmp_path):
     assert len(rows) == EXPECTED_CELLS == len({key(r) for r in rows})  # nothing computed twice
 
 
+def test_a_packed_store_reports_and_resumes(chat_model_dir, tmp_path):
+    """results.jsonl.gz alone (how results/ keeps large stores in git): the report reads it; a resume unpacks it,
+    keeps every row and computes only the missing cells."""
+    import gzip
+
+    out = tmp_path / "packed"
+    assert main(sweep_args(chat_model_dir, out, "--no-report", samples="1")) == 0
+    plain = out / "results.jsonl"
+    finished = plain.read_text().splitlines()
+    (out / "results.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    plain.unlink()
+    assert main(["report", str(out)]) == 0  # without the packed rows: "no results.jsonl", exit 1
+    assert main(sweep_args(chat_model_dir, out, "--no-report")) == 0
+    assert not (out / "results.jsonl.gz").exists()
+    lines = plain.read_text().splitlines()
+    assert lines[: len(finished)] == finished
+    assert len(lines) == EXPECTED_CELLS == len({key(json.loads(line)) for line in lines})
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
