@@ -6,6 +6,7 @@ they must render a run written by any kvbench version, or one killed halfway thr
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from typing import Any
 
 import pandas as pd
 
-from kvbench.harness.store import read_results_text
 from kvbench.reports.errors import ReportError
 
 # tasks.md §11.1 post-processing, restated here because reports may import nothing but the store's
@@ -119,9 +119,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def _results_text(path: Path) -> str | None:
+    """results.jsonl, or the packed results.jsonl.gz beside it (kvbench.harness.store's format, restated: reports
+    import nothing of the harness)."""
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    packed = path.with_name(path.name + ".gz")
+    return gzip.decompress(packed.read_bytes()).decode("utf-8") if packed.is_file() else None
+
+
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Parse one row per line, skipping lines a killed run left half-written."""
-    text = read_results_text(path)
+    text = _results_text(path)
     if text is None:
         raise ReportError(f"no results.jsonl in {path.parent}; the run wrote no results yet")
     records: list[dict[str, Any]] = []

@@ -431,7 +431,8 @@ def test_standardization_is_the_training_splits_statistics_and_inference_applies
     method = get_method("lightweight", features=config.features)
     method.load_calibration(trained.weights)
     probe = fresh_method(loaded, features=config.features, standardize=False).scorer
-    contexts = [lt.prompts(loaded.tokenizer, config)[i][0] for i in trained.data["train_indices"]]
+    prompts = lt.prompts(loaded.tokenizer, config)
+    contexts = [prompts[i][0] for i in trained.data["train_indices"]]
     observations = [prefill(loaded.model, ids, method.needs()) for ids in contexts]
     plain = 1 + 4  # attn_score and the four norms come before the convolutions' 3·4 + 4 outputs
     shift, scale = trained.weights["scorer.shift"], trained.weights["scorer.scale"]
