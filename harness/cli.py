@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="render report.md and report.html from a run directory")
     report.add_argument("run_dir")
 
+    compare = commands.add_parser(
+        "compare",
+        help="paired differences between two configurations of a run (A - B on the same samples, with intervals)",
+        description="Prints Markdown tables: per task and over all tasks, each budget's A and B means and A - B "
+        "paired by sample, with 95%% bootstrap intervals. Labels are the method labels of the store's rows "
+        "(as given to --methods); a configuration stored at one budget only (full) is compared with every budget.",
+    )
+    compare.add_argument("run_dir")
+    compare.add_argument(
+        "--pair", nargs=2, action="append", required=True, metavar=("A", "B"), help="compare A with B (repeatable)"
+    )
+
     generate = commands.add_parser(
         "generate", help="compress one prompt, answer it, print output, kv bytes and timings"
     )
@@ -501,6 +513,16 @@ def _render(run_dir: Path) -> None:
     print(f"report: {markdown}\nreport: {html}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from kvbench.reports import ReportError
+    from kvbench.reports.compare import compare_markdown
+
+    try:
+        print(compare_markdown(Path(args.run_dir), [tuple(pair) for pair in args.pair]))
+    except ReportError as error:
+        raise KVBenchError(str(error)) from None
+
+
 def _quiet_loaders() -> None:
     """Model loading prints progress bars and warnings that drown kvbench's one-screen answer."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (GGUF dequantisation uses it)
@@ -522,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_list(args)
         elif args.command == "report":
             _render(Path(args.run_dir))
+        elif args.command == "compare":
+            _compare(args)
         elif args.command == "generate":
             _quiet_loaders()
             _cmd_generate(args)
