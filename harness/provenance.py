@@ -122,15 +122,20 @@ def kvbench_version() -> str | None:
     return installed_version("kvbench")
 
 
-def git_commit() -> str | None:
-    """The commit of the kvbench checkout, with `+dirty` when tracked files differ from it."""
-    here = Path(__file__).parent
+# What produces a row or a benchmark's figure: a change here makes a commit `+dirty`. Result stores committed in the
+# same repository (results/) are data: a resumed store rewrites its own tracked run.json before its rows are made.
+CODE_PATHS = ("harness", "methods", "tasks", "reports", "benchmarks", "pyproject.toml")
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """The commit of the kvbench checkout, with `+dirty` when its tracked code differs from it."""
+    here = where or Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0 or not head.stdout.strip():
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *(f":(top){p}" for p in CODE_PATHS)],
             cwd=here,
             capture_output=True,
             text=True,
