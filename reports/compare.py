@@ -28,7 +28,7 @@ def paired_differences(rows: pd.DataFrame, first: str, second: str) -> pd.DataFr
     mean with its interval and n, and first − second with its interval over the samples both scored.
 
     `second` is taken at the same budget as `first`; a configuration stored at one budget only (`full` at b = 1)
-    is compared at that budget with every budget of `first`.
+    is compared at that budget with every budget of the other.
     """
     parts = []
     for (metric, length), group in rows.groupby(["metric", "length"], sort=True):
@@ -65,6 +65,8 @@ def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[float,
     theirs = sorted(budget for label, budget in cells if label == second)
     if len(theirs) == 1:
         return [(budget, theirs[0]) for budget in ours]
+    if len(ours) == 1:
+        return [(ours[0], budget) for budget in theirs]
     return [(budget, budget) for budget in ours if budget in theirs]
 
 
@@ -79,7 +81,7 @@ def compare_markdown(run_dir: str | Path, pairs: list[tuple[str, str]]) -> str:
                 raise ReportError(f"no configuration '{label}' in {run_dir}; its method labels: {', '.join(labels)}")
         table = paired_differences(rows, first, second)
         if table.empty:
-            raise ReportError(f"'{first}' and '{second}' share no metric and length in {run_dir}")
+            raise ReportError(f"'{first}' and '{second}' share no metric, length and budget in {run_dir}")
         for (metric, length), block in table.groupby(["metric", "length"], sort=True):
             better = "lower" if metric in LOWER_IS_BETTER else "higher"
             samples = rows[(rows["metric"] == metric) & (rows["length"] == length)][SAMPLE].drop_duplicates()

@@ -41,6 +41,10 @@ def test_a_constant_difference_is_exact_and_a_refusal_leaves_the_pair(store):
     assert line["second"] == pytest.approx(np.mean(FULL_PASSKEY_1024))
     assert (line["first:n"], line["second:n"]) == (SAMPLES - 1, SAMPLES)
     assert line["second:hi"] - line["second:lo"] > 20
+    # Either side may be the one stored at a single budget.
+    reverse = only(paired_differences(rows, "full", "snapkv:window=32"), metric="passkey_exact", length=1024)
+    assert (reverse["budget"], reverse["second_budget"]) == (1.0, 0.5)
+    assert (reverse["difference"], reverse["difference:lo"], reverse["difference:hi"]) == pytest.approx((10, 10, 10))
 
 
 def test_difference_over_tasks_matches_a_direct_computation_and_an_independent_bootstrap(store):
