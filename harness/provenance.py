@@ -134,9 +134,10 @@ def git_commit(where: Path | None = None) -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode != 0 or not head.stdout.strip():
             return None
+        # Paths from kvbench's own root (this file's parent's parent), which need not be the repository's top.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", *(f":(top){p}" for p in CODE_PATHS)],
-            cwd=here,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+            cwd=here.parent,
             capture_output=True,
             text=True,
             timeout=10,

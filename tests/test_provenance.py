@@ -48,3 +48,18 @@ def test_changed_results_or_prose_leave_the_commit_clean(checkout, data):
 def test_changed_code_makes_it_dirty(checkout, code):
     (checkout / code).write_text("two\n")
     assert git_commit(checkout / "harness") == _git(checkout, "rev-parse", "HEAD") + "+dirty"
+
+
+def test_kvbench_below_the_repository_top_looks_at_its_own_code(tmp_path):
+    for name in ("harness/other.py", "vendor/kvbench/harness/cache.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("one\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "c")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    ours = tmp_path / "vendor" / "kvbench" / "harness"
+    (tmp_path / "harness" / "other.py").write_text("two\n")  # the repository's, not kvbench's
+    assert git_commit(ours) == head
+    (ours / "cache.py").write_text("two\n")
+    assert git_commit(ours) == head + "+dirty"
