@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from kvbench.reports import intervals
+from kvbench.reports.content import Table, _with_interval
 from kvbench.reports.errors import ReportError
+from kvbench.reports.markdown_writer import _table as markdown_table
 from kvbench.reports.store import load_run
 from kvbench.reports.tables import LOWER_IS_BETTER, SAMPLE, metric_label, score_matrix
 
@@ -71,11 +73,14 @@ def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[float,
 
 
 def compare_markdown(run_dir: str | Path, pairs: list[tuple[str, str]]) -> str:
-    """Markdown tables of each pair's paired differences, read from the run's store only."""
+    """Markdown tables of each pair's paired differences, read from the run's store only; cells are formatted and
+    written by the report's own code, so a number reads the same here as in report.md."""
     rows = load_run(run_dir).rows
     labels = sorted(set(rows["method_label"]))
     out = []
     for first, second in pairs:
+        if first == second:
+            raise ReportError(f"--pair {first} {first} compares a configuration with itself; name two")
         for label in (first, second):
             if label not in labels:
                 raise ReportError(f"no configuration '{label}' in {run_dir}; its method labels: {', '.join(labels)}")
@@ -83,33 +88,34 @@ def compare_markdown(run_dir: str | Path, pairs: list[tuple[str, str]]) -> str:
         if table.empty:
             raise ReportError(f"'{first}' and '{second}' share no metric, length and budget in {run_dir}")
         for (metric, length), block in table.groupby(["metric", "length"], sort=True):
-            better = "lower" if metric in LOWER_IS_BETTER else "higher"
             samples = rows[(rows["metric"] == metric) & (rows["length"] == length)][SAMPLE].drop_duplicates()
+            spec = ".2f" if metric in LOWER_IS_BETTER else ".1f"
+            frame = pd.DataFrame(
+                {
+                    "task": block["task"],
+                    "budget": [
+                        f"{ours:g}" + ("" if theirs == ours else f" vs {theirs:g}")
+                        for ours, theirs in zip(block["budget"], block["second_budget"])
+                    ],
+                    **{
+                        column: [
+                            _with_interval(*values, signed_spec)
+                            for values in zip(block[side], block[f"{side}:lo"], block[f"{side}:hi"])
+                        ]
+                        for column, side, signed_spec in (
+                            (first, "first", spec),
+                            (second, "second", spec),
+                            ("difference", "difference", "+" + spec),
+                        )
+                    },
+                    "n paired": block["difference:n"].astype(str),
+                }
+            )
             out += [
-                f"{first} − {second}: {metric_label(metric)} @ {length} ({len(samples)} samples; {better} is better; "
+                f"{first} − {second}: {metric_label(metric)} @ {length} ({len(samples)} samples; "
                 "95% bootstrap intervals, the difference paired by sample)",
                 "",
-                f"| task | budget | {_escape(first)} | {_escape(second)} | difference | n paired |",
-                "|---|---|---|---|---|---|",
+                *markdown_table(Table("", frame, frozenset(frame.columns[2:]))),
+                "",
             ]
-            digits = 2 if metric in LOWER_IS_BETTER else 1
-            for line in block.to_dict("records"):
-                budget = f"{line['budget']:g}"
-                if line["second_budget"] != line["budget"]:
-                    budget += f" vs {line['second_budget']:g}"
-                cells = [_interval(line, side, digits, signed=side == "difference") for side in SIDES]
-                out.append(f"| {line['task']} | {budget} | {' | '.join(cells)} | {line['difference:n']} |")
-            out.append("")
     return "\n".join(out)
-
-
-def _interval(line: dict, side: str, digits: int, signed: bool) -> str:
-    mean, lo, hi = line[side], line[f"{side}:lo"], line[f"{side}:hi"]
-    if np.isnan(mean):
-        return "–"
-    form = f"{{:{'+' if signed else ''}.{digits}f}}"
-    return f"{form.format(mean)} [{form.format(lo)}, {form.format(hi)}]"
-
-
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")

@@ -93,5 +93,7 @@ def test_cli_prints_the_tables_and_refuses_unknown_labels_in_one_line(store, cap
     error = capsys.readouterr().err.strip()
     assert error.startswith("kvbench: error: no configuration 'h2o' in") and "\n" not in error
     assert "snapkv:window=32" in error  # it lists the labels there are
+    assert main(["compare", run_dir, "--pair", "snapkv", "snapkv"]) == 2
+    assert "with itself" in capsys.readouterr().err
     assert main(["compare", run_dir]) == 2
     assert "--pair" in capsys.readouterr().err
