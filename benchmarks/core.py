@@ -22,13 +22,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from kvbench.harness.calibration import ensure_calibrated  # noqa: E402
-from kvbench.harness.decode import greedy_decode  # noqa: E402
+from kvbench.harness.artifacts.calibration import ensure_calibrated  # noqa: E402
+from kvbench.harness.engine.decode import greedy_decode  # noqa: E402
+from kvbench.harness.engine.measure import timed  # noqa: E402
+from kvbench.harness.engine.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
+from kvbench.harness.engine.prefill import prefill  # noqa: E402
 from kvbench.harness.errors import BudgetError  # noqa: E402
-from kvbench.harness.measure import timed  # noqa: E402
-from kvbench.harness.models import load_model  # noqa: E402
-from kvbench.harness.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
-from kvbench.harness.prefill import prefill  # noqa: E402
+from kvbench.harness.models.loading import load_model  # noqa: E402
 from kvbench.methods import REGISTRY, get_method, load_all  # noqa: E402
 from kvbench.tasks import generate_samples, split_prompt  # noqa: E402
 

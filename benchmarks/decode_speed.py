@@ -23,11 +23,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import DynamicCache, GenerationConfig  # noqa: E402
 
-from kvbench.harness.cache import KVBenchCache, cache_argument  # noqa: E402
-from kvbench.harness.decode import greedy_decode  # noqa: E402
-from kvbench.harness.measure import timed  # noqa: E402
-from kvbench.harness.models import load_model  # noqa: E402
-from kvbench.harness.prefill import ObservationNeeds, prefill  # noqa: E402
+from kvbench.harness.cache.kv_cache import KVBenchCache, cache_argument  # noqa: E402
+from kvbench.harness.engine.decode import greedy_decode  # noqa: E402
+from kvbench.harness.engine.measure import timed  # noqa: E402
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill  # noqa: E402
+from kvbench.harness.models.loading import load_model  # noqa: E402
 from kvbench.methods import get_method  # noqa: E402
 from kvbench.tasks import generate_samples, split_prompt  # noqa: E402
 

@@ -64,9 +64,19 @@ def import_tree(checkout: Path, scratch: Path) -> Path:
     return tree
 
 
+def cli_module(tree: Path) -> str:
+    """The module whose `main` is the `kvbench` command in that checkout (before the sub-package layout it was
+    `kvbench.harness.cli`)."""
+    return (
+        "kvbench.harness.cli.commands"
+        if (tree / "kvbench" / "harness" / "cli" / "commands.py").exists()
+        else "kvbench.harness.cli"
+    )
+
+
 def run_case(tree: Path, argv: list[str], scratch: Path) -> tuple[float, int, str]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    command = [sys.executable, "-m", "kvbench.harness.cli", *argv]
+    command = [sys.executable, "-m", cli_module(tree), *argv]
     start = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scratch)
     seconds = time.monotonic() - start
@@ -102,13 +112,15 @@ def main() -> int:
         for name, argv in selected:
             cells = []
             if baseline is not None:
-                before, _ = measure(baseline, argv, scratch, args.repeats)
+                before, verdict_before = measure(baseline, argv, scratch, args.repeats)
+                if not verdict_before.startswith("kvbench: error:"):
+                    raise SystemExit(f"{name}: the baseline checkout did not give a one-line error: {verdict_before}")
                 cells.append(f"{before:>9.2f}")
             after, verdict = measure(current, argv, scratch, args.repeats)
             slowest = max(slowest, after)
             cells.append(f"{after:>8.2f}")
             if baseline is not None:
-                cells.append(f"{before / after:>5.0f}x")
+                cells.append(f"{before / after:>5.2f}x")
             print(f"{name:<{width}}  " + "  ".join(cells) + f"  {verdict}", flush=True)
         print(f"slowest error after: {slowest:.2f} s ({len(selected)} cases, median of {args.repeats})")
     return 0

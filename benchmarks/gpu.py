@@ -28,12 +28,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kvbench.harness.batched_decode import DecodeRow, batched_greedy_decode  # noqa: E402
-from kvbench.harness.decode import greedy_decode  # noqa: E402
+from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_decode  # noqa: E402
+from kvbench.harness.engine.decode import greedy_decode  # noqa: E402
+from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed  # noqa: E402
+from kvbench.harness.engine.pipeline import compress_context, observe, shared_needs  # noqa: E402
 from kvbench.harness.errors import BudgetError  # noqa: E402
-from kvbench.harness.measure import peak_memory_bytes, reset_peak_memory, timed  # noqa: E402
-from kvbench.harness.models import LoadedModel, resolve_device  # noqa: E402
-from kvbench.harness.pipeline import compress_context, observe, shared_needs  # noqa: E402
+from kvbench.harness.models.loading import LoadedModel, resolve_device  # noqa: E402
 from kvbench.methods import REGISTRY, get_method, load_all  # noqa: E402
 
 # meta-llama/Llama-3.1-8B's config.json (the sizes that set speed and memory).

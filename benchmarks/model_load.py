@@ -30,7 +30,7 @@ start = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers import core_model_loading, modeling_utils
-from kvbench.harness.models import load_model
+from kvbench.harness.models.loading import load_model
 imported = time.perf_counter()
 loaded = load_model(sys.argv[1], "cpu", sys.argv[2])
 done = time.perf_counter()

@@ -24,7 +24,16 @@ MEASURED = ("_s", "peak_memory_bytes")
 
 
 def sweep(args: argparse.Namespace, out: Path, workers: int) -> float:
-    command = [sys.executable, "-m", "kvbench.harness.cli", "run", "--model", args.model, "--methods", args.methods]
+    command = [
+        sys.executable,
+        "-m",
+        "kvbench.harness.cli.commands",
+        "run",
+        "--model",
+        args.model,
+        "--methods",
+        args.methods,
+    ]
     command += ["--budgets", args.budgets, "--tasks", args.tasks, "--lengths", args.lengths]
     command += ["--samples", str(args.samples), "--out", str(out), "--no-report", "--no-progress"]
     command += ["--workers", str(workers)]
@@ -40,8 +49,8 @@ def rows(out: Path) -> list[dict]:
 
 
 def warm_samples(args: argparse.Namespace) -> None:
-    from kvbench.harness.models import load_model
-    from kvbench.harness.sweep import default_sample_cache, parse_lengths, parse_list
+    from kvbench.harness.models.loading import load_model
+    from kvbench.harness.runner.sweep import default_sample_cache, parse_lengths, parse_list
     from kvbench.tasks import generate_samples
 
     tokenizer = load_model(args.model, "cpu").tokenizer

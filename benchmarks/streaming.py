@@ -22,9 +22,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from kvbench.harness.decode import greedy_decode  # noqa: E402
-from kvbench.harness.models import load_model  # noqa: E402
-from kvbench.harness.pipeline import compress_context  # noqa: E402
+from kvbench.harness.engine.decode import greedy_decode  # noqa: E402
+from kvbench.harness.engine.pipeline import compress_context  # noqa: E402
+from kvbench.harness.models.loading import load_model  # noqa: E402
 from kvbench.methods import get_method  # noqa: E402
 from kvbench.tasks import generate_samples, split_prompt  # noqa: E402
 

@@ -19,9 +19,9 @@ import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from kvbench.harness.measure import timed
-from kvbench.harness.models import load_model
-from kvbench.harness.pipeline import iter_context_cells, observe, run_cell
+from kvbench.harness.engine.measure import timed
+from kvbench.harness.engine.pipeline import iter_context_cells, observe, run_cell
+from kvbench.harness.models.loading import load_model
 from kvbench.methods import get_method
 from kvbench.tasks import generate_samples, split_prompt
 

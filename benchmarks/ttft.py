@@ -55,15 +55,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from kvbench.harness import stored_context  # noqa: E402
-from kvbench.harness.attention import kvbench_attention_enabled  # noqa: E402
-from kvbench.harness.cache import KVBenchCache  # noqa: E402
-from kvbench.harness.decode import next_token_logits  # noqa: E402
+from kvbench.harness.cache.attention import kvbench_attention_enabled  # noqa: E402
+from kvbench.harness.cache.kv_cache import KVBenchCache  # noqa: E402
+from kvbench.harness.cache.prefix import TokenPrefix, stored_bytes  # noqa: E402
+from kvbench.harness.engine import stored_context  # noqa: E402
+from kvbench.harness.engine.decode import next_token_logits  # noqa: E402
+from kvbench.harness.engine.measure import timed  # noqa: E402
+from kvbench.harness.engine.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
+from kvbench.harness.engine.prefill import Observation, prefill  # noqa: E402
 from kvbench.harness.errors import BudgetError, KVBenchError  # noqa: E402
-from kvbench.harness.measure import timed  # noqa: E402
-from kvbench.harness.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
-from kvbench.harness.prefill import Observation, prefill  # noqa: E402
-from kvbench.harness.prefix import TokenPrefix, stored_bytes  # noqa: E402
 from kvbench.methods import get_method  # noqa: E402
 from kvbench.methods.base import Method  # noqa: E402
 
@@ -602,8 +602,8 @@ def filesystem(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvbench.harness.calibration import ensure_calibrated
-    from kvbench.harness.models import load_model
+    from kvbench.harness.artifacts.calibration import ensure_calibrated
+    from kvbench.harness.models.loading import load_model
     from kvbench.harness.provenance import provenance
 
     lengths = numbers(args.lengths, int, "--lengths") if args.lengths else []

@@ -1,5 +1,6 @@
 """kvbench.harness. Importing it checks the installed dependency versions (one line when one is out of range:
-see requirements) and registers the lm-eval model name `kvbench` (lazily: see lm_eval_registration)."""
+see requirements) and registers the lm-eval model name `kvbench` (lazily: see lm_eval.registration); the flat layout's module paths
+keep working (see moved)."""
 
 import os as _os
 import sys as _sys
@@ -25,6 +26,8 @@ except _DependencyError as _error:
         raise SystemExit(2) from None
     raise
 
-from kvbench.harness.lm_eval_registration import register as _register_lm_eval_model  # noqa: E402
+from kvbench.harness import moved as _moved  # noqa: E402
+from kvbench.harness.lm_eval.registration import register as _register_lm_eval_model  # noqa: E402
 
+_moved.install()
 _register_lm_eval_model()

@@ -1,7 +1,7 @@
-"""Compression methods, one module per method, registered by name on import.
+"""Compression methods, one module per method (a package per learned method), registered by name on import.
 
 A new method is one new module here that decorates its class with `register`; `load_all` imports every
-module of this package, so nothing else changes. Other packages add methods through entry points of the group
+module and sub-package of this package, so nothing else changes (`common/` holds what several methods share). Other packages add methods through entry points of the group
 `kvbench.methods` (see `load_plugins`): no fork of kvbench needed.
 """
 
@@ -14,12 +14,26 @@ import sys
 from importlib import metadata
 from types import ModuleType
 
+from kvbench.harness.cache.prefix import LayerPrefix, LowRankPrefix, TokenPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
+from kvbench.harness.errors import BudgetError
 from kvbench.harness.plugins import distribution_label, method_entry_points
-from kvbench.methods.base import REGISTRY, Method, get_method, register
+from kvbench.methods.base import REGISTRY, Calibration, DecodeTime, Method, OwnPrefill, get_method, register
 
+# What a method's module needs from kvbench (the Method API, what the prefill observed, what a layer keeps, the
+# refusal of a budget) comes from here, so a method writer imports one package.
 __all__ = [
     "REGISTRY",
+    "BudgetError",
+    "Calibration",
+    "DecodeTime",
+    "LayerPrefix",
+    "LowRankPrefix",
     "Method",
+    "Observation",
+    "ObservationNeeds",
+    "OwnPrefill",
+    "TokenPrefix",
     "failed_plugins",
     "get_method",
     "list_methods",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.methods._eviction import adaptive_indices, gather_heads, tokens_for_budget
-from kvbench.methods._scorers import SCORERS, Scorer, canonical_options, get_scorer
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import adaptive_indices, gather_heads, tokens_for_budget
+from kvbench.methods.common.scorers import SCORERS, Scorer, canonical_options, get_scorer
 
 
 @dataclass(frozen=True)

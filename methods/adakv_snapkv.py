@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.methods._eviction import adaptive_head_indices
-from kvbench.methods._scorers import SCORERS, Scorer
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.methods.adakv import adakv_layers
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import adaptive_head_indices
+from kvbench.methods.common.scorers import SCORERS, Scorer
 from kvbench.methods.snapkv import SnapKVConfig
 
 __all__ = ["AdaKVSnapKV", "AdaKVSnapKVConfig", "adaptive_head_indices"]

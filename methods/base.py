@@ -1,7 +1,24 @@
-"""The method API: a small class with a dataclass config, declared observation needs and `compress`.
+"""The Method API on one screen.
 
-A method maps the budget b (fraction of the context's full-cache bytes it may keep) to its own knobs
-and returns one `LayerPrefix` per layer; the harness measures the bytes it actually kept.
+Every method writes two things, plus its `name`, `family` and `description`:
+
+    Config                 a frozen dataclass: the options (`NAME:option=value`), the paper's defaults, its arXiv id
+    _compress(obs, b)      the prefill's observation -> one LayerPrefix per layer, at most b of the context's bytes
+
+Everything else is optional, grouped by what it is for. Each group is a mixin that `Method` already inherits,
+with defaults that do nothing, so a method overrides only what it uses:
+
+    reading the prefill    needs() -> ObservationNeeds: the last w queries, attention column sums, hidden states
+    Calibration            per-model artifacts and training: needs_calibration, learns, calibrate,
+                           load_calibration, calibration_key, method_bytes, train (fine-tunes the model)
+    DecodeTime             acting while the answer is generated: on_decode_start, on_decode_step,
+                           changes_cache_within
+    OwnPrefill             compressing while prefilling: prefills_itself, prefill_and_compress
+
+and two class flags: `uses_budget = False` for methods that keep everything (run once, at b = 1), and
+`version`, raised whenever a change alters what the method keeps for the same config (it is in every row's
+identity). A method maps the budget b (fraction of the context's full-cache bytes it may keep) to its own
+knobs; the harness measures the bytes it actually kept, never the method.
 """
 
 from __future__ import annotations
@@ -13,30 +30,114 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
 from kvbench.harness.method_spec import configured_options, method_config, method_label, parse_method_spec
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix
 
 
-class Method(ABC):
-    """Base class of every compression method. Subclasses set `name`, `family`, `description`, `Config`."""
+class Calibration:
+    """Per-model artifacts computed once, offline (bases, head scores, trained weights), and training."""
+
+    # True for methods that need per-model artifacts (bases, head scores, groups) computed once, offline.
+    needs_calibration: ClassVar[bool] = False
+    # True for learned methods: their calibration trains weights (`kvbench train NAME --out FILE` makes a checkpoint
+    # with the config's fields as options; `NAME:checkpoint=PATH` uses one).
+    learns: ClassVar[bool] = False
+
+    def calibrate(self, model: torch.nn.Module, tokenizer) -> dict[str, torch.Tensor]:
+        """Compute this method's per-model artifacts from offline data (see `calibration_ids`); the harness
+        caches them per model and config and hands them back through `load_calibration`. A learned method
+        trains here and returns a `kvbench.harness.artifacts.training.Trained` (weights, data record, losses),
+        which the harness writes as a versioned checkpoint."""
+        raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
+        """Take artifacts made by `calibrate` (fresh or from the cache) before the first compress."""
+        raise NotImplementedError(f"{self.name} needs no calibration")
+
+    def calibration_key(self) -> str:
+        """What the artifacts depend on besides the model: by default the whole config."""
+        return repr(self.config)
+
+    def method_bytes(self) -> int | None:
+        """Bytes of the model-sized artifacts the method holds that do not grow with the context (a decoder, a
+        scorer's weights): reported in their own column, never in kv_bytes. None for methods that hold none."""
+        return None
+
+    def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
+        """Fine-tune `model` in place to work with this method's compression (`kvbench train`); returns a
+        JSON-able record of the data, settings and losses. Only methods whose paper trains the model have one."""
+        raise NotImplementedError(f"{self.name} has no training step")
+
+    @property
+    def has_training_step(self) -> bool:
+        return type(self).train is not Calibration.train
+
+
+class DecodeTime:
+    """Acting while the answer is generated: the cache changes after the context (per-step eviction, merging)."""
+
+    def on_decode_start(self, cache: KVBenchCache) -> None:
+        """Once per answer, before anything after the context (question or first token) is fed: decode-time
+        methods attach their per-sequence state to the cache here (e.g. a query recorder)."""
+
+    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
+        """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
+
+    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        """Whether feeding `new_tokens` more tokens after `cache` (just compressed by this method) could make its
+        decode hooks change the cache. If not, they can be fed in one pass. By default: whether the method
+        acts while decoding at all; a method that acts only at some points says when it would."""
+        return self.acts_while_decoding
+
+    @property
+    def acts_while_decoding(self) -> bool:
+        """Whether the cache changes token by token after the context (the method overrides `on_decode_step`):
+        such a method's cache must see every token one at a time, also when given tokens are scored."""
+        return type(self).on_decode_step is not DecodeTime.on_decode_step
+
+
+class OwnPrefill:
+    """Compressing while prefilling (online pruning, projections that later layers attend to): the method runs
+    its own prefill instead of sharing the sweep's."""
+
+    def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
+        """Whether this cell needs the method's own prefill (`prefill_and_compress`) rather than the shared one:
+        by default what needs() declares; a method whose prefill changes only at some budgets says which."""
+        return self.needs().own_prefill
+
+    def prefill_and_compress(
+        self, model: torch.nn.Module, input_ids: list[int], budget: float
+    ) -> tuple[KVBenchCache, torch.Tensor]:
+        """For methods whose needs() declare own_prefill: prefill while compressing (see
+        `kvbench.harness.engine.prefill.streaming_prefill`); return the cache, whole context in its prefixes,
+        and the next-token logits after the context."""
+        raise NotImplementedError(f"{self.name} compresses from the shared prefill; call compress()")
+
+
+class Method(Calibration, DecodeTime, OwnPrefill, ABC):
+    """Base class of every compression method: set `name`, `family`, `description`, `Config`; write `_compress`."""
 
     name: ClassVar[str]
     family: ClassVar[str]
     description: ClassVar[str]
     Config: ClassVar[type]
+
+    @abstractmethod
+    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        """Compress the observed context to at most `budget` of its full-cache bytes (budget already checked)."""
+
+    def needs(self) -> ObservationNeeds:
+        """What the prefill must collect for this method (keys and values always come)."""
+        return ObservationNeeds()
+
     # False for methods that keep everything whatever the budget (full): sweeps run them once.
     uses_budget: ClassVar[bool] = True
-    # True for methods that need per-model artifacts (bases, head scores, groups) computed once, offline.
-    needs_calibration: ClassVar[bool] = False
     # Raised whenever a change of the code changes what the method keeps or outputs for the same config: part of
     # every row's identity, so a store never counts rows of the older algorithm as finished cells of the new one.
     version: ClassVar[int] = 1
-    # True for learned methods: their calibration trains weights (`kvbench train NAME --out FILE` makes a checkpoint
-    # with the config's fields as options; `NAME:checkpoint=PATH` uses one).
-    learns: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, **overrides: Any):
         base = config if config is not None else self.Config()
@@ -51,6 +152,10 @@ class Method(ABC):
         except (TypeError, ValueError) as error:
             raise KVBenchError(f"{self.name}: {error}; its options (defaults): {_defaults(type(base))}") from None
 
+    def compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
+        """What the harness calls: `_compress` after the budget is checked to lie in (0, 1]."""
+        return self._compress(observation, check_budget(budget))
+
     @property
     def label(self) -> str:
         """The name plus the options that differ from the defaults: what tells two configurations apart."""
@@ -64,78 +169,6 @@ class Method(ABC):
         """A fingerprint of the calibration or training artifact this instance uses (None if it uses none); the
         harness sets it when it hands the artifact over, and every row that used it records it."""
         return getattr(self, "_artifact_fingerprint", None)
-
-    def needs(self) -> ObservationNeeds:
-        """What the prefill must collect for this method (keys and values always come)."""
-        return ObservationNeeds()
-
-    def prefills_itself(self, model_config, context_length: int, budget: float) -> bool:
-        """Whether this cell needs the method's own prefill (`prefill_and_compress`) rather than the shared one:
-        by default what needs() declares; a method whose prefill changes only at some budgets says which."""
-        return self.needs().own_prefill
-
-    def compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
-        """Compress the observed context to at most `budget` of its full-cache bytes."""
-        return self._compress(observation, check_budget(budget))
-
-    @abstractmethod
-    def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]: ...
-
-    def prefill_and_compress(
-        self, model: torch.nn.Module, input_ids: list[int], budget: float
-    ) -> tuple[KVBenchCache, torch.Tensor]:
-        """For methods whose needs() declare own_prefill: prefill while compressing (see
-        `kvbench.harness.prefill.streaming_prefill`); return the cache, whole context in its prefixes, and the
-        next-token logits after the context."""
-        raise NotImplementedError(f"{self.name} compresses from the shared prefill; call compress()")
-
-    def calibrate(self, model: torch.nn.Module, tokenizer) -> dict[str, torch.Tensor]:
-        """Compute this method's per-model artifacts from offline data (see `calibration_ids`); the harness
-        caches them per model and config and hands them back through `load_calibration`. A learned method
-        trains here and returns a `kvbench.harness.training.Trained` (weights, data record, losses), which the
-        harness writes as a versioned checkpoint."""
-        raise NotImplementedError(f"{self.name} needs no calibration")
-
-    def load_calibration(self, artifacts: dict[str, torch.Tensor]) -> None:
-        """Take artifacts made by `calibrate` (fresh or from the cache) before the first compress."""
-        raise NotImplementedError(f"{self.name} needs no calibration")
-
-    def method_bytes(self) -> int | None:
-        """Bytes of the model-sized artifacts the method holds that do not grow with the context (a decoder, a
-        scorer's weights): reported in their own column, never in kv_bytes. None for methods that hold none."""
-        return None
-
-    def calibration_key(self) -> str:
-        """What the artifacts depend on besides the model: by default the whole config."""
-        return repr(self.config)
-
-    def on_decode_start(self, cache: KVBenchCache) -> None:
-        """Once per answer, before anything after the context (question or first token) is fed: decode-time
-        methods attach their per-sequence state to the cache here (e.g. a query recorder)."""
-
-    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
-        """Per generated token; decode-time methods evict here. Most methods compress once and do nothing."""
-
-    def train(self, model: torch.nn.Module, tokenizer, options: dict[str, Any], say: Callable[[str], None]) -> dict:
-        """Fine-tune `model` in place to work with this method's compression (`kvbench train`); returns a
-        JSON-able record of the data, settings and losses. Only methods whose paper trains the model have one."""
-        raise NotImplementedError(f"{self.name} has no training step")
-
-    @property
-    def has_training_step(self) -> bool:
-        return type(self).train is not Method.train
-
-    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
-        """Whether feeding `new_tokens` more tokens after `cache` (just compressed by this method) could make its
-        decode hooks change the cache. If not, they can be fed in one pass. By default: whether the method
-        acts while decoding at all; a method that acts only at some points says when it would."""
-        return self.acts_while_decoding
-
-    @property
-    def acts_while_decoding(self) -> bool:
-        """Whether the cache changes token by token after the context (the method overrides `on_decode_step`):
-        such a method's cache must see every token one at a time, also when given tokens are scored."""
-        return type(self).on_decode_step is not Method.on_decode_step
 
 
 REGISTRY: dict[str, type[Method]] = {}

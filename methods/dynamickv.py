@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix, TokenPrefix
-from kvbench.methods._eviction import gather_heads, group_mean, lowest_budget, window_attention
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import gather_heads, group_mean, lowest_budget, window_attention
 
 
 @dataclass(frozen=True)

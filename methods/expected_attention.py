@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.methods._eviction import keep_scored, tokens_for_budget
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import keep_scored, tokens_for_budget
 
 
 @dataclass(frozen=True)

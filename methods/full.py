@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.harness.prefill import Observation
-from kvbench.harness.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.engine.prefill import Observation
 from kvbench.methods.base import Method, register
 
 

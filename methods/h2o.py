@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.harness.cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.prefix import Prefixes, TokenPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import Prefixes, TokenPrefix
-from kvbench.methods._eviction import decode_attention, gather_heads, group_mean, tokens_for_budget, top_indices
-from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import decode_attention, gather_heads, group_mean, tokens_for_budget, top_indices
+from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
 
 
 @dataclass(frozen=True)

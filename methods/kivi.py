@@ -1,7 +1,7 @@
 """KIVI: keys quantized per channel, values per token, a full-precision recent window (Liu et al., arXiv 2402.02750).
 
 Every context token is kept, at low precision: the cache stores packed integer codes plus an fp16 scale and
-minimum per group (`kvbench.harness.quantized_prefix`), and dequantizes them at attention time, never storing
+minimum per group (`kvbench.harness.cache.quantized_prefix`), and dequantizes them at attention time, never storing
 the result back. Keys are quantized after RoPE, as cached. The prefill attends to the exact keys and values;
 the stored context is quantized once, afterwards (reference_methods.md §9). This is not transformers'
 `QuantizedCache`, which quantizes both K and V per channel and re-quantizes on flushes.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.cache.quantized_prefix import BITS, QuantizedPrefix
+from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.prefill import Observation
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.harness.quantized_prefix import BITS, QuantizedPrefix
 from kvbench.methods.base import Method, register
 
 # fp16 scale + fp16 minimum per group.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.harness.prefill import Observation
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.methods._eviction import keep_top, tokens_for_budget
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import keep_top, tokens_for_budget
 
 
 @dataclass(frozen=True)

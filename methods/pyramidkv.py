@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.methods.base import Method, register
 from kvbench.methods.snapkv import SnapKVConfig, snapkv_layer
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.prefill import Observation
-from kvbench.harness.prefix import LayerPrefix, TokenPrefix
-from kvbench.methods._head_scores import layer_probe_scores, observe_all_queries, probe_ids
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.head_scores import layer_probe_scores, observe_all_queries, probe_ids
 
 logger = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.prefill import Observation
-from kvbench.harness.prefix import LayerPrefix
-from kvbench.methods._eviction import gather_heads, tokens_for_budget
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.eviction import gather_heads, tokens_for_budget
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-from kvbench.harness.cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.prefix import LayerPrefix, Prefixes, TokenPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.prefill import Observation, ObservationNeeds
-from kvbench.harness.prefix import LayerPrefix, Prefixes, TokenPrefix
-from kvbench.methods._calibration_data import calibration_ids
-from kvbench.methods._eviction import gather_heads, lowest_budget, snapkv_prefix_scores
-from kvbench.methods._head_scores import observe_all_queries, truncated_matrix_entropy
-from kvbench.methods._query_log import QueryLog, attach_query_log, logged_state
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.calibration_data import calibration_ids
+from kvbench.methods.common.eviction import gather_heads, lowest_budget, snapkv_prefix_scores
+from kvbench.methods.common.head_scores import observe_all_queries, truncated_matrix_entropy
+from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from kvbench.harness.cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
+from kvbench.harness.cache.prefix import LayerPrefix, LowRankPrefix
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds, context_forward, prefill
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
-from kvbench.harness.models import head_dim
-from kvbench.harness.prefill import Observation, ObservationNeeds, context_forward, prefill
-from kvbench.harness.prefix import LayerPrefix, LowRankPrefix
-from kvbench.methods._calibration_data import calibration_ids
+from kvbench.harness.models.loading import head_dim
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.calibration_data import calibration_ids
 
 
 @dataclass(frozen=True)

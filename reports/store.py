@@ -120,7 +120,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _results_text(path: Path) -> str | None:
-    """results.jsonl, or the packed results.jsonl.gz beside it (kvbench.harness.store's format, restated: reports
+    """results.jsonl, or the packed results.jsonl.gz beside it (kvbench.harness.runner.store's format, restated: reports
     import nothing of the harness)."""
     if path.is_file():
         return path.read_text(encoding="utf-8")

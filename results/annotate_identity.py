@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvbench.harness.models import load_model
+from kvbench.harness.models.loading import load_model
 from kvbench.harness.provenance import (
     ATTENTION_BACKEND,
     chat_template_policy,
@@ -32,7 +32,7 @@ from kvbench.harness.provenance import (
     identity_hash,
     tensors_fingerprint,
 )
-from kvbench.harness.store import ResultStore
+from kvbench.harness.runner.store import ResultStore
 from kvbench.methods import get_method
 from kvbench.tasks import GENERATOR_VERSION
 

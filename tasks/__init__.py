@@ -3,9 +3,10 @@
 The harness uses only what is exported here.
 """
 
+from kvbench.tasks.datasets.loaders import load_hf_samples, load_jsonl_samples
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.loaders import load_hf_samples, load_jsonl_samples
-from kvbench.tasks.perplexity import token_split
+from kvbench.tasks.generated.perplexity import token_split
+from kvbench.tasks.metrics.scoring import LOWER_IS_BETTER, METRICS, postprocess
 from kvbench.tasks.prompting import PromptParts, split_prompt
 from kvbench.tasks.registry import (
     GENERATOR_VERSION,
@@ -20,7 +21,6 @@ from kvbench.tasks.registry import (
     score_metric,
 )
 from kvbench.tasks.sample import Sample
-from kvbench.tasks.scoring import LOWER_IS_BETTER, METRICS, postprocess
 
 __all__ = [
     "GENERATOR_VERSION",

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.perplexity import token_split
+from kvbench.tasks.generated.perplexity import token_split
+from kvbench.tasks.metrics.scoring import LOWER_IS_BETTER, METRICS
 from kvbench.tasks.prompting import split_prompt
 from kvbench.tasks.registry import row_metrics
 from kvbench.tasks.sample import Sample
-from kvbench.tasks.scoring import LOWER_IS_BETTER, METRICS
 
 CONTEXT_FIELD = "kvbench_context"
 UTILS_FILE = "utils.py"

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from kvbench.tasks import cache, cwe, fwe, niah, passkey, perplexity, reconstruction, vt
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.fingerprint import chat_template_sha256, derive_seed, tokenizer_id, vocab_sha256
-from kvbench.tasks.fitting import Fitter, Setup, UnitPlan
-from kvbench.tasks.haystacks import haystack_sha256
-from kvbench.tasks.niah import NiahVariant
+from kvbench.tasks.generated import cwe, fwe, niah, passkey, perplexity, reconstruction, vt
+from kvbench.tasks.generated import sample_cache as cache
+from kvbench.tasks.generated.fitting import Fitter, Setup, UnitPlan
+from kvbench.tasks.generated.haystacks import haystack_sha256
+from kvbench.tasks.generated.niah import NiahVariant
+from kvbench.tasks.generated.words import wonderwords_version
+from kvbench.tasks.metrics.scoring import METRICS
 from kvbench.tasks.sample import Sample
-from kvbench.tasks.scoring import METRICS
-from kvbench.tasks.words import wonderwords_version
 
 # Bump whenever a change to any generator alters the samples it produces: it keys the cache.
 GENERATOR_VERSION = "2"

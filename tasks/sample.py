@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.scoring import METRICS
+from kvbench.tasks.metrics.scoring import METRICS
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,15 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-import kvbench.methods.adaptive_policy as adaptive_policy_module
-from kvbench.harness.calibration import ensure_calibrated
+import kvbench.methods.adaptive_policy.method as adaptive_policy_module
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.cli.train import train_checkpoint, training_options
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import stored_bytes
-from kvbench.harness.train_cli import train_checkpoint, training_options
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
-from kvbench.methods._adaptive_policy_features import (
+from kvbench.methods.adaptive_policy.features import (
     FEATURES,
     BudgetPolicy,
     context_statistics,
@@ -27,9 +27,9 @@ from kvbench.methods._adaptive_policy_features import (
     sorted_coverage,
     water_fill,
 )
-from kvbench.methods._adaptive_policy_training import TeacherSample, coverage_loss, teacher_mass
-from kvbench.methods._scorers import get_scorer
-from kvbench.methods.adaptive_policy import AdaptivePolicyConfig
+from kvbench.methods.adaptive_policy.method import AdaptivePolicyConfig
+from kvbench.methods.adaptive_policy.training import TeacherSample, coverage_loss, teacher_mass
+from kvbench.methods.common.scorers import get_scorer
 
 # Small enough to train in seconds on the tiny model (d = 16, 2 layers, 2 KV heads).
 OPTIONS = dict(texts=8, length=256, t_q=64, epochs=30, heldout_fraction=0.25)
@@ -218,7 +218,7 @@ def test_uniform_coverage_in_the_table_is_a_direct_computation(loaded, trained):
     """The table's uniform `allocation` row: the mean over held-out texts, layers and heads of the share of each
     head's attention mass on its int(c·T) most attended tokens, computed here from eager attention."""
     _, _, summary = trained
-    from kvbench.harness.training import train_text
+    from kvbench.harness.artifacts.training import train_text
 
     split = train_text(loaded.tokenizer, 8 * 256, 256, 0, 0.25)
     eager = tiny_model("llama-gqa", layers=2, vocab=len(loaded.tokenizer))

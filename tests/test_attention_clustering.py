@@ -11,16 +11,16 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import TimedObservation, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill, streaming_prefill
+from kvbench.harness.engine.scoring_cells import iter_scoring_cells
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill, streaming_prefill
-from kvbench.harness.scoring_cells import iter_scoring_cells
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
-from kvbench.methods._kmeans import merge
-from kvbench.methods.attention_clustering import AttentionClustering, attention_importance
+from kvbench.methods.attention_clustering.kmeans import merge
+from kvbench.methods.attention_clustering.method import AttentionClustering, attention_importance
 
 LOOKBACK = 16
 

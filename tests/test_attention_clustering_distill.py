@@ -12,19 +12,19 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import tiny_model
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
+from kvbench.harness.engine.prefill import streaming_forward
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import load_model
-from kvbench.harness.prefill import streaming_forward
+from kvbench.harness.models.loading import load_model
 from kvbench.methods import get_method
-from kvbench.methods._attention_clustering_distill import (
+from kvbench.methods.attention_clustering.distill import (
     DistillationConfig,
     distill,
     distillation_loss,
     student_logits,
 )
-from kvbench.methods._calibration_data import calibration_ids
-from kvbench.methods.attention_clustering import AttentionClusteringConfig, ClusteringStream, EntryPlan
+from kvbench.methods.attention_clustering.method import AttentionClusteringConfig, ClusteringStream, EntryPlan
+from kvbench.methods.common.calibration_data import calibration_ids
 
 METHOD = AttentionClusteringConfig(pruning_interval=32, lookback_window=16)
 PLAN = EntryPlan(keep=48, clusters=12)

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from tiny_models import ARCHITECTURES, random_ids, tiny_model
 
-from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache, cache_argument
-from kvbench.harness.decode import greedy_decode
-from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
-from kvbench.harness.prefix import TokenPrefix
+from kvbench.harness.cache.attention import kvbench_attention_enabled
+from kvbench.harness.cache.kv_cache import KVBenchCache, cache_argument
+from kvbench.harness.cache.prefix import TokenPrefix
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefill
 
 CONTEXT = 40
 QUESTION = 5

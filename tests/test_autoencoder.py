@@ -6,20 +6,20 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-import kvbench.methods.autoencoder as autoencoder_module
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.calibration import ensure_calibrated
-from kvbench.harness.decode import greedy_decode
+import kvbench.methods.autoencoder.method as autoencoder_module
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.artifacts.training import train_text
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.cache.quantized_prefix import QuantizedTensor
+from kvbench.harness.cli.train import train_checkpoint, training_options
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import TimedObservation, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import stored_bytes
-from kvbench.harness.quantized_prefix import QuantizedTensor
-from kvbench.harness.train_cli import train_checkpoint, training_options
-from kvbench.harness.training import train_text
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
-from kvbench.methods.autoencoder import AutoencoderConfig
+from kvbench.methods.autoencoder.method import AutoencoderConfig
 
 # d = 16 on the tiny model: m = 4 keeps a quarter of the channels.
 OPTIONS = dict(latent_dim=4, tokens=4096, window=512, epochs=30, batch=256, lr=3e-3)

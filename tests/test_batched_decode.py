@@ -13,15 +13,15 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.batched_decode import DecodeRow, batched_greedy_decode
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.calibration import ensure_calibrated
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.latent_prefix import LatentDecoder, LatentPrefix
+from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_decode
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import TimedObservation, compress_context, iter_context_cells, run_batch, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.latent_prefix import LatentDecoder, LatentPrefix
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, compress_context, iter_context_cells, run_batch, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import REGISTRY, get_method, load_all
 
 load_all()

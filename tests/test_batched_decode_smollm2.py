@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kvbench.harness.calibration import ensure_calibrated
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.engine.pipeline import TimedObservation, compress_context, run_batch, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.models import load_model
-from kvbench.harness.pipeline import TimedObservation, compress_context, run_batch, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill
+from kvbench.harness.models.loading import load_model
 from kvbench.methods import REGISTRY, get_method, load_all
 from kvbench.tasks.prompting import split_prompt
 

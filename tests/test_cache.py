@@ -5,11 +5,11 @@ import math
 import torch
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.attention import attend_compressed
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import LowRankPrefix, PrefixKV, TokenPrefix, stored_bytes
+from kvbench.harness.cache.attention import attend_compressed
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import LowRankPrefix, PrefixKV, TokenPrefix, stored_bytes
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.methods import get_method
 
 
@@ -145,7 +145,7 @@ def test_stop_strings_cut_the_output():
 
 
 def test_head_spread_is_each_heads_length_over_its_layers_mean():
-    from kvbench.harness.pipeline import head_spread
+    from kvbench.harness.engine.pipeline import head_spread
 
     layer_lengths = [(5, 2, 9), (4, 4, 6)]  # means 16/3 and 14/3
     prefixes = [TokenPrefix([torch.randn(n, 8) for n in ns], [torch.randn(n, 8) for n in ns]) for ns in layer_lengths]

@@ -7,11 +7,11 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import tiny_model, tiny_tokenizer
 
-from kvbench.harness.calibration import artifact_path, calibration_meta, ensure_calibrated
+from kvbench.harness.artifacts.calibration import artifact_path, calibration_meta, ensure_calibrated
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.methods._calibration_data import calibration_ids, calibration_text
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods.base import Method
+from kvbench.methods.common.calibration_data import calibration_ids, calibration_text
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def test_calibration_data_is_offline_prose():
 
 
 def test_cli_says_which_methods_need_calibration(capsys):
-    from kvbench.harness.cli import main
+    from kvbench.harness.cli.commands import main
 
     assert main(["calibrate", "snapkv"]) == 2
     assert "snapkv needs no calibration" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
 
 
 def run_cli(capsys, *argv):
@@ -134,7 +134,18 @@ def test_generate_text_output(capsys, tiny_model_dir):
 
 def test_console_script_reports_errors_without_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "kvbench.harness.cli", "generate", "--method", "full", "--budget", "2", "--prompt", "x"],
+        [
+            sys.executable,
+            "-m",
+            "kvbench.harness.cli.commands",
+            "generate",
+            "--method",
+            "full",
+            "--budget",
+            "2",
+            "--prompt",
+            "x",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

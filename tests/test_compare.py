@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from test_report_intervals import FULL_PASSKEY_1024, SAMPLES, independent_bootstrap, scores_of, write_store
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
 from kvbench.reports import load_run
 from kvbench.reports.compare import ALL_TASKS, compare_markdown, paired_differences
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods.dynamickv import DynamicKV, dynamickv_scores, progressive_orders, reallocate
 
 CONTEXT = 400

@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny_models import ARCHITECTURES, random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
-from kvbench.harness.prefill import ObservationNeeds, prefill
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.methods import get_method
 
 NEW_TOKENS = 16

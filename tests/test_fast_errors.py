@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvbench.harness import fast_checks
-from kvbench.harness.cli import main
+from kvbench.harness.cli import fast_checks
+from kvbench.harness.cli.commands import main
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import gguf_context_length, model_max_length
+from kvbench.harness.models.loading import gguf_context_length, model_max_length
 
 RUN = ["run", "--methods", "full", "--budgets", "0.5", "--tasks", "niah_single_1", "--lengths", "64"]
 LM_EVAL = ["lm-eval", "--methods", "full", "--budgets", "0.5", "--tasks", "arc_easy"]
@@ -64,7 +64,7 @@ BLOCKED = "import sys\nfor name in ('torch', 'transformers', 'kvbench.methods.ba
 def test_every_bad_input_is_one_line_without_torch_or_a_model(config_only_model, tmp_path):
     cases = bad_inputs(config_only_model, tmp_path)
     script = BLOCKED + (
-        "import json\nfrom kvbench.harness.cli import main\n"
+        "import json\nfrom kvbench.harness.cli.commands import main\n"
         f"for argv in json.loads({json.dumps(json.dumps([argv for argv, _ in cases]))}):\n"
         "    print('exit', main(argv), file=sys.stderr, flush=True)\n"
     )
@@ -81,10 +81,10 @@ def test_a_bad_budget_is_reported_without_loading_the_model(monkeypatch, capsys,
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    import kvbench.harness.sweep  # imported first: importing it after the patch would bind the patched loader
+    import kvbench.harness.runner.sweep  # imported first: importing it after the patch would bind the patched loader
 
-    monkeypatch.setattr("kvbench.harness.models.load_model", no_load)
-    monkeypatch.setattr(kvbench.harness.sweep, "load_model", no_load)
+    monkeypatch.setattr("kvbench.harness.models.loading.load_model", no_load)
+    monkeypatch.setattr(kvbench.harness.runner.sweep, "load_model", no_load)
     out = ["--model", tiny_model_dir, "--out", str(tmp_path / "run")]
     for argv in (_set(RUN, "--budgets", "2"), _set(RUN, "--lengths", "5000"), _set(RUN, "--tasks", "nope")):
         assert main(argv + out) == 2

@@ -70,7 +70,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_cli_says_it_in_one_line_and_exits_2():
-    done = run_python("sys.argv = ['kvbench', 'list', 'methods']; from kvbench.harness.cli import main")
+    done = run_python("sys.argv = ['kvbench', 'list', 'methods']; from kvbench.harness.cli.commands import main")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"kvbench: error: {OLD_TRANSFORMERS}: pip install 'transformers>=5.13,<6'"]
 

@@ -7,11 +7,11 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cli import main
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.cli.commands import main
+from kvbench.harness.engine.pipeline import run_cell
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import run_cell
-from kvbench.harness.prefix import stored_bytes
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 
 IDENTITY_FIELDS = {
@@ -201,7 +201,7 @@ def test_stored_bytes_counts_a_shared_tensor_once_and_survives_cycles():
 
 def test_an_emptied_tail_holds_no_storage():
     """A decode-time method absorbs the tail into its prefix; what the tail held must then be freed and uncounted."""
-    from kvbench.harness.cache import KVBenchCache
+    from kvbench.harness.cache.kv_cache import KVBenchCache
 
     cache = KVBenchCache(1)
     cache.layers[0].update(torch.ones(1, 2, 5, 4), torch.ones(1, 2, 5, 4))

@@ -6,13 +6,9 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.errors import BudgetError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, run_cell
-from kvbench.harness.prefill import Observation, ObservationNeeds, prefill
-from kvbench.harness.prefix import stored_bytes
-from kvbench.harness.quantized_prefix import (
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.cache.quantized_prefix import (
     QuantizedPrefix,
     dequantize_per_channel,
     dequantize_per_token,
@@ -21,6 +17,10 @@ from kvbench.harness.quantized_prefix import (
     quantize_per_token,
     unpack_codes,
 )
+from kvbench.harness.engine.pipeline import TimedObservation, run_cell
+from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefill
+from kvbench.harness.errors import BudgetError
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 
 
@@ -153,7 +153,7 @@ def test_decoding_never_requantizes_the_context():
     prefixes = method.compress(observed.observation, 0.5)
     before = [(p.key_codes.codes.clone(), p.value_codes.codes.clone(), p.key_codes.scale.clone()) for p in prefixes]
     cache = KVBenchCache(len(prefixes), prefixes, len(context))
-    from kvbench.harness.decode import greedy_decode
+    from kvbench.harness.engine.decode import greedy_decode
 
     greedy_decode(model, cache, random_ids(4, seed=4), 12, [], first_logits=observed.observation.last_logits)
     for layer, (key_codes, value_codes, scale) in zip(cache.layers, before, strict=True):

@@ -13,21 +13,21 @@ import torch.nn.functional as F
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache, cache_argument
-from kvbench.harness.calibration import ensure_calibrated
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.artifacts.training import load_checkpoint
+from kvbench.harness.cache.attention import kvbench_attention_enabled
+from kvbench.harness.cache.kv_cache import KVBenchCache, cache_argument
+from kvbench.harness.cache.prefix import TokenPrefix, stored_bytes
+from kvbench.harness.cli.train import train_checkpoint, training_options
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.prefill import prefill
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.prefill import prefill
-from kvbench.harness.prefix import TokenPrefix, stored_bytes
-from kvbench.harness.sweep import SweepSpec
-from kvbench.harness.train_cli import train_checkpoint, training_options
-from kvbench.harness.training import load_checkpoint
-from kvbench.methods import _lightweight_features as lw
-from kvbench.methods import _lightweight_training as lt
+from kvbench.harness.models.loading import LoadedModel
+from kvbench.harness.runner.sweep import SweepSpec
 from kvbench.methods import get_method
-from kvbench.methods.lightweight import Lightweight, LightweightConfig, layout_record
+from kvbench.methods.lightweight import features as lw
+from kvbench.methods.lightweight import training as lt
+from kvbench.methods.lightweight.method import Lightweight, LightweightConfig, layout_record
 
 # Tiny Llama, GQA: 4 query heads over 2 KV heads, head_dim 16, hidden 64, 2 layers. A short training for the checkpoint
 # tests; LEARN trains at a keep fraction of 0.1 with a high learning rate, so that 4 epochs of 9 prompts move the

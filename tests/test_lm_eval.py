@@ -15,10 +15,10 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from tiny_models import tiny_model
 
-from kvbench.harness.cli import main
-from kvbench.harness.lm_eval_adapter import KVBenchLM
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import run_context
+from kvbench.harness.cli.commands import main
+from kvbench.harness.engine.pipeline import run_context
+from kvbench.harness.lm_eval.adapter import KVBenchLM
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 
 PASSAGE = (
@@ -86,7 +86,7 @@ def test_registration_is_lazy_and_keeps_lm_evals_own_models():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["kvbench.harness.lm_eval_adapter:KVBenchLM", "True"]
+    assert out.stdout.split() == ["kvbench.harness.lm_eval.adapter:KVBenchLM", "True"]
     assert get_model("kvbench") is KVBenchLM and get_model("hf") is HFLM
 
 
@@ -200,7 +200,7 @@ def test_lm_eval_limit_raised_computes_only_the_new_docs(niah_runs, tiny, tmp_pa
     root, _ = tiny
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(out / "cache"))
     evaluated = []
-    from kvbench.harness import lm_eval_run
+    from kvbench.harness.lm_eval import run as lm_eval_run
 
     original = lm_eval_run._evaluate
 

@@ -12,12 +12,12 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.calibration import ensure_calibrated
+from kvbench.harness.artifacts.calibration import ensure_calibrated
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.engine.pipeline import TimedObservation, compress_context, run_cell, shared_needs
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, compress_context, run_cell, shared_needs
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import stored_bytes
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import REGISTRY, get_method, load_all
 
 load_all()

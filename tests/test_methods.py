@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError, KVBenchError, UnknownNameError
-from kvbench.harness.prefill import ObservationNeeds, prefill
 from kvbench.methods import REGISTRY, get_method, list_methods, load_all
 from kvbench.methods.adakv_snapkv import adaptive_head_indices
 from kvbench.methods.pyramidkv import pyramid_budgets
@@ -193,7 +193,7 @@ def _memoized_cells_equal_unmemoized(observation, methods, calls: list):
 def test_snapkv_scores_are_computed_once_per_prefill_and_unchanged(observation, monkeypatch):
     """The cells of one prefill share SnapKV's window scores (memoized on the observation): pyramidkv and snapkv at
     three budgets score each layer once, and every prefix equals the one compressed from an unmemoized copy."""
-    import kvbench.methods._eviction as eviction
+    import kvbench.methods.common.eviction as eviction
 
     calls = []
     original = eviction.window_attention

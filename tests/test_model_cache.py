@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from kvbench.harness import model_cache
-from kvbench.harness.model_cache import MARKER, converted, is_complete, models_root
-from kvbench.harness.models import load_model, save_model
+from kvbench.harness.models import gguf_cache as model_cache
+from kvbench.harness.models.gguf_cache import MARKER, converted, is_complete, models_root
+from kvbench.harness.models.loading import load_model, save_model
 from kvbench.harness.provenance import loaded_fingerprint
-from kvbench.harness.sweep import SweepSpec, run_identity
+from kvbench.harness.runner.sweep import SweepSpec, run_identity
 from kvbench.tasks.fingerprint import chat_template_sha256, tokenizer_id, vocab_sha256
 
 TEXT = "the cat saw the hat. The end"
@@ -127,7 +127,7 @@ def never_convert(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("converted again although a finished conversion was in the cache")
 
-    monkeypatch.setattr("kvbench.harness.models._save_plain", refuse)
+    monkeypatch.setattr("kvbench.harness.models.loading._save_plain", refuse)
 
 
 def test_a_converted_gguf_loads_bit_identical_to_the_gguf_and_keeps_its_identity(cache_dir, tiny_gguf, monkeypatch):
@@ -247,7 +247,7 @@ def test_a_failed_conversion_leaves_nothing_in_place(cache_dir, tmp_path):
 CONCURRENT = """
 import sys, time
 from pathlib import Path
-from kvbench.harness.model_cache import converted
+from kvbench.harness.models.gguf_cache import converted
 
 def convert(directory):
     with open(sys.argv[2], "a") as log:

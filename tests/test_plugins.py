@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import site
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import kvbench.harness.fast_checks as fast_checks
+import kvbench.harness.cli.fast_checks as fast_checks
 import kvbench.methods as methods
 from kvbench.harness.errors import UnknownNameError
 from kvbench.harness.plugins import GROUP
@@ -74,17 +75,38 @@ def write_package(root: Path, dist: str, module: str, source: str, entry_point: 
     return root
 
 
+def fresh_venv_seeing_this_interpreter(venv: Path) -> Path:
+    """A new venv that sees the packages of the interpreter running the tests (torch, transformers, kvbench,
+    pip, setuptools), whatever that interpreter is: the system's, a venv's or a conda env's.
+
+    `venv --system-site-packages` would not do: run from inside a venv it exposes the *base* interpreter's
+    packages, not the venv's. So the new venv gets a .pth file that adds this interpreter's site directories
+    with `site.addsitedir`, which also runs their .pth files (the editable install of kvbench is one)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    inner_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    outer = [*site.getsitepackages(), site.getusersitepackages()]
+    Path(inner_site, "_kvbench_tests_outer_site.pth").write_text(
+        f"import site; list(map(site.addsitedir, {outer!r}))\n"
+    )
+    probe = subprocess.run(
+        [python, "-c", "import setuptools, pip, torch, kvbench.harness"], capture_output=True, text=True
+    )
+    assert probe.returncode == 0, f"the venv does not see this interpreter's packages: {probe.stderr}"
+    return python
+
+
 @pytest.fixture(scope="module")
 def plugin_python(tmp_path_factory) -> Path:
-    """A venv's python with the README's plug-in and two broken ones installed (torch & co. from the system)."""
+    """A venv's python with the README's plug-in and two broken ones installed (torch & co. from the interpreter
+    running the tests)."""
     root = tmp_path_factory.mktemp("plugins")
-    venv = root / "venv"
-    # No pip of its own: the system's pip (and setuptools, for the build) are seen through --system-site-packages.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    probe = subprocess.run([python, "-c", "import setuptools, pip"], capture_output=True, text=True)
-    assert probe.returncode == 0, f"the venv needs the system's setuptools and pip: {probe.stderr}"
-
+    python = fresh_venv_seeing_this_interpreter(root / "venv")
     module, pyproject = readme_example()
     example = root / "first-tokens"
     example.mkdir()
@@ -92,13 +114,14 @@ def plugin_python(tmp_path_factory) -> Path:
     (example / "pyproject.toml").write_text(pyproject)
     broken = write_package(root / "broken", "kvbench-broken-plugin", "kvbench_broken_plugin", BROKEN_SOURCE, "broken")
     clash = write_package(root / "clash", "kvbench-clash-plugin", "kvbench_clash_plugin", CLASH_SOURCE, "clash")
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    installed = subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index"]
         + [str(example), str(broken), str(clash)],
-        check=True,
         capture_output=True,
+        text=True,
         cwd=root,
     )
+    assert installed.returncode == 0, f"pip install of the plug-ins failed:\n{installed.stdout}\n{installed.stderr}"
     return python
 
 
@@ -106,7 +129,7 @@ def kvbench(python: Path, *argv: str, cache: Path) -> subprocess.CompletedProces
     env = {**os.environ, "KVBENCH_CACHE_DIR": str(cache)}
     # Run outside the checkout so that only the installed packages are importable.
     return subprocess.run(
-        [python, "-m", "kvbench.harness.cli", *argv], capture_output=True, text=True, env=env, cwd=cache.parent
+        [python, "-m", "kvbench.harness.cli.commands", *argv], capture_output=True, text=True, env=env, cwd=cache.parent
     )
 
 

@@ -7,10 +7,10 @@ import pytest
 from conftest import build_tasks_tokenizer
 from tiny_models import tiny_model
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
 from kvbench.tasks import METRICS, TASK_SETS, generate_samples, row_metrics, split_prompt
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.reconstruction import CLOSE, INSTRUCTION, OPEN, PASSAGE_WORDS
+from kvbench.tasks.generated.reconstruction import CLOSE, INSTRUCTION, OPEN, PASSAGE_WORDS
 
 QUALITY = ["rougeL", "rouge1", "rouge2", "bertscore_f1"]
 

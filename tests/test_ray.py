@@ -18,7 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from kvbench.harness.cli import main  # noqa: E402
+from kvbench.harness.cli.commands import main  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 FAULTS_ENV = "KVBENCH_TEST_RAY_FAULTS"
@@ -30,7 +30,7 @@ CELLS_PER_UNIT = 3  # full once, snapkv at two budgets
 
 def _install_faults() -> None:
     """Ray worker setup hook: wrap the unit function of the runner with the marker-file faults above."""
-    from kvbench.harness import ray_runner
+    from kvbench.harness.runner import ray_runner
 
     real = ray_runner._run_unit
 
@@ -178,7 +178,10 @@ def test_an_interrupted_driver_resumes(cluster, chat_model_dir, tmp_path, monkey
     env = {**os.environ, "KVBENCH_CACHE_DIR": str(tmp_path / "cache")}
     args = sweep_args(chat_model_dir, out, "--ray-address", cluster, "--workers", "2", samples=samples)
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvbench.harness.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "kvbench.harness.cli.commands", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     results = out / "results.jsonl"
     deadline = time.monotonic() + 180
@@ -240,7 +243,7 @@ class FakeCluster:
     ],
 )
 def test_placement_splits_the_cluster(nodes, workers, device, units, expected):
-    from kvbench.harness.ray_runner import _placement
+    from kvbench.harness.runner.ray_runner import _placement
 
     assert _placement(FakeCluster(*nodes), workers, device, units) == expected
 
@@ -254,7 +257,7 @@ def test_placement_splits_the_cluster(nodes, workers, device, units, expected):
 )
 def test_placement_refuses_what_the_cluster_cannot_hold(nodes, workers, device, message):
     from kvbench.harness.errors import KVBenchError
-    from kvbench.harness.ray_runner import _placement
+    from kvbench.harness.runner.ray_runner import _placement
 
     with pytest.raises(KVBenchError, match=message):
         _placement(FakeCluster(*nodes), workers, device, 10)

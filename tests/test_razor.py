@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from tiny_models import VOCAB, random_ids, tiny_model, tiny_tokenizer
 
-from kvbench.harness.attention import attend_compressed
-from kvbench.harness.cache import KVBenchCache
+from kvbench.harness.cache.attention import attend_compressed
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import PrefixKV
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import PrefixKV
-from kvbench.methods._head_scores import layer_probe_scores, probe_scores
+from kvbench.methods.common.head_scores import layer_probe_scores, probe_scores
 from kvbench.methods.razor import Razor, head_count, layer_bytes, retrieval_heads
 
 CONTEXT = 400

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
 
 METHODS = ["full", "snapkv", "streaming_llm"]
 BUDGETS = ["0.25", "0.5"]

@@ -10,17 +10,17 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
-from kvbench.harness.attention import kvbench_attention_enabled
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode, next_token_logits
+from kvbench.harness.cache.attention import kvbench_attention_enabled
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.engine.decode import greedy_decode, next_token_logits
+from kvbench.harness.engine.pipeline import TimedObservation, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import stored_bytes
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
-from kvbench.methods._eviction import gather_heads
-from kvbench.methods._scorers import SCORERS, get_scorer
+from kvbench.methods.common.eviction import gather_heads
+from kvbench.methods.common.scorers import SCORERS, get_scorer
 from kvbench.methods.expected_attention import ExpectedAttentionConfig, expected_attention_scores
 from kvbench.methods.h2o import H2OConfig, H2ODecodeState, h2o_scores
 from kvbench.methods.tova import TOVADecodeState
@@ -251,7 +251,7 @@ def test_adakv_keeps_the_layer_total_and_the_safeguard(observation, base):
 
 def old_adakv_snapkv(observation, budget, window=64, kernel=5, pooling="avg", alpha=0.2):
     """adakv_snapkv as it was before AdaKV took any scorer (commit 83c5ee5), written out."""
-    from kvbench.methods._eviction import keep_window_and_top, snapkv_prefix_scores
+    from kvbench.methods.common.eviction import keep_window_and_top, snapkv_prefix_scores
 
     n = observation.context_length
     n_kept = int(n * budget)

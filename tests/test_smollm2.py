@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvbench.harness.cache import KVBenchCache, cache_argument
-from kvbench.harness.decode import greedy_decode
-from kvbench.harness.models import load_model, save_model
-from kvbench.harness.pipeline import run_context
-from kvbench.harness.prefill import ObservationNeeds, prefill
+from kvbench.harness.cache.kv_cache import KVBenchCache, cache_argument
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import run_context
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
+from kvbench.harness.models.loading import load_model, save_model
 from kvbench.methods import REGISTRY, get_method, load_all
 from kvbench.tasks.prompting import split_prompt
 

@@ -10,11 +10,11 @@ import torch
 from conftest import build_tasks_tokenizer
 from tiny_models import tiny_model
 
-from kvbench.harness import stored_context
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
+from kvbench.harness.engine import stored_context
+from kvbench.harness.engine.pipeline import compress_context
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import compress_context
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 
 CONTEXT = 96
@@ -224,7 +224,7 @@ AE_OPTIONS = dict(latent_dim=4, tokens=1024, window=256, epochs=2, batch=256)
 
 @pytest.fixture(scope="module")
 def checkpoint(loaded, tmp_path_factory):
-    from kvbench.harness.train_cli import train_checkpoint
+    from kvbench.harness.cli.train import train_checkpoint
 
     out = tmp_path_factory.mktemp("ae") / "ae.pt"
     train_checkpoint(get_method("autoencoder", **AE_OPTIONS), loaded, out, say=lambda _: None)
@@ -236,7 +236,7 @@ def test_an_autoencoder_context_relinks_its_decoders_from_the_checkpoint(
     loaded, ids, tmp_path, checkpoint, latent_bits, budget
 ):
     """The decoders are not in the file: they are re-linked from the method's checkpoint, loaded by its label."""
-    from kvbench.harness.calibration import ensure_calibrated
+    from kvbench.harness.artifacts.calibration import ensure_calibrated
 
     context_ids, question_ids = ids
     spec = "autoencoder:" + ":".join(f"{k}={v}" for k, v in AE_OPTIONS.items())

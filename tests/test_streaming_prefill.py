@@ -5,10 +5,10 @@ from dataclasses import dataclass
 import torch
 from tiny_models import random_ids, tiny_model
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
-from kvbench.harness.prefill import ObservationNeeds, prefill, streaming_prefill
-from kvbench.harness.prefix import TokenPrefix
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import TokenPrefix
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill, streaming_prefill
 from kvbench.methods.base import Method
 
 
@@ -82,8 +82,8 @@ class RecentWhilePrefilling(Method):
 
 
 def test_own_prefill_methods_run_through_the_pipeline():
-    from kvbench.harness.models import LoadedModel
-    from kvbench.harness.pipeline import run_context
+    from kvbench.harness.engine.pipeline import run_context
+    from kvbench.harness.models.loading import LoadedModel
 
     model = tiny_model("llama-gqa")
     loaded = LoadedModel("tiny", "memory", model, None, torch.device("cpu"), torch.float32)

@@ -11,7 +11,7 @@ import time
 import pytest
 from browser import CHROMIUM, decoded_image_widths
 
-from kvbench.harness.cli import main
+from kvbench.harness.cli.commands import main
 
 TIMING_FIELDS = {"prefill_s", "compress_s", "decode_s", "peak_memory_bytes"}
 ROW_FIELDS = {
@@ -111,7 +111,7 @@ def test_rerun_skips_finished_cells(chat_model_dir, finished_run, capsys):
 def test_interrupted_run_loses_nothing_and_resumes(chat_model_dir, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "KVBENCH_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "kvbench.harness.cli", *sweep_args(chat_model_dir, out, "--no-report")]
+    command = [sys.executable, "-m", "kvbench.harness.cli.commands", *sweep_args(chat_model_dir, out, "--no-report")]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 120

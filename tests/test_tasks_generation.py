@@ -21,8 +21,8 @@ from kvbench.tasks import (
     split_prompt,
 )
 from kvbench.tasks.fingerprint import derive_seed
-from kvbench.tasks.fitting import Fitter, Setup
-from kvbench.tasks.haystacks import essay_text, split_sentences
+from kvbench.tasks.generated.fitting import Fitter, Setup
+from kvbench.tasks.generated.haystacks import essay_text, split_sentences
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 LENGTHS = (1024, 4096)

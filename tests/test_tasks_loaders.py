@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kvbench.tasks import TaskError, generate_samples, load_hf_samples, load_jsonl_samples
-from kvbench.tasks.loaders import split_ruler_input
+from kvbench.tasks.datasets.loaders import split_ruler_input
 
 QA_INSTRUCTION = (
     "Answer the question based on the given documents. Only give me the answer and do not output any other words."

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from kvbench.tasks import METRICS, Sample, TaskError, postprocess, score
-from kvbench.tasks.haystacks import essay_text, essay_words, haystack_sha256, split_sentences
-from kvbench.tasks.scoring import passkey_exact, string_match_all, string_match_part
-from kvbench.tasks.words import cwe_words, niah_words, wonderwords_version
+from kvbench.tasks.generated.haystacks import essay_text, essay_words, haystack_sha256, split_sentences
+from kvbench.tasks.generated.words import cwe_words, niah_words, wonderwords_version
+from kvbench.tasks.metrics.scoring import passkey_exact, string_match_all, string_match_part
 
 
 def make_sample(metric: str, references: list[str]) -> Sample:

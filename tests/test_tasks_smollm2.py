@@ -9,7 +9,7 @@ import pytest
 
 from kvbench.tasks import TASKS, generate_samples, split_prompt
 from kvbench.tasks.fingerprint import derive_seed
-from kvbench.tasks.fitting import Fitter, Setup
+from kvbench.tasks.generated.fitting import Fitter, Setup
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

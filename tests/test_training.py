@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import build_tasks_tokenizer
 
+from kvbench.harness.artifacts.training import FORMAT_VERSION, Trained, load_checkpoint, save_checkpoint, train_text
+from kvbench.harness.cli.train import training_options
 from kvbench.harness.errors import KVBenchError
-from kvbench.harness.train_cli import training_options
-from kvbench.harness.training import FORMAT_VERSION, Trained, load_checkpoint, save_checkpoint, train_text
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_split_is_disjoint_recorded_and_rebuilds_from_its_record(tokenizer, tmp_
     assert all(len(w) == 100 for w in split.train + split.heldout)
     assert [s["name"] for s in record["sources"]][1] == str(extra.resolve())
     # The record alone rebuilds the windows from the same sources.
-    from kvbench.methods._calibration_data import calibration_text
+    from kvbench.methods.common.calibration_data import calibration_text
 
     ids = tokenizer.encode(calibration_text(), add_special_tokens=False)
     ids += tokenizer.encode(extra.read_text(encoding="utf-8"), add_special_tokens=False)
@@ -106,7 +106,7 @@ def test_kvbench_train_writes_a_checkpoint_that_a_sweep_uses(tiny_model_dir, tmp
     the checkpoint's weights fingerprint; a checkpoint made for another method is one line."""
     import json
 
-    from kvbench.harness.cli import main
+    from kvbench.harness.cli.commands import main
     from kvbench.harness.provenance import tensors_fingerprint
 
     monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
@@ -144,7 +144,7 @@ def test_training_progress_bar_shows_under_the_clis_quiet_loaders():
 
     code = (
         "import os; os.environ['TQDM_DISABLE'] = '1'\n"
-        "from kvbench.harness.training import progress\n"
+        "from kvbench.harness.artifacts.training import progress\n"
         "bar = progress(total=3, desc='kvbench: train x'); bar.update(3); bar.close()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
-from kvbench.harness.models import LoadedModel
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -12,16 +12,16 @@ from conftest import build_tasks_tokenizer
 from tiny_models import random_ids
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import stored_bytes
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import observe, run_cell
+from kvbench.harness.engine.prefill import prefill
+from kvbench.harness.engine.scoring_cells import iter_scoring_cells
 from kvbench.harness.errors import BudgetError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import observe, run_cell
-from kvbench.harness.prefill import prefill
-from kvbench.harness.prefix import stored_bytes
-from kvbench.harness.scoring_cells import iter_scoring_cells
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
-from kvbench.methods._head_scores import truncated_matrix_entropy
+from kvbench.methods.common.head_scores import truncated_matrix_entropy
 from kvbench.methods.uncomp import UNComp, entropy_groups, head_capacities, rank_groups
 
 CONTEXT = 300

@@ -10,13 +10,13 @@ from conftest import build_tasks_tokenizer
 from tiny_models import random_ids, tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvbench.harness.cache import KVBenchCache
-from kvbench.harness.decode import greedy_decode
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import LowRankPrefix, stored_bytes
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.pipeline import TimedObservation, run_cell
+from kvbench.harness.engine.prefill import ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError, KVBenchError
-from kvbench.harness.models import LoadedModel
-from kvbench.harness.pipeline import TimedObservation, run_cell
-from kvbench.harness.prefill import ObservationNeeds, prefill
-from kvbench.harness.prefix import LowRankPrefix, stored_bytes
+from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 from kvbench.methods.zack import ZACK, allocate_ranks, lowest_budget
 

@@ -1,0 +1,141 @@
+"""The compressed KV cache: per layer, a compressed context prefix plus an uncompressed tail.
+
+`KVBenchCache` is a transformers `Cache` whose layers store the tail (question and generated tokens)
+like a dynamic cache and keep the context in a method's representation (`LayerPrefix`). The model's
+attention modules call `update`, which only grows the tail; kvbench's attention function
+(`kvbench.harness.cache.attention`) then attends over prefix and tail together. Positions are logical:
+`get_seq_length` counts the original context, so new tokens continue at context length + t.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache as _memoize
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.harness.cache.prefix import LayerPrefix, stored_bytes
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One layer: an optional compressed prefix covering `prefix_length` context positions, plus a raw tail."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, prefix: LayerPrefix | None = None, prefix_length: int = 0):
+        super().__init__()
+        self.prefix = prefix
+        self.prefix_length = prefix_length
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    @property
+    def tail_length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def get_seq_length(self) -> int:
+        return self.prefix_length + self.tail_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens of the tail (e.g. to answer another question from the same compressed context)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tail tokens to remove")
+        if tokens_to_remove == 0 or self.keys is None:
+            return
+        # Copies, not views: a view would keep the dropped tokens' storage alive (and counted).
+        self.keys = self.keys[..., :tokens_to_remove, :].clone()
+        self.values = self.values[..., :tokens_to_remove, :].clone()
+
+    def absorb_tail(self, prefix: LayerPrefix) -> None:
+        """Replace the prefix by one that now also covers the tail (a method recompressed prefix + tail).
+
+        Positions stay logical: the prefix now stands for prefix_length + tail_length positions, so later
+        tokens still continue after everything seen so far.
+        """
+        self.prefix_length += self.tail_length
+        self.prefix = prefix
+        self.reset_tail()
+
+    def reset_tail(self) -> None:
+        """Empty the tail, freeing its storage (an empty view would keep it alive, and counted)."""
+        if self.keys is not None:
+            self.keys = self.keys.new_empty((*self.keys.shape[:-2], 0, self.keys.shape[-1]))
+            self.values = self.values.new_empty((*self.values.shape[:-2], 0, self.values.shape[-1]))
+
+
+class KVBenchCache(Cache):
+    """A cache of `CompressedLayer`s; built empty for a prefill, or from a method's prefixes for decoding."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        prefixes: list[LayerPrefix] | None = None,
+        context_length: int = 0,
+        method_state: object | None = None,
+    ):
+        if prefixes is not None and len(prefixes) != num_layers:
+            raise ValueError(f"expected {num_layers} layer prefixes, got {len(prefixes)}")
+        layers = [
+            CompressedLayer(prefixes[i] if prefixes is not None else None, context_length if prefixes else 0)
+            for i in range(num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.context_length = context_length
+        # Set by the prefill engine: collects the observations the methods declared while attention runs.
+        self.recorder = None
+        # What a method keeps for this sequence between decode steps (positions, merge counts, query logs, score
+        # accumulators): it lives here, with the sequence, so that `kv_bytes` measures it (DESIGN §3).
+        self.method_state = method_state if method_state is not None else getattr(prefixes, "decode_state", None)
+
+    def kv_bytes(self) -> int:
+        """Bytes the compressed context holds, measured from the stored tensors: every layer's prefix and the
+        method's decode state (each storage once)."""
+        seen: set[int] = set()
+        prefixes = sum(stored_bytes(layer.prefix, seen) for layer in self.layers if layer.prefix is not None)
+        return prefixes + stored_bytes(self.method_state, seen)
+
+    def held_bytes(self) -> int:
+        """Everything the cache holds now: `kv_bytes` plus the raw tail (question and generated tokens)."""
+        seen: set[int] = set()
+        total = sum(stored_bytes(layer.prefix, seen) for layer in self.layers if layer.prefix is not None)
+        total += stored_bytes(self.method_state, seen)
+        tails = [(layer.keys, layer.values) for layer in self.layers if layer.keys is not None]
+        return total + stored_bytes(tails, seen)
+
+    def reset_tail(self) -> None:
+        """Forget question and generated tokens, keeping the compressed context."""
+        for layer in self.layers:
+            layer.reset_tail()
+
+
+@_memoize
+def _cache_parameter(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+    """The cache as the keyword argument the model's forward takes it by.
+
+    transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes away in
+    5.40); kvbench supports releases on both sides of the rename.
+    """
+    return {_cache_parameter(type(model)): cache}

@@ -1,0 +1,303 @@
+"""Argument checks that run before torch is imported or a model is loaded, so a mistake costs milliseconds.
+
+Importing the method modules takes seconds (torch, transformers), so method names and option names come from
+an index read from the sources with `ast`: every class decorated `@register` in `kvbench.methods`, its
+`name` and its `Config` dataclass fields. Plug-in methods are not in it: with any plug-in installed, a name
+the index does not know is left to the registry. The full checks (option values, calibration, the model's real
+limits) still run later; this module only moves forward what the arguments alone can tell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
+from kvbench.harness.models import DEVICES, DTYPE_NAMES
+from kvbench.harness.plugins import method_entry_points
+from kvbench.harness.runner.lists import check_lengths, split_list
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method as its source declares it; `options` is None when its Config is not in its module."""
+
+    name: str
+    module: str
+    options: tuple[tuple[str, str], ...] | None
+
+
+def _decorated_register(node: ast.ClassDef) -> bool:
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if (isinstance(target, ast.Name) and target.id == "register") or (
+            isinstance(target, ast.Attribute) and target.attr == "register"
+        ):
+            return True
+    return False
+
+
+def _class_assignments(node: ast.ClassDef) -> dict[str, ast.expr]:
+    found = {}
+    for statement in node.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            if isinstance(target, ast.Name):
+                found[target.id] = statement.value
+        elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value:
+            found[statement.target.id] = statement.value
+    return found
+
+
+def _default_text(value: ast.expr | None) -> str:
+    """A field default as `kvbench.harness.method_spec` prints it (true/false for bools)."""
+    if value is None:
+        return "required"
+    try:
+        literal = ast.literal_eval(value)
+    except ValueError:
+        return ast.unparse(value)
+    if isinstance(literal, bool):
+        return "true" if literal else "false"
+    return str(literal)
+
+
+def _config_fields(config: ast.ClassDef) -> tuple[tuple[str, str], ...]:
+    fields = []
+    for statement in config.body:
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+            continue
+        if "ClassVar" in ast.unparse(statement.annotation):
+            continue
+        fields.append((statement.target.id, _default_text(statement.value)))
+    return tuple(fields)
+
+
+def _methods_directory() -> Path | None:
+    spec = importlib.util.find_spec("kvbench.methods")  # imports `kvbench` (a namespace) only, never the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=1)
+def method_index() -> dict[str, MethodEntry]:
+    """Registered method names (and their config options) from the sources of `kvbench.methods`, as
+    `kvbench.methods.load_all` would register them: the public modules of the package and of its sub-packages."""
+    directory = _methods_directory()
+    index: dict[str, MethodEntry] = {}
+    if directory is None:
+        return index
+    for path in sorted(directory.rglob("*.py")):
+        relative = path.relative_to(directory).with_suffix("")
+        if any(part.startswith("_") for part in relative.parts):
+            continue
+        source = path.read_text(encoding="utf-8")
+        if "@register" not in source:  # helpers, features, training: parsing them would only cost time
+            continue
+        tree = ast.parse(source, filename=str(path))
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        for node in classes.values():
+            if not _decorated_register(node):
+                continue
+            assigned = _class_assignments(node)
+            name = assigned.get("name")
+            if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                continue
+            config = assigned.get("Config")
+            config_class = classes.get(config.id) if isinstance(config, ast.Name) else None
+            options = _config_fields(config_class) if config_class is not None else None
+            index[name.value] = MethodEntry(name.value, ".".join(relative.parts), options)
+    return index
+
+
+def check_method(text: str) -> None:
+    """The name, and the option names, of `NAME:option=value:...`; values are checked when the method is built."""
+    name, _, rest = text.strip().partition(":")
+    name = name.strip()
+    index = method_index()
+    if not index:  # sources not found (a frozen install): leave it to the registry
+        return
+    if not name:
+        raise KVBenchError(f"method {text!r} has no name; write NAME or NAME:option=value:option=value")
+    if name not in index:
+        if method_entry_points():  # a plug-in may register it: the registry decides, after loading them
+            return
+        raise UnknownNameError(f"unknown method {name!r}; valid methods: {', '.join(sorted(index))}")
+    options = index[name].options
+    if options is None or not rest:
+        return
+    names = {option for option, _ in options}
+    for part in rest.split(":"):
+        key = part.partition("=")[0].strip()
+        if key and key not in names:
+            listed = ", ".join(f"{option}={default}" for option, default in options) or "none"
+            raise KVBenchError(f"{name} has no option {key!r}; its options (defaults): {listed}")
+
+
+def check_device_and_dtype(device: str, dtype: str) -> None:
+    """Only the names: whether CUDA is present needs torch and is checked when the model loads."""
+    if device not in DEVICES:
+        raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
+    if dtype != "auto" and dtype not in DTYPE_NAMES:
+        raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPE_NAMES)}")
+
+
+def check_at_least(value: int | None, flag: str, least: int) -> None:
+    if value is not None and value < least:
+        raise KVBenchError(
+            f"{flag} {value} must be at least {least}" if least > 0 else f"{flag} {value} must be 0 or more"
+        )
+
+
+def check_tasks(text: str) -> None:
+    from kvbench.tasks import get_task  # the task registry imports no torch
+
+    for name in split_list(text, "tasks"):
+        get_task(name)
+
+
+def check_writable(directory: str) -> None:
+    from kvbench.harness.files import ensure_writable_dir
+
+    ensure_writable_dir(Path(directory))
+
+
+def check_model(model: str) -> int | None:
+    """That the model exists, and its maximum length, from its config alone (see `models.model_max_length`)."""
+    from kvbench.harness.models.loading import model_max_length
+
+    return model_max_length(model)
+
+
+def _lm_eval_task_sources(include_paths: list[str]) -> list[Path]:
+    spec = importlib.util.find_spec("lm_eval")
+    roots = [Path(path) for path in include_paths]
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(next(iter(spec.submodule_search_locations))) / "tasks")
+    return roots
+
+
+def absent_lm_eval_tasks(names: list[str], include_paths: list[str]) -> list[str]:
+    """Names that appear in no task config file at all (lm-eval's own tasks and the include paths): surely
+    unknown. A name that appears somewhere is left to lm-eval's TaskManager, whose full index takes seconds.
+    Task configs are YAML files and the extension-less templates they include."""
+    left = set(names)
+    for root in _lm_eval_task_sources(include_paths):
+        for directory, _, files in os.walk(root):
+            for file in files:
+                if not (file.endswith((".yaml", ".yml")) or "." not in file):
+                    continue
+                try:
+                    text = Path(directory, file).read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+                left = {name for name in left if name not in text}
+                if not left:
+                    return []
+    return [name for name in names if name in left]
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything the arguments of one command can tell, cheapest first: the model's config and --out come last."""
+    command = args.command
+    if command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train"):
+        check_device_and_dtype(args.device, args.dtype)
+    if command in ("run", "lm-eval"):
+        for method in split_list(args.methods, "methods"):
+            check_method(method)
+        for budget in split_list(args.budgets, "budgets"):
+            check_budget(budget)
+    if command in ("calibrate", "train"):
+        check_method(args.method)
+    if command == "generate":
+        check_generate_sources(args)
+        if args.method is not None:
+            check_method(args.method)
+        if args.budget is not None:
+            check_budget(args.budget)
+        check_at_least(args.max_new_tokens, "--max-new-tokens", 1)
+        if args.load_cache is None:
+            read_prompt(args)
+        maximum = check_model(args.model)
+        if maximum is not None and args.max_new_tokens >= maximum:
+            raise KVBenchError(
+                f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in {args.model}'s maximum "
+                f"of {maximum} tokens"
+            )
+    if command in ("run", "export-lm-eval"):
+        check_tasks(args.tasks)
+        lengths = check_lengths(args.lengths)
+        check_at_least(args.samples, "--samples", 1)
+        maximum = check_model(args.model)
+        if maximum is not None and max(lengths) > maximum:
+            raise KVBenchError(f"length {max(lengths)} exceeds {args.model}'s maximum of {maximum} tokens")
+        check_writable(args.out)  # last: it creates the directory
+    if command == "lm-eval":
+        check_at_least(args.limit, "--limit", 1)
+        check_at_least(args.question_tokens, "--question-tokens", 0)
+        for path in args.include_path:
+            if not Path(path).is_dir():
+                raise KVBenchError(f"--include-path {path} is not a directory")
+        absent = absent_lm_eval_tasks(split_list(args.tasks, "tasks"), args.include_path)
+        if absent:
+            raise KVBenchError(
+                f"unknown lm-eval task {absent[0]!r}; pass the directory of its YAML with --include-path "
+                "(kvbench export-lm-eval writes kvbench's tasks there)"
+            )
+        check_model(args.model)
+        check_writable(args.out)
+    if command == "generate" and args.save_cache is not None:
+        check_writable(str(Path(args.save_cache).resolve().parent))  # last: it creates the directory
+    if command in ("calibrate", "train"):
+        check_model(args.model)
+    if command == "train":
+        # --out is a checkpoint file (learned methods) or a model directory (attention_clustering): its parent
+        # must be writable either way; the command itself creates the rest.
+        check_writable(str(Path(args.out).resolve().parent))
+    if command == "report":
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "run.json").is_file():
+            raise KVBenchError(f"no run.json in {run_dir}; pass a run directory written by `kvbench run`")
+
+
+def check_generate_sources(args: argparse.Namespace) -> None:
+    """`generate` compresses a prompt (--method, --budget, --prompt or --prompt-file; --save-cache optional) or
+    answers a stored context (--load-cache; method and budget come from the file, and must match if given)."""
+    if args.load_cache is not None:
+        if args.save_cache is not None:
+            raise KVBenchError("--save-cache and --load-cache exclude each other: a loaded context is already stored")
+        path = Path(args.load_cache)
+        if not path.is_file():
+            raise KVBenchError(
+                f"--load-cache {path} is not a file; write one with 'kvbench generate ... --save-cache FILE'"
+            )
+        return
+    if args.prompt is None and args.prompt_file is None:
+        raise KVBenchError(
+            "one of the arguments --prompt --prompt-file is required (or --load-cache FILE to answer a stored context)"
+        )
+    for flag, value in (("--method", args.method), ("--budget", args.budget)):
+        if value is None:
+            raise KVBenchError(f"{flag} is required to compress a prompt (a --load-cache FILE brings its own)")
+    if args.save_cache is not None and Path(args.save_cache).is_dir():
+        raise KVBenchError(f"--save-cache {args.save_cache} is a directory; give the file to write")
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The context text of `kvbench generate`, from --prompt or --prompt-file; never empty."""
+    if args.prompt_file is not None:
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise KVBenchError(f"cannot read --prompt-file {args.prompt_file}: {error.__class__.__name__}") from None
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise KVBenchError("the prompt is empty; give the context to compress with --prompt or --prompt-file")
+    return text
