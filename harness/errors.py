@@ -13,6 +13,12 @@ class BudgetError(KVBenchError, ValueError):
     """A budget outside (0, 1], or one a method cannot reach for this context."""
 
 
+class Unsupported(BudgetError):
+    """A cell kvbench cannot run as asked on this model and context (a method that cannot read this architecture,
+    a sliding window that no longer covers what a method kept): refused like an unreachable budget, so a sweep
+    records it with its one-line reason and goes on."""
+
+
 def check_budget(budget: float) -> float:
     """Budgets are fractions of the full cache's context bytes, so only (0, 1] means anything."""
     try:

@@ -32,6 +32,7 @@ import torch
 
 from kvbench.harness.cache.kv_cache import KVBenchCache
 from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.engine import windows
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
 from kvbench.harness.method_spec import configured_options, method_config, method_label, parse_method_spec
@@ -153,8 +154,13 @@ class Method(Calibration, DecodeTime, OwnPrefill, ABC):
             raise KVBenchError(f"{self.name}: {error}; its options (defaults): {_defaults(type(base))}") from None
 
     def compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
-        """What the harness calls: `_compress` after the budget is checked to lie in (0, 1]."""
-        return self._compress(observation, check_budget(budget))
+        """What the harness calls: `_compress` after the budget is checked to lie in (0, 1]. On a model with
+        sliding-window layers shorter than the context, those keep their windows and `_compress` gets the budget
+        left for the other layers (`kvbench.harness.engine.windows`)."""
+        budget = check_budget(budget)
+        windows.refuse_what_windows_break(self, observation)
+        rest = windows.budget_for_the_rest(observation, budget, self.label) if self.uses_budget else budget
+        return windows.with_windows(observation, self._compress(observation, rest))
 
     @property
     def label(self) -> str:

@@ -105,18 +105,20 @@ class DynamicKV(Method):
         n, window = observation.context_length, self.config.window
         per_layer_with_window = math.floor(budget * n)
         if per_layer_with_window >= n:
-            return [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values)]
+            return [TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values)]
         if per_layer_with_window <= window:
             raise BudgetError(
                 f"dynamickv budget {budget:g} keeps {per_layer_with_window} tokens per head of {n}, not more than "
                 f"its {window}-token window; the lowest reachable budget is {lowest_budget(window + 1, n):g}"
             )
-        scores = [dynamickv_scores(observation, layer, self.config) for layer in range(observation.num_layers)]
+        layers = observation.compressed_layers()  # every layer, but for sliding windows that keep theirs
+        scores = [dynamickv_scores(observation, layer, self.config) for layer in layers]
         per_layer = per_layer_with_window - window
         # Only the caches after the last layer are written; the earlier states are the online algorithm's.
         *_, orders = progressive_orders(scores, per_layer, self.config.r_max, self.config.period)
         device = observation.keys[0].device
         recent = torch.arange(n - window, n, device=device).expand(observation.num_kv_heads, -1)
-        return [
-            gather_heads(observation, layer, torch.cat([order, recent], dim=-1)) for layer, order in enumerate(orders)
-        ]
+        prefixes: list[LayerPrefix | None] = [None] * observation.num_layers
+        for layer, order in zip(layers, orders, strict=True):
+            prefixes[layer] = gather_heads(observation, layer, torch.cat([order, recent], dim=-1))
+        return prefixes

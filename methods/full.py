@@ -23,4 +23,4 @@ class Full(Method):
     uses_budget = False
 
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
-        return [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values)]
+        return [TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values)]

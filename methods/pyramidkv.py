@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvbench.harness.cache.prefix import LayerPrefix
@@ -30,7 +31,7 @@ def pyramid_budgets(context_length: int, budget: float, num_layers: int, window:
         max_num = n - window
         min_num = 2 * (capacity - window) - max_num
     if not (n >= max_num >= min_num >= window) or num_layers == 1:
-        return [round(n * budget)] * num_layers
+        return [math.floor(n * budget)] * num_layers  # a ceiling: b·N rounded down
     step = (max_num - min_num) / (num_layers - 1)
     return [round(max_num - layer * step) for layer in range(num_layers)]
 
@@ -38,6 +39,7 @@ def pyramid_budgets(context_length: int, budget: float, num_layers: int, window:
 @register
 class PyramidKV(Method):
     name = "pyramidkv"
+    version = 2  # uniform budgets (one layer, or a pyramid that cannot be built) round down, as budgets must
     family = "token eviction"
     description = "SnapKV scores with linearly decreasing per-layer budgets (pyramid)"
     Config = PyramidKVConfig
@@ -47,7 +49,9 @@ class PyramidKV(Method):
 
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
         snap = SnapKVConfig(self.config.window, self.config.kernel, self.config.pooling)
-        budgets = pyramid_budgets(
-            observation.context_length, budget, observation.num_layers, self.config.window, self.config.beta
-        )
-        return [snapkv_layer(observation, layer, snap, max(n, 1)) for layer, n in enumerate(budgets)]
+        layers = observation.compressed_layers()  # every layer, but for sliding windows that keep theirs
+        budgets = pyramid_budgets(observation.context_length, budget, len(layers), self.config.window, self.config.beta)
+        prefixes: list[LayerPrefix | None] = [None] * observation.num_layers
+        for layer, n in zip(layers, budgets, strict=True):
+            prefixes[layer] = snapkv_layer(observation, layer, snap, max(n, 1))
+        return prefixes

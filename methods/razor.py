@@ -95,7 +95,7 @@ def razor_layer(
     """
     keys, values = observation.keys[layer], observation.values[layer]
     if bool(retrieval.all()):
-        return TokenPrefix(keys, values)
+        return TokenPrefix(keys, values, first_position=0)
     n, sinks = observation.context_length, config.n_sink
     window = n_kept - sinks - 1
     dropped = n - window - sinks
@@ -171,7 +171,7 @@ class Razor(Method):
     def _compress(self, observation: Observation, budget: float) -> list[LayerPrefix]:
         retrieval = self._retrieval_for(observation)
         if budget >= 1.0:
-            return [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values)]
+            return [TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values)]
         n_kept = self._tokens_per_head(observation, retrieval, budget)
         return [
             razor_layer(observation, layer, retrieval[layer], n_kept, self.config) for layer in range(len(retrieval))

@@ -242,7 +242,7 @@ class UNComp(Method):
         evicting: dict[int, list[bool]] = {}
         for layer, caps in enumerate(capacities):
             if min(caps) >= n:
-                prefixes.append(TokenPrefix(observation.keys[layer], observation.values[layer]))
+                prefixes.append(TokenPrefix(observation.keys[layer], observation.values[layer], first_position=0))
                 continue
             scores = snapkv_prefix_scores(observation, layer, window, self.config.kernel, "max")
             device = scores.device

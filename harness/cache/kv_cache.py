@@ -49,6 +49,13 @@ class CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.prefix_length + self.tail_length
 
+    @property
+    def first_position(self) -> int | None:
+        """The original position of the prefix's first entry when its entries are a contiguous run of positions
+        (the whole context, a sliding window's last tokens); None when the representation does not say which
+        positions it kept. A sliding window is measured on these positions."""
+        return getattr(self.prefix, "first_position", None) if self.prefix is not None else None
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -102,6 +109,8 @@ class KVBenchCache(Cache):
         self.context_length = context_length
         # Set by the prefill engine: collects the observations the methods declared while attention runs.
         self.recorder = None
+        # What each layer's attention applies (scaling, window, cap, sinks), as its module last asked for it.
+        self.attention: list = [None] * num_layers
         # What a method keeps for this sequence between decode steps (positions, merge counts, query logs, score
         # accumulators): it lives here, with the sequence, so that `kv_bytes` measures it (DESIGN §3).
         self.method_state = method_state if method_state is not None else getattr(prefixes, "decode_state", None)

@@ -46,6 +46,8 @@ class LatentPrefix(LayerPrefix):
     method (the cache seam).
     """
 
+    first_position = 0  # every context token, in order
+
     def __init__(
         self,
         key_latents: torch.Tensor,

@@ -46,6 +46,10 @@ class Prefixes(list):
 class LayerPrefix(ABC):
     """The compressed context of one layer, in a method's own representation."""
 
+    # The original position of the first entry when the entries are a contiguous run of context positions (every
+    # token from 0, a sliding window's last tokens); None when the representation does not record positions.
+    first_position: int | None = None
+
     @property
     @abstractmethod
     def num_heads(self) -> int: ...
@@ -75,7 +79,9 @@ class TokenPrefix(LayerPrefix):
     `bias` is an additive logit bias per stored token, e.g. ln(count) for a merged token.
     """
 
-    def __init__(self, keys: Heads, values: Heads, bias: Heads | None = None):
+    def __init__(self, keys: Heads, values: Heads, bias: Heads | None = None, first_position: int | None = None):
+        if first_position is not None:
+            self.first_position = first_position
         if isinstance(keys, torch.Tensor):
             if values.shape[:2] != keys.shape[:2] or (bias is not None and bias.shape != keys.shape[:2]):
                 raise ValueError("keys, values and bias must keep the same tokens per head")
@@ -149,6 +155,8 @@ class LowRankPrefix(LayerPrefix):
     head whose basis is None keeps its raw [n, d] channels and no basis. Attention uses
     K ≈ (K·B_k)·B_kᵀ, exact when the bases span the head's key/value space (full rank).
     """
+
+    first_position = 0  # every context token, in order
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_basis: Bases, value_basis: Bases):
         self.key_codes, self.key_basis = _project(keys, key_basis)

@@ -111,6 +111,8 @@ class QuantizedPrefix(LayerPrefix):
     every method (the cache seam), so this prefix covers the context only.
     """
 
+    first_position = 0  # every context token, in order
+
     def __init__(
         self,
         keys: torch.Tensor,

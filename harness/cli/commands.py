@@ -570,7 +570,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvbench: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - anything else is a bug: one line for the user, the rest on disk
+        print(f"kvbench: error: {_unexpected(error)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
+
+
+def _unexpected(error: Exception) -> str:
+    """One line for an exception kvbench did not expect, with the file its full traceback went to."""
+    import tempfile
+    import traceback
+
+    handle, path = tempfile.mkstemp(prefix="kvbench-traceback-", suffix=".txt")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(" ".join(sys.argv) + "\n\n")
+        traceback.print_exception(error, file=stream)
+    message = " ".join(str(error).split())[:300]
+    return f"unexpected {type(error).__name__}: {message} (a kvbench bug: please report it with {path})"
 
 
 if __name__ == "__main__":

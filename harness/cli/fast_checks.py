@@ -169,9 +169,11 @@ def check_writable(directory: str) -> None:
 
 
 def check_model(model: str) -> int | None:
-    """That the model exists, and its maximum length, from its config alone (see `models.model_max_length`)."""
-    from kvbench.harness.models.loading import model_max_length
+    """That the model exists and kvbench can serve it, and its maximum length, from its config alone (see
+    `models.loading.model_max_length`)."""
+    from kvbench.harness.models.loading import check_model_supported, model_max_length
 
+    check_model_supported(model)
     return model_max_length(model)
 
 

@@ -14,7 +14,8 @@ from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_deco
 from kvbench.harness.engine.decode import Generation, greedy_decode
 from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefill
-from kvbench.harness.errors import BudgetError
+from kvbench.harness.errors import BudgetError, Unsupported
+from kvbench.harness.models.families import kept_positions
 from kvbench.harness.models.loading import LoadedModel, head_dim
 from kvbench.methods.base import Method
 
@@ -79,8 +80,10 @@ def observe(
 
 
 def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
-    """Bytes of an uncompressed K and V cache for `context_length` tokens: the budget's denominator."""
-    elements = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * context_length
+    """Bytes of an uncompressed K and V cache for `context_length` tokens as a plain transformers cache holds it
+    (sliding-window layers at their window): the budget's denominator."""
+    positions = sum(kept_positions(config, context_length))
+    elements = 2 * config.num_key_value_heads * head_dim(config) * positions
     return elements * torch.empty((), dtype=dtype).element_size()
 
 
@@ -123,6 +126,10 @@ def compress_context(
     seed: int = 0,
 ) -> CompressedContext:
     if method.prefills_itself(loaded.model.config, len(context_ids), budget):
+        if min(kept_positions(loaded.model.config, len(context_ids))) < len(context_ids):
+            raise Unsupported(
+                f"{method.label} compresses while it prefills and cannot keep this model's sliding windows yet"
+            )
         # The method prunes while it prefills: its compression time is inside its prefill.
         reset_peak_memory(loaded.device)
         with timed(loaded.device) as watch:

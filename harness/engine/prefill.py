@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbench.harness.cache.attention import kvbench_attention_enabled
+from kvbench.harness.cache.attention import LayerAttention, kvbench_attention_enabled
 from kvbench.harness.cache.kv_cache import KVBenchCache, cache_argument
+from kvbench.harness.errors import KVBenchError
+from kvbench.harness.models.families import check_supported, kept_positions
 
 # Query rows per chunk when accumulating attention column sums, so the N×N matrix is never materialised.
 _COLUMN_SUM_CHUNK = 256
@@ -63,6 +65,11 @@ class Observation:
     hidden_states: list[torch.Tensor] | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
     seed: int = 0
+    # What each layer's attention applied (`LayerAttention`: scaling, window, cap, sinks), as the model asked.
+    attention: list[LayerAttention] | None = None
+    # Context positions a plain transformers cache holds per layer (sliding windows hold their last W − 1);
+    # None: every layer holds the whole context.
+    kept_positions: list[int] | None = None
     # Results of deterministic functions of this observation, memoized so that the cells sharing one prefill
     # compute them once (SnapKV's window scores at every budget); see `memoized`.
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -89,30 +96,55 @@ class Observation:
     def head_dim(self) -> int:
         return int(self.keys[0].shape[-1])
 
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes a plain transformers cache holds for this layer's context (a sliding window's last W − 1)."""
+        keys, values = self.keys[layer], self.values[layer]
+        kept = self.kept_positions[layer] if self.kept_positions is not None else self.context_length
+        return kept * (keys[:, 0].numel() * keys.element_size() + values[:, 0].numel() * values.element_size())
+
     def kv_bytes_full(self) -> int:
-        """Bytes of the uncompressed context cache in the observed dtype: the budget's denominator."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
+        """Bytes of the uncompressed context cache in the observed dtype, as a plain transformers cache holds it
+        (sliding-window layers at their window): the budget's denominator."""
+        return sum(self.layer_bytes(layer) for layer in range(self.num_layers))
+
+    def compressed_layers(self) -> list[int]:
+        """The layers a method compresses: every layer but the sliding-window ones that keep their window (the
+        harness fills those in). Methods that share a budget across layers share it across these."""
+        windowed = self.windowed_layers()
+        return [layer for layer in range(self.num_layers) if layer not in windowed]
+
+    def windowed_layers(self) -> dict[int, int]:
+        """The layers whose sliding window holds fewer positions than the context, with how many it holds."""
+        if self.kept_positions is None:
+            return {}
+        n = self.context_length
+        return {layer: kept for layer, kept in enumerate(self.kept_positions) if kept < n}
 
 
 class Recorder:
-    """Collects the declared observations from inside the attention function during the prefill."""
+    """Collects the declared observations from inside the attention function during the prefill. `attention` is
+    the cache's list of what each layer's attention applies, filled in by the attention function before it
+    calls `observe`."""
 
-    def __init__(self, needs: ObservationNeeds, num_layers: int):
+    def __init__(self, needs: ObservationNeeds, num_layers: int, attention: list | None = None):
         self.needs = needs
         self.window_queries: list[torch.Tensor | None] = [None] * num_layers
         self.column_sums: list[torch.Tensor | None] = [None] * num_layers
         self.scaling: float | None = None
+        self.attention = attention
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         self.scaling = scaling
         if self.needs.window:
             self.window_queries[layer_idx] = query[0, :, -self.needs.window :, :].clone()
         if self.needs.column_sums:
-            self.column_sums[layer_idx] = _column_sums(query[0], key[0], scaling)
+            layer = self.attention[layer_idx] if self.attention is not None else None
+            self.column_sums[layer_idx] = _column_sums(query[0], key[0], layer or LayerAttention(scaling))
 
 
-def _column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Σ_i softmax(q_i Kᵀ)_j over causal rows, per query head, computed in chunks of rows: [H_q, N] fp32."""
+def _column_sums(query: torch.Tensor, key: torch.Tensor, attention: LayerAttention) -> torch.Tensor:
+    """Σ_i p_ij over the rows i of the model's own attention (causal, windowed, capped, with its sinks), per query
+    head, computed in chunks of rows so the N×N matrix is never materialised: [H_q, N] fp32."""
     h_q, n, dim = query.shape
     h_kv = key.shape[0]
     group = h_q // h_kv
@@ -121,11 +153,30 @@ def _column_sums(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torc
     cols = torch.arange(n, device=query.device)
     for start in range(0, n, _COLUMN_SUM_CHUNK):
         stop = min(start + _COLUMN_SUM_CHUNK, n)
-        logits = torch.einsum("hgid,hjd->hgij", q[:, :, start:stop].float(), key.float()) * scaling
+        logits = attention.cap(
+            torch.einsum("hgid,hjd->hgij", q[:, :, start:stop].float(), key.float()) * attention.scaling
+        )
         rows = torch.arange(start, stop, device=query.device)
-        logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        sums += torch.softmax(logits, dim=-1).sum(dim=2)
+        hidden = cols[None, :] > rows[:, None]
+        if attention.window is not None:
+            hidden |= cols[None, :] <= rows[:, None] - attention.window
+        logits = logits.masked_fill(hidden, float("-inf"))
+        sinks = None
+        if attention.sinks is not None:
+            sinks = attention.sinks.float().reshape(h_kv, group, 1).expand(h_kv, group, stop - start)
+        sums += attention.probabilities(logits, sinks).sum(dim=2)
     return sums.reshape(h_q, n)
+
+
+def _check_every_layer_attended(model: torch.nn.Module, cache: KVBenchCache) -> None:
+    """A layer whose attention bypassed transformers' AttentionInterface never reached kvbench's attention: its
+    cache would silently be the model's own computation, not kvbench's."""
+    missed = [layer for layer, attention in enumerate(cache.attention) if attention is None]
+    if missed:
+        raise KVBenchError(
+            f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface (layers "
+            f"{', '.join(map(str, missed[:5]))}{'...' if len(missed) > 5 else ''}); kvbench cannot serve it exactly"
+        )
 
 
 def context_forward(model: torch.nn.Module, ids: torch.Tensor, cache: KVBenchCache, output_hidden_states=False):
@@ -153,10 +204,12 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
         raise ValueError("cannot prefill an empty context")
     if needs.window > n:
         needs = ObservationNeeds(n, needs.column_sums, needs.hidden_states, needs.own_prefill)
+    check_supported(type(model).__name__, model.config)
     num_layers = model.config.num_hidden_layers
     cache = KVBenchCache(num_layers)
-    cache.recorder = Recorder(needs, num_layers)
+    cache.recorder = Recorder(needs, num_layers, cache.attention)
     out = context_forward(model, ids, cache, output_hidden_states=needs.hidden_states)
+    _check_every_layer_attended(model, cache)
     return Observation(
         input_ids=ids[0],
         keys=[layer.keys[0] for layer in cache.layers],
@@ -167,6 +220,8 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor | list[int], needs: 
         column_sums=cache.recorder.column_sums if needs.column_sums else None,
         hidden_states=[h[0] for h in out.hidden_states[:num_layers]] if needs.hidden_states else None,
         model=model,
+        attention=list(cache.attention),
+        kept_positions=kept_positions(model.config, n),
     )
 
 
@@ -209,6 +264,7 @@ def _stream(
     n = ids.shape[1]
     if n == 0:
         raise ValueError("cannot prefill an empty context")
+    check_supported(type(model).__name__, model.config)
     num_layers = model.config.num_hidden_layers
     cache = KVBenchCache(num_layers)
     logits = []

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from kvbench.harness.errors import KVBenchError, UnknownNameError
 from kvbench.harness.models import DEVICES, DTYPE_NAMES
+from kvbench.harness.models.families import check_supported
 
 if TYPE_CHECKING:  # torch is imported where a model is loaded, so that config-only checks stay fast
     import torch
@@ -213,6 +214,24 @@ def _hub_config(name: str) -> dict | None:
     return None
 
 
+def model_config(name: str) -> dict | None:
+    """The model's config.json as a dict (a local directory, or a hub id's cached copy), read without torch or
+    weights; None for a GGUF file or a hub id that only loading can tell. Unknown names raise as `load_model`
+    would."""
+    location, gguf_file = _locate(name)
+    if gguf_file:
+        return None
+    if Path(location).is_dir():
+        config_path = Path(location) / "config.json"
+        if not config_path.is_file():
+            raise _unknown_model(name, f"no config.json in {location}")
+        try:
+            return json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return _hub_config(location)
+
+
 def model_max_length(name: str) -> int | None:
     """The model's maximum length in tokens from its config alone (a GGUF header or config.json; no torch,
     no weights), so that a length beyond it is refused before the model loads. None when only loading the
@@ -223,16 +242,15 @@ def model_max_length(name: str) -> int | None:
             return gguf_context_length(os.path.join(location, gguf_file))
         except (OSError, ValueError, struct.error):
             return None
-    config_path = Path(location) / "config.json"
-    if Path(location).is_dir():
-        if not config_path.is_file():
-            raise _unknown_model(name, f"no config.json in {location}")
-        try:
-            return _config_max_length(json.loads(config_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            return None
-    config = _hub_config(location)
+    config = model_config(name)
     return _config_max_length(config) if config is not None else None
+
+
+def check_model_supported(name: str) -> None:
+    """Refuse, in one line and before any weight is read, a model kvbench cannot serve exactly (from its config)."""
+    config = model_config(name)
+    if config is not None:
+        check_supported(name, config)
 
 
 def _unknown_model(name: str, reason: str) -> UnknownNameError:
@@ -244,11 +262,9 @@ def _unknown_model(name: str, reason: str) -> UnknownNameError:
 
 
 def _check_supported(name: str, model: torch.nn.Module) -> None:
-    layer_types = getattr(model.config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise KVBenchError(
-            f"model {name} has sliding-window or linear attention layers; kvbench supports full attention only"
-        )
+    """What the config could not tell before loading (a hub id that was not cached), and whether the model's
+    attention goes through transformers' AttentionInterface at all."""
+    check_supported(name, model.config)
     if not getattr(model, "_can_set_attn_implementation", lambda: True)():
         raise KVBenchError(
             f"model {name} does not use transformers' AttentionInterface, so kvbench cannot attach its cache"
@@ -298,6 +314,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     location, gguf_file = _locate(name)
+    check_model_supported(name)
     try:
         if gguf_file:
             tokenizer, model = _load_gguf(location, gguf_file, torch_dtype)

@@ -312,7 +312,9 @@ class Lightweight(Method):
         n = observation.context_length
         n_kept = tokens_for_budget(n, budget)
         if n_kept >= n:  # b = 1: the full cache, nothing evicted while decoding either
-            return Prefixes([TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values, strict=True)])
+            return Prefixes(
+                [TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values, strict=True)]
+            )
         scorer = self._ready(observation)
         config = self.config
         prefixes, attns, positions, statics = [], [], [], []

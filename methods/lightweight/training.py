@@ -305,7 +305,9 @@ def self_distilled(model: torch.nn.Module, tokenizer, config, flags) -> tuple[li
     features = config.feature_names
     for context_ids, question_ids, record in progress(prompts(tokenizer, config), desc="kvbench: answer (full cache)"):
         observation = prefill(model, context_ids, needs_for(features))
-        prefixes = [TokenPrefix(k, v) for k, v in zip(observation.keys, observation.values, strict=True)]
+        prefixes = [
+            TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values, strict=True)
+        ]
         cache = KVBenchCache(observation.num_layers, prefixes, observation.context_length)
         answer = greedy_decode(model, cache, question_ids, config.response_tokens, eos, tokenizer=tokenizer)
         examples.append(Example(context_ids, question_ids, answer.token_ids, {**record, "response": answer.text}))
