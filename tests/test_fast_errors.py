@@ -11,6 +11,7 @@ import pytest
 from kvbench.harness.cli import fast_checks
 from kvbench.harness.cli.commands import main
 from kvbench.harness.errors import KVBenchError
+from kvbench.harness.method_spec import allowed_values
 from kvbench.harness.models.loading import gguf_context_length, model_max_length
 
 RUN = ["run", "--methods", "full", "--budgets", "0.5", "--tasks", "niah_single_1", "--lengths", "64"]
@@ -37,6 +38,10 @@ def bad_inputs(model_dir: str, scratch: Path) -> list[tuple[list[str], str]]:
         (_set(run, "--lengths", "4096"), f"length 4096 exceeds {model_dir}'s maximum of 2048 tokens"),
         (_set(run, "--methods", "no_such_method"), "unknown method 'no_such_method'"),
         (_set(run, "--methods", "snapkv:windw=8"), "snapkv has no option 'windw'"),
+        (_set(run, "--methods", "snapkv:window=abc"), "snapkv: option window=abc is not an integer; window must be"),
+        (_set(run, "--methods", "snapkv:window=-3"), "snapkv: option window=-3 is out of range; window must be an"),
+        (_set(run, "--methods", "expected_attention:epsilon=nan"), "option epsilon=nan is out of range"),
+        (_set(run, "--methods", "adakv:base_options=kernel=4"), "adakv: base snapkv: option kernel=4 is out of range"),
         (run + ["--out", str(blocker / "run")], "cannot write to output directory"),
         (run + ["--dtype", "int8"], "unknown dtype 'int8'"),
         (_set(GENERATE, "--prompt", "   "), "the prompt is empty"),
@@ -86,9 +91,27 @@ def test_a_bad_budget_is_reported_without_loading_the_model(monkeypatch, capsys,
     monkeypatch.setattr("kvbench.harness.models.loading.load_model", no_load)
     monkeypatch.setattr(kvbench.harness.runner.sweep, "load_model", no_load)
     out = ["--model", tiny_model_dir, "--out", str(tmp_path / "run")]
-    for argv in (_set(RUN, "--budgets", "2"), _set(RUN, "--lengths", "5000"), _set(RUN, "--tasks", "nope")):
+    for argv in (
+        _set(RUN, "--budgets", "2"),
+        _set(RUN, "--lengths", "5000"),
+        _set(RUN, "--tasks", "nope"),
+        _set(RUN, "--methods", "snapkv:window=-3"),
+        _set(RUN, "--methods", "dynamickv:r_max=nan"),
+        _set(RUN, "--methods", "snapkv:window=abc"),
+    ):
         assert main(argv + out) == 2
-        assert capsys.readouterr().err.startswith("kvbench: error: ")
+        err = capsys.readouterr().err
+        assert err.startswith("kvbench: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before --out was created, too
+
+
+def test_an_out_of_range_option_needs_no_torch_and_no_sample(tmp_path):
+    """The child cannot import torch or a method module: the refusal comes from the source index alone."""
+    argv = [*_set(RUN, "--methods", "full,zack:r_min=-3"), "--out", str(tmp_path / "run")]
+    script = BLOCKED + f"from kvbench.harness.cli.commands import main\nsys.exit(main({argv!r}))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("kvbench: error: zack: option r_min=-3 is out of range; r_min must be an integer >= 1\n")
 
 
 def test_the_source_index_matches_the_registry():
@@ -100,13 +123,36 @@ def test_the_source_index_matches_the_registry():
     for name, cls in REGISTRY.items():
         if index[name].options is None:  # a Config from another module: option names are left to the registry
             continue
-        assert [option for option, _ in index[name].options] == [f.name for f in dataclasses.fields(cls.Config)]
+        fields = dataclasses.fields(cls.Config)
+        assert [option.name for option in index[name].options] == [f.name for f in fields]
+        # Defaults and declared values as the registry has them: the early checks read the same declarations.
+        defaults = cls.Config()
+        for option, field in zip(index[name].options, fields):
+            assert option.default == getattr(defaults, field.name), (name, field.name)
+            assert type(option.default) is type(getattr(defaults, field.name)), (name, field.name)
+            assert option.allowed == allowed_values(field), (name, field.name)
         # The early message for an unknown option is the registry's own, defaults included.
         with pytest.raises(KVBenchError) as late:
             get_method(f"{name}:no_such_option=1")
         with pytest.raises(KVBenchError) as early:
             fast_checks.check_method(f"{name}:no_such_option=1")
         assert str(early.value) == str(late.value)
+        # And for values (tests/test_option_ranges.py goes through every field): the same line, early and late.
+        for field in fields:
+            for text in ("-3", "abc"):
+                spec = f"{name}:{field.name}={text}"
+                try:
+                    get_method(spec)
+                    late_message = None
+                except KVBenchError as error:
+                    late_message = str(error)
+                try:
+                    fast_checks.check_method(spec)
+                    early_message = None
+                except KVBenchError as error:
+                    early_message = str(error)
+                if early_message is not None:
+                    assert early_message == late_message, spec
 
 
 def test_max_length_comes_from_the_config_alone(config_only_model, tiny_model_dir):
