@@ -1,5 +1,6 @@
 """Argument errors come before any slow work: no torch import, no model load, only the model's config."""
 
+import ast
 import dataclasses
 import json
 import subprocess
@@ -50,7 +51,7 @@ def bad_inputs(model_dir: str, scratch: Path) -> list[tuple[list[str], str]]:
         (lm_eval + ["--device", "tpu"], "unknown device 'tpu'"),
         (lm_eval + ["--limit", "0"], "--limit 0 must be at least 1"),
         (["report", str(scratch / "no-such-run")], "no run.json in"),
-    ]
+    ] + ([(run + ["--device", "cuda"], "--device cuda was asked for but")] if fast_checks.cuda_absence() else [])
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +206,60 @@ def test_the_errors_benchmark_runs_its_cases(monkeypatch, capsys):
     assert finished.value.code == 0
     out = capsys.readouterr().out
     assert "report: missing run dir" in out and "kvbench: error: no run.json" in out
+
+
+def test_cuda_absence_is_read_from_the_environment_and_files(monkeypatch):
+    cuda_build = {"__version__": "2.5.0+cu121", "cuda": "12.1", "hip": None}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(fast_checks.sys, "platform", "linux")
+    monkeypatch.setattr(fast_checks, "_torch_build", lambda: cuda_build)
+    monkeypatch.setattr(fast_checks, "_nvidia_driver_loaded", lambda: False)
+    assert fast_checks.cuda_absence() == "no NVIDIA driver is loaded (no /proc/driver/nvidia, no /dev/nvidia*)"
+    monkeypatch.setattr(fast_checks, "_nvidia_driver_loaded", lambda: True)
+    assert fast_checks.cuda_absence() is None  # a driver: only torch can tell
+    for hidden in ("", "-1", "-1,0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert "hides every GPU" in fast_checks.cuda_absence()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert fast_checks.cuda_absence() is None
+    monkeypatch.setattr(fast_checks, "_torch_build", lambda: {"__version__": "2.13.0+cpu", "cuda": None, "hip": None})
+    assert fast_checks.cuda_absence() == "this torch (2.13.0+cpu) is built without CUDA"
+    monkeypatch.setattr(fast_checks, "_torch_build", lambda: {"__version__": "2.5.0+rocm6", "cuda": None, "hip": "6.2"})
+    monkeypatch.setattr(fast_checks, "_nvidia_driver_loaded", lambda: False)
+    assert fast_checks.cuda_absence() is None  # ROCm serves torch.cuda without an NVIDIA driver: torch decides
+    monkeypatch.setattr(fast_checks, "_torch_build", lambda: None)
+    assert fast_checks.cuda_absence() is None
+
+
+def test_the_torch_build_is_read_without_importing_torch():
+    script = BLOCKED + "from kvbench.harness.cli import fast_checks\nprint(repr(fast_checks._torch_build()))\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    import torch
+
+    assert ast.literal_eval(done.stdout) == {
+        "__version__": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": torch.version.hip,
+    }
+
+
+def test_cuda_the_files_cannot_rule_out_is_asked_of_torch_before_the_model_loads(
+    monkeypatch, capsys, tiny_model_dir, tmp_path
+):
+    import torch
+
+    import kvbench.harness.runner.sweep
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before CUDA was checked")
+
+    monkeypatch.setattr(kvbench.harness.runner.sweep, "load_model", no_load)
+    monkeypatch.setattr(fast_checks, "cuda_absence", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    assert main(RUN + ["--device", "cuda", "--model", tiny_model_dir, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "kvbench: error: --device cuda was asked for but no CUDA device is available; use --device cpu\n"
+    )
+    assert not out.exists()  # refused before --out was created
+    fast_checks.check_cuda_with_torch("cpu")  # nothing to ask

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.machinery
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -261,11 +263,75 @@ def _check_base_options(
 
 
 def check_device_and_dtype(device: str, dtype: str) -> None:
-    """Only the names: whether CUDA is present needs torch and is checked when the model loads."""
+    """The names, and for `--device cuda` whether CUDA can be there at all, from files (`cuda_absence`)."""
     if device not in DEVICES:
         raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPE_NAMES)}")
+    if device == "cuda":
+        absent = cuda_absence()
+        if absent is not None:
+            raise KVBenchError(f"--device cuda was asked for but {absent}; use --device cpu")
+
+
+def cuda_absence() -> str | None:
+    """Why CUDA surely is unavailable, from the environment and a few files, without importing torch (seconds);
+    None where they cannot tell, which `check_cuda_with_torch` then asks torch. Sure means: every GPU hidden by
+    CUDA_VISIBLE_DEVICES, a torch built without CUDA or ROCm (its version.py, read as text), or, on Linux, a
+    CUDA build with no NVIDIA driver loaded (no /proc/driver/nvidia, no /dev/nvidia*, no WSL /dev/dxg)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    build = _torch_build()
+    if build is None:
+        return None
+    if build.get("cuda") is None and build.get("hip") is None:
+        return f"this torch ({build.get('__version__', 'unknown version')}) is built without CUDA"
+    if build.get("hip") is None and sys.platform.startswith("linux") and not _nvidia_driver_loaded():
+        return "no NVIDIA driver is loaded (no /proc/driver/nvidia, no /dev/nvidia*)"
+    return None
+
+
+def _torch_build() -> dict[str, Any] | None:
+    """`__version__`, `cuda` and `hip` of the installed torch's version.py, or None where it cannot be read."""
+    spec = importlib.machinery.PathFinder.find_spec("torch")  # on sys.path, without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse(Path(next(iter(spec.submodule_search_locations)), "version.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    found: dict[str, Any] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target, value = statement.targets[0], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target, value = statement.target, statement.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("__version__", "cuda", "hip"):
+            try:
+                found[target.id] = ast.literal_eval(value)
+            except ValueError:
+                return None
+    return found if {"cuda", "hip"} <= found.keys() else None
+
+
+def _nvidia_driver_loaded() -> bool:
+    if Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists():
+        return True
+    return any(Path("/dev").glob("nvidia*"))
+
+
+def check_cuda_with_torch(device: str) -> None:
+    """For `--device cuda` where the files could not tell (`cuda_absence`): torch itself, still before any model
+    load or sample (the same line `resolve_device` would say after it)."""
+    if device != "cuda" or cuda_absence() is not None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KVBenchError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
 def check_at_least(value: int | None, flag: str, least: int) -> None:
@@ -324,9 +390,12 @@ def absent_lm_eval_tasks(names: list[str], include_paths: list[str]) -> list[str
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Everything the arguments of one command can tell, cheapest first: the model's config and --out come last."""
+    """Everything the arguments of one command can tell, cheapest first: the model's config, then CUDA where only
+    torch can tell, and last the directories to write (checking them creates them)."""
     command = args.command
-    if command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train"):
+    writes: list[str] = []
+    loads_model = command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train")
+    if loads_model:
         check_device_and_dtype(args.device, args.dtype)
     if command in ("run", "lm-eval"):
         for method in split_list(args.methods, "methods"):
@@ -357,7 +426,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         maximum = check_model(args.model)
         if maximum is not None and max(lengths) > maximum:
             raise KVBenchError(f"length {max(lengths)} exceeds {args.model}'s maximum of {maximum} tokens")
-        check_writable(args.out)  # last: it creates the directory
+        writes.append(args.out)
     if command == "lm-eval":
         check_at_least(args.limit, "--limit", 1)
         check_at_least(args.question_tokens, "--question-tokens", 0)
@@ -371,19 +440,23 @@ def check_arguments(args: argparse.Namespace) -> None:
                 "(kvbench export-lm-eval writes kvbench's tasks there)"
             )
         check_model(args.model)
-        check_writable(args.out)
+        writes.append(args.out)
     if command == "generate" and args.save_cache is not None:
-        check_writable(str(Path(args.save_cache).resolve().parent))  # last: it creates the directory
+        writes.append(str(Path(args.save_cache).resolve().parent))
     if command in ("calibrate", "train"):
         check_model(args.model)
     if command == "train":
         # --out is a checkpoint file (learned methods) or a model directory (attention_clustering): its parent
         # must be writable either way; the command itself creates the rest.
-        check_writable(str(Path(args.out).resolve().parent))
+        writes.append(str(Path(args.out).resolve().parent))
     if command == "report":
         run_dir = Path(args.run_dir)
         if not (run_dir / "run.json").is_file():
             raise KVBenchError(f"no run.json in {run_dir}; pass a run directory written by `kvbench run`")
+    if loads_model:
+        check_cuda_with_torch(args.device)
+    for directory in writes:
+        check_writable(directory)
 
 
 def check_generate_sources(args: argparse.Namespace) -> None:
