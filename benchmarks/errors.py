@@ -3,7 +3,9 @@
 
 Every case must end with exit code 2 and one line on stderr. With --baseline DIR (a checkout of an earlier
 commit, e.g. `git worktree add /tmp/kvbench-before HEAD~1`) each case runs against that checkout too, in the
-same run, and the table shows before, after and their ratio. Not a test: timings depend on the machine.
+same run, and the table shows before, after and their ratio. Cases added after an input became an error (method
+option values, `--device cuda`) may give no one-line error on an older checkout (a traceback, or a finished run):
+their before is n/a, with what the baseline did, after one try. Not a test: timings depend on the machine.
 
     python benchmarks/errors.py [--baseline /tmp/kvbench-before] [--repeats 1] [--only NAME]
 """
@@ -26,6 +28,12 @@ GENERATE = ["generate", "--method", "full", "--budget", "0.5", "--prompt", "some
 LM_EVAL = ["lm-eval", "--methods", "full", "--budgets", "0.5", "--tasks", "arc_easy"]
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a GPU (the `--device cuda` case is then no error), asked in a child process."""
+    check = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
+
+
 def cases(scratch: Path) -> list[tuple[str, list[str]]]:
     """(name, kvbench arguments) per bad input; each is a valid command but for one argument."""
     out = ["--out", str(scratch / "run"), "--no-report"]
@@ -44,6 +52,24 @@ def cases(scratch: Path) -> list[tuple[str, list[str]]]:
         ("lm-eval: unknown task", _set(LM_EVAL, "--tasks", "no_such_lm_eval_task") + out),
         ("lm-eval: bad device", LM_EVAL + ["--device", "tpu"] + out),
         ("report: missing run dir", ["report", str(scratch / "no-such-run")]),
+        *[(name, argv + ["--samples", "1"]) for name, argv in value_cases(scratch)],
+    ]
+
+
+# Inputs an older checkout may not refuse at all (see the module's docstring): each has its own --out, since an
+# older checkout may run it to the end and leave a result store behind.
+NEW_CASES = ("run: option window=abc", "run: option window=-3", "run: option epsilon=nan", "run: --device cuda")
+
+
+def value_cases(scratch: Path) -> list[tuple[str, list[str]]]:
+    def out(tag: str) -> list[str]:
+        return ["--out", str(scratch / f"run-{tag}"), "--no-report"]
+
+    return [
+        ("run: option window=abc", _set(RUN, "--methods", "snapkv:window=abc") + out("abc")),
+        ("run: option window=-3", _set(RUN, "--methods", "snapkv:window=-3") + out("window")),
+        ("run: option epsilon=nan", _set(RUN, "--methods", "expected_attention:epsilon=nan") + out("nan")),
+        ("run: --device cuda", RUN + ["--device", "cuda"] + out("cuda")),  # skipped where CUDA is present
     ]
 
 
@@ -74,23 +100,31 @@ def cli_module(tree: Path) -> str:
     )
 
 
-def run_case(tree: Path, argv: list[str], scratch: Path) -> tuple[float, int, str]:
+def run_case(tree: Path, argv: list[str], scratch: Path, timeout: float | None = None) -> tuple[float, int, str]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, "-m", cli_module(tree), *argv]
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scratch)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=scratch, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return time.monotonic() - start, -1, f"still running after {timeout:g} s"
     seconds = time.monotonic() - start
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     return seconds, done.returncode, lines[-1] if lines else ""
 
 
-def measure(tree: Path, argv: list[str], scratch: Path, repeats: int) -> tuple[float, str]:
-    """Median seconds, and what the user saw: the error line, or why it is not a one-line error."""
+def measure(
+    tree: Path, argv: list[str], scratch: Path, repeats: int, timeout: float | None = None, once_unless_error=False
+) -> tuple[float, str]:
+    """Median seconds, and what the user saw: the error line, or why it is not a one-line error (after which
+    `once_unless_error` stops: an older checkout that runs the case to the end needs no second try)."""
     times, verdict = [], ""
     for _ in range(repeats):
-        seconds, code, last = run_case(tree, argv, scratch)
+        seconds, code, last = run_case(tree, argv, scratch, timeout)
         times.append(seconds)
         verdict = last if code == 2 and last.startswith("kvbench: error:") else f"exit {code}: {last[:100]}"
+        if once_unless_error and not verdict.startswith("kvbench: error:"):
+            break
     return statistics.median(times), verdict
 
 
@@ -99,6 +133,9 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="checkout of an earlier commit to time the same cases on")
     parser.add_argument("--repeats", type=int, default=1, help="runs per case (the median is shown)")
     parser.add_argument("--only", help="run only the cases whose name contains this text")
+    parser.add_argument(
+        "--baseline-timeout", type=float, default=600, help="seconds a baseline run of a new case may take"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvbench-errors-") as directory:
         scratch = Path(directory)
@@ -110,18 +147,29 @@ def main() -> int:
         print(header + ("  ratio" if baseline else "") + "  message (after)")
         slowest = 0.0
         for name, argv in selected:
+            if "--device" in argv and argv[argv.index("--device") + 1] == "cuda" and cuda_available():
+                print(f"{name:<{width}}  skipped: CUDA is present, so --device cuda is no error here", flush=True)
+                continue
             cells = []
+            before = None
+            note = ""
             if baseline is not None:
-                before, verdict_before = measure(baseline, argv, scratch, args.repeats)
-                if not verdict_before.startswith("kvbench: error:"):
+                new = name in NEW_CASES
+                timeout = args.baseline_timeout if new else None
+                seconds, verdict_before = measure(baseline, argv, scratch, args.repeats, timeout, new)
+                if verdict_before.startswith("kvbench: error:"):
+                    before = seconds
+                elif new:
+                    note = f"  [before, after {seconds:.0f} s: {verdict_before}]"
+                else:
                     raise SystemExit(f"{name}: the baseline checkout did not give a one-line error: {verdict_before}")
-                cells.append(f"{before:>9.2f}")
+                cells.append(f"{before:>9.2f}" if before is not None else f"{'n/a':>9}")
             after, verdict = measure(current, argv, scratch, args.repeats)
             slowest = max(slowest, after)
             cells.append(f"{after:>8.2f}")
             if baseline is not None:
-                cells.append(f"{before / after:>5.2f}x")
-            print(f"{name:<{width}}  " + "  ".join(cells) + f"  {verdict}", flush=True)
+                cells.append(f"{before / after:>5.2f}x" if before is not None else f"{'n/a':>6}")
+            print(f"{name:<{width}}  " + "  ".join(cells) + f"  {verdict}{note}", flush=True)
         print(f"slowest error after: {slowest:.2f} s ({len(selected)} cases, median of {args.repeats})")
     return 0
 

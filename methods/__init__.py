@@ -17,11 +17,12 @@ from types import ModuleType
 from kvbench.harness.cache.prefix import LayerPrefix, LowRankPrefix, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError
+from kvbench.harness.method_spec import OptionError, option
 from kvbench.harness.plugins import distribution_label, method_entry_points
 from kvbench.methods.base import REGISTRY, Calibration, DecodeTime, Method, OwnPrefill, get_method, register
 
-# What a method's module needs from kvbench (the Method API, what the prefill observed, what a layer keeps, the
-# refusal of a budget) comes from here, so a method writer imports one package.
+# What a method's module needs from kvbench (the Method API, the values its options admit, what the prefill
+# observed, what a layer keeps, the refusal of a budget) comes from here, so a method writer imports one package.
 __all__ = [
     "REGISTRY",
     "BudgetError",
@@ -32,6 +33,7 @@ __all__ = [
     "Method",
     "Observation",
     "ObservationNeeds",
+    "OptionError",
     "OwnPrefill",
     "TokenPrefix",
     "failed_plugins",
@@ -40,6 +42,7 @@ __all__ = [
     "load_all",
     "load_plugins",
     "method_origin",
+    "option",
     "register",
 ]
 

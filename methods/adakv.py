@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
-from kvbench.harness.errors import KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import adaptive_indices, gather_heads, tokens_for_budget
-from kvbench.methods.common.scorers import SCORERS, Scorer, canonical_options, get_scorer
+from kvbench.methods.common.scorers import Scorer, canonical_options, get_scorer
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,11 @@ class AdaKVConfig:
     per layer makes every head keep the same tokens, as tova alone does.
     """
 
-    base: str = "snapkv"
-    alpha_safeguard: float = 0.20
+    base: str = option("snapkv", choices=("snapkv", "h2o", "tova", "expected_attention", "knorm"))  # SCORERS
+    alpha_safeguard: float = option(0.20, at_least=0, at_most=1)
     base_options: str = ""
 
     def __post_init__(self) -> None:
-        if self.base not in SCORERS:
-            raise KVBenchError(f"adakv has no base {self.base!r}; valid bases: {', '.join(SCORERS)}")
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise KVBenchError(f"adakv's alpha_safeguard must lie in [0, 1], not {self.alpha_safeguard:g}")
         object.__setattr__(self, "base_options", canonical_options(self.base, self.base_options))
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
+from kvbench.harness.method_spec import option
 from kvbench.methods.adakv import adakv_layers
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import adaptive_head_indices
@@ -28,13 +29,10 @@ class AdaKVSnapKVConfig:
     Unlike kvpress, which masks evicted keys and saves no memory, heads are stored ragged.
     """
 
-    window: int = 64
-    kernel: int = 5
-    pooling: str = "avg"
-    alpha_safeguard: float = 0.20
-
-    def __post_init__(self) -> None:
-        SnapKVConfig(self.window, self.kernel, self.pooling)
+    window: int = option(64, at_least=1)
+    kernel: int = option(5, at_least=1, odd=True)
+    pooling: str = option("avg", choices=("avg", "max"))
+    alpha_safeguard: float = option(0.20, at_least=0, at_most=1)
 
 
 @register

@@ -2,7 +2,8 @@
 
 Every method writes two things, plus its `name`, `family` and `description`:
 
-    Config                 a frozen dataclass: the options (`NAME:option=value`), the paper's defaults, its arXiv id
+    Config                 a frozen dataclass: the options (`NAME:option=value`), the paper's defaults, its arXiv id;
+                           each numeric option declares the values it admits (`option(64, at_least=1)`)
     _compress(obs, b)      the prefill's observation -> one LayerPrefix per layer, at most b of the context's bytes
 
 Everything else is optional, grouped by what it is for. Each group is a mixin that `Method` already inherits,
@@ -35,7 +36,14 @@ from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine import windows
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
-from kvbench.harness.method_spec import configured_options, method_config, method_label, parse_method_spec
+from kvbench.harness.method_spec import (
+    OptionError,
+    check_values,
+    configured_options,
+    method_config,
+    method_label,
+    parse_method_spec,
+)
 
 
 class Calibration:
@@ -149,7 +157,12 @@ class Method(Calibration, DecodeTime, OwnPrefill, ABC):
                 f"{self.name} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields)) or 'none'}"
             )
         try:
+            # Every field against its declared values first (in field order), then the config's own checks of
+            # several fields together (its __post_init__).
+            check_values(type(base), {**{name: getattr(base, name) for name in fields}, **overrides})
             self.config = dataclasses.replace(base, **overrides)
+        except OptionError as error:
+            raise OptionError(f"{self.name}: {error}") from None
         except (TypeError, ValueError) as error:
             raise KVBenchError(f"{self.name}: {error}; its options (defaults): {_defaults(type(base))}") from None
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import gather_heads, group_mean, lowest_budget, window_attention
 
@@ -33,15 +34,11 @@ class DynamicKVConfig:
     observation, so the temporary r_max·(C − w) caches never exist and add nothing to the measured peak.
     """
 
-    window: int = 8
-    kernel: int = 7
-    pooling: str = "avg"
-    r_max: float = 10.0
-    period: int = 4
-
-    def __post_init__(self) -> None:
-        if self.pooling not in ("avg", "max"):
-            raise ValueError("pooling must be 'avg' or 'max'")
+    window: int = option(8, at_least=1)
+    kernel: int = option(7, at_least=1, odd=True)  # centred pooling: an even kernel would shift the scores by one
+    pooling: str = option("avg", choices=("avg", "max"))
+    r_max: float = option(10.0, at_least=1)  # a layer's temporary cache, in units of the mean budget
+    period: int = option(4, at_least=1)
 
 
 def dynamickv_scores(observation: Observation, layer: int, config: DynamicKVConfig) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
-from kvbench.harness.errors import KVBenchError, Unsupported
+from kvbench.harness.errors import Unsupported
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import keep_scored, tokens_for_budget
 
@@ -33,15 +34,11 @@ class ExpectedAttentionConfig:
     one line rather than scored from the wrong queries (`verified_rotation`).
     """
 
-    n_future_positions: int = 512
-    n_sink: int = 4
+    n_future_positions: int = option(512, at_least=1)
+    n_sink: int = option(4, at_least=0)
     use_covariance: bool = True
     use_vnorm: bool = True
-    epsilon: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.n_future_positions < 1 or self.n_sink < 0 or self.epsilon < 0:
-            raise KVBenchError("expected_attention needs n_future_positions ≥ 1, n_sink ≥ 0 and epsilon ≥ 0")
+    epsilon: float = option(0.0, at_least=0)
 
 
 # Post-RoPE queries of the context's last positions, recorded through the attention function: what the derived

@@ -10,7 +10,7 @@ import torch
 from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
-from kvbench.harness.errors import KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import decode_attention, gather_heads, group_mean, tokens_for_budget, top_indices
 from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
@@ -35,12 +35,8 @@ class H2OConfig:
     """
 
     normalize: bool = True
-    recent_ratio: float = 0.0
+    recent_ratio: float = option(0.0, at_least=0, at_most=1)
     decode_evict: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise KVBenchError(f"h2o's recent_ratio must lie in [0, 1], not {self.recent_ratio:g}")
 
 
 def h2o_scores(observation: Observation, layer: int, config: H2OConfig, n_kept: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.cache.quantized_prefix import BITS, QuantizedPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.method_spec import OptionError, option
 from kvbench.methods.base import Method, register
 
 # fp16 scale + fp16 minimum per group.
@@ -42,18 +43,18 @@ class KIVIConfig:
     paper's streaming residual; on answers of tens of tokens this differs from the paper by at most R tokens.
     """
 
-    key_bits: int = 0
-    value_bits: int = 0
-    group_size: int = 32
-    residual: int = 128
+    key_bits: int = option(0, choices=(0, 2, 4, 8))  # 0 or one of the quantized prefix's BITS
+    value_bits: int = option(0, choices=(0, 2, 4, 8))
+    group_size: int = option(32, at_least=1)
+    residual: int = option(128, at_least=0)
     fill_budget: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("key_bits", "value_bits"):
-            if getattr(self, name) not in (0, *BITS):
-                raise ValueError(f"{name} must be 0 (chosen by the budget) or one of {BITS}")
-        if self.group_size < 1 or self.residual < 0 or self.residual % self.group_size:
-            raise ValueError("group_size must be positive and residual a multiple of it")
+        if self.residual % self.group_size:
+            raise OptionError(
+                f"options residual={self.residual} and group_size={self.group_size} do not fit; residual must be a "
+                "multiple of group_size (keys are quantized in blocks of residual tokens, groups of group_size)"
+            )
 
 
 @dataclass(frozen=True)

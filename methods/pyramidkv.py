@@ -7,18 +7,23 @@ from dataclasses import dataclass
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.snapkv import SnapKVConfig, snapkv_layer
 
 
 @dataclass(frozen=True)
 class PyramidKVConfig:
-    """arXiv 2406.02069 with kvpress's budget rule: window 64, kernel 5 (average pooling), β = 20."""
+    """arXiv 2406.02069 with kvpress's budget rule: window 64, kernel 5 (average pooling), β = 20.
 
-    window: int = 64
-    kernel: int = 5
-    pooling: str = "avg"
-    beta: float = 20.0
+    β ≥ 1: the top layer keeps 1/β of what the bottom one does (β = 1 is uniform); below 1 the pyramid would
+    be upside down, and the budget rule falls back to uniform budgets.
+    """
+
+    window: int = option(64, at_least=1)
+    kernel: int = option(5, at_least=1, odd=True)
+    pooling: str = option("avg", choices=("avg", "max"))
+    beta: float = option(20.0, at_least=1)
 
 
 def pyramid_budgets(context_length: int, budget: float, num_layers: int, window: int, beta: float) -> list[int]:

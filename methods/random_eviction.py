@@ -9,6 +9,7 @@ import torch
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import keep_top, tokens_for_budget
 
@@ -18,7 +19,7 @@ class RandomConfig:
     """Uniform scores per (KV head, token); kvpress RandomPress. seed: an extra offset, hashed with the sample's
     seed (`Observation.seed`) and the layer."""
 
-    seed: int = 0
+    seed: int = option(0, at_least=0)
 
 
 def _layer_seed(seed: int, observation: Observation, layer: int) -> int:

@@ -12,6 +12,7 @@ import torch
 from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.head_scores import layer_probe_scores, observe_all_queries, probe_ids
 
@@ -31,19 +32,13 @@ class RazorConfig:
     paper's native S0/C rule is not offered.
     """
 
-    induction_fraction: float = 0.14
-    echo_fraction: float = 0.01
-    n_sink: int = 4
+    induction_fraction: float = option(0.14, at_least=0, at_most=1)
+    echo_fraction: float = option(0.01, at_least=0, at_most=1)
+    n_sink: int = option(4, at_least=0)
     count_bias: bool = True
-    probe_length: int = 512
-    probe_repeats: int = 4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.induction_fraction <= 1 and 0 <= self.echo_fraction <= 1):
-            raise KVBenchError("razor's induction_fraction and echo_fraction must lie in [0, 1]")
-        if self.probe_repeats < 2 or self.probe_length < 2:
-            raise KVBenchError("razor's probe needs probe_length ≥ 2 tokens repeated probe_repeats ≥ 2 times")
+    probe_length: int = option(512, at_least=2)  # a probe needs two tokens repeated at least twice
+    probe_repeats: int = option(4, at_least=2)
+    seed: int = option(0, at_least=0)
 
 
 def head_count(fraction: float, total: int) -> int:

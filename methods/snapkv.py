@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import keep_window_and_top, snapkv_prefix_scores, tokens_for_budget
 
@@ -18,13 +19,9 @@ class SnapKVConfig:
     compression). Scores are averaged over each KV head's query group, per reference_methods.md §2.
     """
 
-    window: int = 64
-    kernel: int = 5
-    pooling: str = "avg"
-
-    def __post_init__(self) -> None:
-        if self.pooling not in ("avg", "max"):
-            raise ValueError("pooling must be 'avg' or 'max'")
+    window: int = option(64, at_least=1)
+    kernel: int = option(5, at_least=1, odd=True)  # centred pooling: an even kernel would shift the scores by one
+    pooling: str = option("avg", choices=("avg", "max"))
 
 
 def snapkv_layer(observation: Observation, layer: int, config: SnapKVConfig, n_kept: int) -> LayerPrefix:

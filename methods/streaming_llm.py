@@ -9,6 +9,7 @@ import torch
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import gather_heads, tokens_for_budget
 
@@ -21,7 +22,7 @@ class StreamingLLMConfig:
     positions kept (kvpress parity), so the budget is the fraction of context tokens kept.
     """
 
-    n_sink: int = 4
+    n_sink: int = option(4, at_least=0)
 
 
 @register

@@ -14,6 +14,7 @@ from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import LayerPrefix, Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.calibration_data import calibration_ids
 from kvbench.methods.common.eviction import gather_heads, lowest_budget, snapkv_prefix_scores
@@ -36,20 +37,14 @@ class UNCompConfig:
     is not implemented.
     """
 
-    window: int = 8
-    kernel: int = 7
-    entropy_rank: int = 32
-    groups: int = 2
-    budget_ratio: float = 2.0
-    calibration_samples: int = 8
-    calibration_tokens: int = 2048
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
-            raise KVBenchError("uncomp needs window ≥ 1 and an odd pooling kernel")
-        if self.groups < 1 or self.budget_ratio < 1:
-            raise KVBenchError("uncomp needs groups ≥ 1 and budget_ratio ≥ 1 (the high-entropy group gets more)")
+    window: int = option(8, at_least=1)
+    kernel: int = option(7, at_least=1, odd=True)
+    entropy_rank: int = option(32, at_least=1)
+    groups: int = option(2, at_least=1)
+    budget_ratio: float = option(2.0, at_least=1)  # the high-entropy group gets more
+    calibration_samples: int = option(8, at_least=1)
+    calibration_tokens: int = option(2048, at_least=2)  # an entropy of queries centred over tokens needs two
+    seed: int = option(0, at_least=0)
 
 
 def rank_groups(keys: torch.Tensor, groups: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import LayerPrefix, LowRankPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, context_forward, prefill
 from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.method_spec import option
 from kvbench.harness.models.loading import head_dim
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.calibration_data import calibration_ids
@@ -59,10 +60,10 @@ class ZACKConfig:
     method; the paper projects those too.
     """
 
-    calibration_samples: int = 32
-    calibration_tokens: int = 2048
-    seed: int = 0
-    r_min: int = 8
+    calibration_samples: int = option(32, at_least=1)
+    calibration_tokens: int = option(2048, at_least=1)
+    seed: int = option(0, at_least=0)
+    r_min: int = option(8, at_least=1)
     project_during_prefill: bool = True
 
 

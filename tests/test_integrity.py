@@ -123,8 +123,8 @@ def test_a_stale_row_is_refused_before_another_method_calibrates(chat_model_dir,
 def test_bad_method_options_are_one_line(chat_model_dir, tmp_path, capsys):
     for spec, expected in [
         ("snapkv:win=3", "snapkv has no option 'win'; its options (defaults): window=64, kernel=5, pooling=avg"),
-        ("snapkv:window=x", "snapkv option window='x' is not a valid int"),
-        ("snapkv:pooling=median", "pooling must be 'avg' or 'max'"),
+        ("snapkv:window=x", "snapkv: option window=x is not an integer; window must be an integer >= 1"),
+        ("snapkv:pooling=median", "snapkv: option pooling=median is out of range; pooling must be one of avg, max"),
         ("snapkv:window", "is not option=value"),
     ]:
         assert run(chat_model_dir, tmp_path / "run", spec) == 2

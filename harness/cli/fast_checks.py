@@ -1,26 +1,54 @@
 """Argument checks that run before torch is imported or a model is loaded, so a mistake costs milliseconds.
 
-Importing the method modules takes seconds (torch, transformers), so method names and option names come from
-an index read from the sources with `ast`: every class decorated `@register` in `kvbench.methods`, its
-`name` and its `Config` dataclass fields. Plug-in methods are not in it: with any plug-in installed, a name
-the index does not know is left to the registry. The full checks (option values, calibration, the model's real
-limits) still run later; this module only moves forward what the arguments alone can tell.
+Importing the method modules takes seconds (torch, transformers), so method names and options come from an
+index read from the sources with `ast`: every class decorated `@register` in `kvbench.methods`, its `name` and
+its `Config` dataclass fields with their defaults and declared values (`kvbench.harness.method_spec.option`), so
+an option's type and range are checked here with the registry's own functions and messages. Plug-in methods are
+not in it: with any plug-in installed, a name the index does not know is left to the registry. The full checks
+(options of several fields together, calibration, the model's real limits) still run later; this module only
+moves forward what the arguments alone can tell. Whether CUDA is there is read from files where they can tell
+(`cuda_absence`); only where they cannot is torch asked, still before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.machinery
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
+from kvbench.harness.method_spec import (
+    Allowed,
+    OptionError,
+    format_value,
+    option_problem,
+    parse_method_spec,
+    parse_option,
+)
 from kvbench.harness.models import DEVICES, DTYPE_NAMES
 from kvbench.harness.plugins import method_entry_points
 from kvbench.harness.runner.lists import check_lengths, split_list
+
+# A field default that is no literal (the index cannot type the option's text: the registry does).
+NOT_LITERAL = object()
+
+
+@dataclass(frozen=True)
+class IndexedOption:
+    """A config field as its source declares it: its default (`NOT_LITERAL` when the source's is none) and the
+    values it admits (None when its `option(...)` call has arguments the index cannot read)."""
+
+    name: str
+    default: Any
+    default_text: str
+    allowed: Allowed | None
 
 
 @dataclass(frozen=True)
@@ -29,7 +57,7 @@ class MethodEntry:
 
     name: str
     module: str
-    options: tuple[tuple[str, str], ...] | None
+    options: tuple[IndexedOption, ...] | None
 
 
 def _decorated_register(node: ast.ClassDef) -> bool:
@@ -54,27 +82,75 @@ def _class_assignments(node: ast.ClassDef) -> dict[str, ast.expr]:
     return found
 
 
-def _default_text(value: ast.expr | None) -> str:
-    """A field default as `kvbench.harness.method_spec` prints it (true/false for bools)."""
+def _literal(node: ast.expr, constants: dict[str, Any]) -> Any:
+    """A literal, a name bound to one at the top of the module, or a tuple of those (`(0, *BITS)`)."""
+    if isinstance(node, ast.Name) and node.id in constants:
+        return constants[node.id]
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items: list[Any] = []
+        for element in node.elts:
+            if isinstance(element, ast.Starred):
+                items.extend(_literal(element.value, constants))
+            else:
+                items.append(_literal(element, constants))
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    return ast.literal_eval(node)
+
+
+def _module_constants(tree: ast.Module) -> dict[str, Any]:
+    constants: dict[str, Any] = {}
+    for statement in tree.body:
+        if (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+        ):
+            try:
+                constants[statement.targets[0].id] = _literal(statement.value, constants)
+            except (ValueError, TypeError, SyntaxError):
+                continue
+    return constants
+
+
+def _is_option_call(node: ast.expr | None) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    target = node.func
+    return (isinstance(target, ast.Name) and target.id == "option") or (
+        isinstance(target, ast.Attribute) and target.attr == "option"
+    )
+
+
+def _indexed_option(name: str, value: ast.expr | None, constants: dict[str, Any]) -> IndexedOption:
+    """A field's default and declared values; defaults print as `kvbench.harness.method_spec` prints them."""
     if value is None:
-        return "required"
+        return IndexedOption(name, NOT_LITERAL, "required", None)
+    allowed: Allowed | None = Allowed()
+    if _is_option_call(value):
+        keywords = {keyword.arg: keyword.value for keyword in value.keywords if keyword.arg}
+        default_node = value.args[0] if value.args else keywords.pop("default", None)
+        try:
+            allowed = Allowed(**{key: _literal(node, constants) for key, node in keywords.items()})
+        except (ValueError, TypeError, SyntaxError):
+            allowed = None
+        value = default_node
+        if value is None:
+            return IndexedOption(name, NOT_LITERAL, "required", None)
     try:
-        literal = ast.literal_eval(value)
-    except ValueError:
-        return ast.unparse(value)
-    if isinstance(literal, bool):
-        return "true" if literal else "false"
-    return str(literal)
+        default = _literal(value, constants)
+    except (ValueError, TypeError, SyntaxError):
+        return IndexedOption(name, NOT_LITERAL, ast.unparse(value), None)
+    return IndexedOption(name, default, format_value(default), allowed)
 
 
-def _config_fields(config: ast.ClassDef) -> tuple[tuple[str, str], ...]:
+def _config_fields(config: ast.ClassDef, constants: dict[str, Any]) -> tuple[IndexedOption, ...]:
     fields = []
     for statement in config.body:
         if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
             continue
         if "ClassVar" in ast.unparse(statement.annotation):
             continue
-        fields.append((statement.target.id, _default_text(statement.value)))
+        fields.append(_indexed_option(statement.target.id, statement.value, constants))
     return tuple(fields)
 
 
@@ -101,6 +177,7 @@ def method_index() -> dict[str, MethodEntry]:
         if "@register" not in source:  # helpers, features, training: parsing them would only cost time
             continue
         tree = ast.parse(source, filename=str(path))
+        constants = _module_constants(tree)
         classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
         for node in classes.values():
             if not _decorated_register(node):
@@ -111,41 +188,150 @@ def method_index() -> dict[str, MethodEntry]:
                 continue
             config = assigned.get("Config")
             config_class = classes.get(config.id) if isinstance(config, ast.Name) else None
-            options = _config_fields(config_class) if config_class is not None else None
+            options = _config_fields(config_class, constants) if config_class is not None else None
             index[name.value] = MethodEntry(name.value, ".".join(relative.parts), options)
     return index
 
 
 def check_method(text: str) -> None:
-    """The name, and the option names, of `NAME:option=value:...`; values are checked when the method is built."""
-    name, _, rest = text.strip().partition(":")
-    name = name.strip()
+    """`NAME:option=value:...` as the registry will check it: the name, each option's name and type in the order
+    given, then each value against its declared range in field order, then a base scorer's options (the
+    `base_options` of a config with a `base`). Only checks of several options together wait for the registry."""
+    spec = parse_method_spec(text)
     index = method_index()
     if not index:  # sources not found (a frozen install): leave it to the registry
         return
-    if not name:
-        raise KVBenchError(f"method {text!r} has no name; write NAME or NAME:option=value:option=value")
-    if name not in index:
+    if spec.name not in index:
         if method_entry_points():  # a plug-in may register it: the registry decides, after loading them
             return
-        raise UnknownNameError(f"unknown method {name!r}; valid methods: {', '.join(sorted(index))}")
-    options = index[name].options
-    if options is None or not rest:
+        raise UnknownNameError(f"unknown method {spec.name!r}; valid methods: {', '.join(sorted(index))}")
+    options = index[spec.name].options
+    if options is None or not spec.options:
         return
-    names = {option for option, _ in options}
-    for part in rest.split(":"):
-        key = part.partition("=")[0].strip()
-        if key and key not in names:
-            listed = ", ".join(f"{option}={default}" for option, default in options) or "none"
-            raise KVBenchError(f"{name} has no option {key!r}; its options (defaults): {listed}")
+    typed = _checked_options(spec.name, options, spec.options)
+    _check_base_options(spec.name, options, typed, index)
+
+
+def _checked_options(
+    method: str, options: tuple[IndexedOption, ...], given: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    """`configured_options` and then `check_values` of the registry, on the index: the typed values."""
+    fields = {option.name: option for option in options}
+    typed: dict[str, Any] = {}
+    for key, text in given:
+        if key not in fields:
+            listed = ", ".join(f"{option.name}={option.default_text}" for option in options) or "none"
+            raise OptionError(f"{method} has no option {key!r}; its options (defaults): {listed}")
+        field = fields[key]
+        if field.default is NOT_LITERAL or field.allowed is None:  # the source does not say: the registry will
+            continue
+        try:
+            typed[key] = parse_option(key, text, field.default, field.allowed)
+        except OptionError as error:
+            raise OptionError(f"{method}: {error}") from None
+    for field in options:
+        if field.name in typed:
+            problem = option_problem(field.name, typed[field.name], field.default, field.allowed)
+            if problem is not None:
+                raise OptionError(f"{method}: {problem}")
+    return typed
+
+
+def _check_base_options(
+    method: str, options: tuple[IndexedOption, ...], typed: dict[str, Any], index: dict[str, MethodEntry]
+) -> None:
+    """A base scorer's options (`base_options=option=value/option=value`), as `scorer_config` checks them."""
+    fields = {option.name: option for option in options}
+    if "base" not in fields or "base_options" not in typed:
+        return
+    base = typed.get("base", fields["base"].default)
+    entry = index.get(base) if isinstance(base, str) else None
+    if entry is None or entry.options is None:
+        return
+    pairs = []
+    for part in filter(None, (p.strip() for p in typed["base_options"].split("/"))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise OptionError(
+                f"{method}: base option {part!r} is not option=value (e.g. base_options=window=32/kernel=7)"
+            )
+        pairs.append((key.strip(), value.strip()))
+    try:
+        _checked_options(base, entry.options, tuple(pairs))
+    except OptionError as error:
+        raise OptionError(f"{method}: base {error}") from None
 
 
 def check_device_and_dtype(device: str, dtype: str) -> None:
-    """Only the names: whether CUDA is present needs torch and is checked when the model loads."""
+    """The names, and for `--device cuda` whether CUDA can be there at all, from files (`cuda_absence`)."""
     if device not in DEVICES:
         raise KVBenchError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
     if dtype != "auto" and dtype not in DTYPE_NAMES:
         raise KVBenchError(f"unknown dtype {dtype!r}; valid dtypes: auto, {', '.join(DTYPE_NAMES)}")
+    if device == "cuda":
+        absent = cuda_absence()
+        if absent is not None:
+            raise KVBenchError(f"--device cuda was asked for but {absent}; use --device cpu")
+
+
+def cuda_absence() -> str | None:
+    """Why CUDA surely is unavailable, from the environment and a few files, without importing torch (seconds);
+    None where they cannot tell, which `check_cuda_with_torch` then asks torch. Sure means: every GPU hidden by
+    CUDA_VISIBLE_DEVICES, a torch built without CUDA or ROCm (its version.py, read as text), or, on Linux, a
+    CUDA build with no NVIDIA driver loaded (no /proc/driver/nvidia, no /dev/nvidia*, no WSL /dev/dxg)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.split(",")[0].strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    build = _torch_build()
+    if build is None:
+        return None
+    if build.get("cuda") is None and build.get("hip") is None:
+        return f"this torch ({build.get('__version__', 'unknown version')}) is built without CUDA"
+    if build.get("hip") is None and sys.platform.startswith("linux") and not _nvidia_driver_loaded():
+        return "no NVIDIA driver is loaded (no /proc/driver/nvidia, no /dev/nvidia*)"
+    return None
+
+
+def _torch_build() -> dict[str, Any] | None:
+    """`__version__`, `cuda` and `hip` of the installed torch's version.py, or None where it cannot be read."""
+    spec = importlib.machinery.PathFinder.find_spec("torch")  # on sys.path, without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse(Path(next(iter(spec.submodule_search_locations)), "version.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    found: dict[str, Any] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target, value = statement.targets[0], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target, value = statement.target, statement.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in ("__version__", "cuda", "hip"):
+            try:
+                found[target.id] = ast.literal_eval(value)
+            except ValueError:
+                return None
+    return found if {"cuda", "hip"} <= found.keys() else None
+
+
+def _nvidia_driver_loaded() -> bool:
+    if Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists():
+        return True
+    return any(Path("/dev").glob("nvidia*"))
+
+
+def check_cuda_with_torch(device: str) -> None:
+    """For `--device cuda` where the files could not tell (`cuda_absence`): torch itself, still before any model
+    load or sample (the same line `resolve_device` would say after it)."""
+    if device != "cuda" or cuda_absence() is not None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KVBenchError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
 
 def check_at_least(value: int | None, flag: str, least: int) -> None:
@@ -206,9 +392,12 @@ def absent_lm_eval_tasks(names: list[str], include_paths: list[str]) -> list[str
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Everything the arguments of one command can tell, cheapest first: the model's config and --out come last."""
+    """Everything the arguments of one command can tell, cheapest first: the model's config, then CUDA where only
+    torch can tell, and last the directories to write (checking them creates them)."""
     command = args.command
-    if command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train"):
+    writes: list[str] = []
+    loads_model = command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train")
+    if loads_model:
         check_device_and_dtype(args.device, args.dtype)
     if command in ("run", "lm-eval"):
         for method in split_list(args.methods, "methods"):
@@ -239,7 +428,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         maximum = check_model(args.model)
         if maximum is not None and max(lengths) > maximum:
             raise KVBenchError(f"length {max(lengths)} exceeds {args.model}'s maximum of {maximum} tokens")
-        check_writable(args.out)  # last: it creates the directory
+        writes.append(args.out)
     if command == "lm-eval":
         check_at_least(args.limit, "--limit", 1)
         check_at_least(args.question_tokens, "--question-tokens", 0)
@@ -253,19 +442,23 @@ def check_arguments(args: argparse.Namespace) -> None:
                 "(kvbench export-lm-eval writes kvbench's tasks there)"
             )
         check_model(args.model)
-        check_writable(args.out)
+        writes.append(args.out)
     if command == "generate" and args.save_cache is not None:
-        check_writable(str(Path(args.save_cache).resolve().parent))  # last: it creates the directory
+        writes.append(str(Path(args.save_cache).resolve().parent))
     if command in ("calibrate", "train"):
         check_model(args.model)
     if command == "train":
         # --out is a checkpoint file (learned methods) or a model directory (attention_clustering): its parent
         # must be writable either way; the command itself creates the rest.
-        check_writable(str(Path(args.out).resolve().parent))
+        writes.append(str(Path(args.out).resolve().parent))
     if command == "report":
         run_dir = Path(args.run_dir)
         if not (run_dir / "run.json").is_file():
             raise KVBenchError(f"no run.json in {run_dir}; pass a run directory written by `kvbench run`")
+    if loads_model:
+        check_cuda_with_torch(args.device)
+    for directory in writes:
+        check_writable(directory)
 
 
 def check_generate_sources(args: argparse.Namespace) -> None:

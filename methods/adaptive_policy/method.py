@@ -19,6 +19,7 @@ from kvbench.harness.artifacts.training import Trained, train_text
 from kvbench.harness.cache.prefix import LayerPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.adakv import AdaKVConfig
 from kvbench.methods.adaptive_policy import training
 from kvbench.methods.adaptive_policy.features import (
@@ -32,7 +33,7 @@ from kvbench.methods.adaptive_policy.features import (
 )
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import gather_heads, tokens_for_budget
-from kvbench.methods.common.scorers import SCORERS, Scorer, canonical_options, get_scorer
+from kvbench.methods.common.scorers import Scorer, canonical_options, get_scorer
 
 
 @dataclass(frozen=True)
@@ -64,30 +65,22 @@ class AdaptivePolicyConfig:
     to the spec's 10.
     """
 
-    base: str = "snapkv"
+    base: str = option("snapkv", choices=("snapkv", "h2o", "tova", "expected_attention", "knorm"))  # SCORERS
     base_options: str = ""
-    c_min: int = 1
-    t_q: int = 256
-    texts: int = 22
-    length: int = 2048
-    heldout_fraction: float = 0.25
-    epochs: int = 60
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    hidden: int = 128
-    seed: int = 0
+    c_min: int = option(1, at_least=1)  # a head with no token has nothing to attend to
+    t_q: int = option(256, at_least=1)
+    texts: int = option(22, at_least=1)
+    length: int = option(2048, at_least=16)
+    heldout_fraction: float = option(0.25, above=0, below=1)
+    epochs: int = option(60, at_least=1)
+    lr: float = option(1e-3, above=0)
+    weight_decay: float = option(0.01, at_least=0)
+    hidden: int = option(128, at_least=1)
+    seed: int = option(0, at_least=0)
     text_file: tuple[str, ...] = ()
     checkpoint: str = ""
 
     def __post_init__(self) -> None:
-        if self.base not in SCORERS:
-            raise KVBenchError(f"adaptive_policy has no base {self.base!r}; valid bases: {', '.join(SCORERS)}")
-        if self.c_min < 1:
-            raise KVBenchError("adaptive_policy's c_min must be ≥ 1: a head with no token has nothing to attend to")
-        if self.t_q < 1 or self.texts < 1 or self.length < 16 or self.epochs < 1 or self.hidden < 1:
-            raise KVBenchError("adaptive_policy needs t_q, texts, epochs, hidden ≥ 1 and length ≥ 16")
-        if not 0.0 < self.heldout_fraction < 1.0 or self.lr <= 0 or self.weight_decay < 0:
-            raise KVBenchError("adaptive_policy needs 0 < heldout_fraction < 1, lr > 0 and weight_decay ≥ 0")
         object.__setattr__(self, "base_options", canonical_options(self.base, self.base_options))
 
 

@@ -20,8 +20,9 @@ from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, streaming_prefill
 from kvbench.harness.errors import BudgetError, check_budget
+from kvbench.harness.method_spec import option
 from kvbench.harness.models.loading import head_dim
-from kvbench.methods.attention_clustering.kmeans import CENTROID_RULES, merge
+from kvbench.methods.attention_clustering.kmeans import merge
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import group_mean, tokens_for_budget
 from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
@@ -50,25 +51,15 @@ class AttentionClusteringConfig:
     to read through this compression, is `kvbench train attention_clustering` (`train`).
     """
 
-    pruning_interval: int = 512
-    lookback_window: int = 256
-    kmeans_rate: float = 0.01
-    centroid_rule: str = "online"
-    scope: str = "shared"
+    pruning_interval: int = option(512, at_least=1)
+    lookback_window: int = option(256, at_least=1)
+    kmeans_rate: float = option(0.01, above=0, below=1)
+    centroid_rule: str = option("online", choices=("online", "batch_mean"))  # kmeans.CENTROID_RULES
+    scope: str = option("shared", choices=SCOPES)
     cluster: bool = True
-    prune_per_cluster: int = 4
+    prune_per_cluster: int = option(4, at_least=1)
     merge_bias: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.centroid_rule not in CENTROID_RULES:
-            raise ValueError(f"centroid_rule must be one of {', '.join(CENTROID_RULES)}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
-        if self.pruning_interval < 1 or self.lookback_window < 1 or self.prune_per_cluster < 1:
-            raise ValueError("pruning_interval, lookback_window and prune_per_cluster must be positive")
-        if not 0.0 < self.kmeans_rate < 1.0:
-            raise ValueError("kmeans_rate must lie in (0, 1)")
+    seed: int = option(0, at_least=0)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from kvbench.harness.cache.latent_prefix import LatentDecoder, LatentPrefix
 from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.method_spec import OptionError, option
 from kvbench.methods.autoencoder import training
 from kvbench.methods.autoencoder.training import encode
 from kvbench.methods.base import Method, register
@@ -58,33 +59,35 @@ class AutoencoderConfig:
     `method_bytes`, never in the cache's bytes.
     """
 
-    latent_dim: int = 0
-    activation: str = "none"
+    latent_dim: int = option(0, at_least=0)  # 0: d/8, d/4 and d/2
+    activation: str = option("none", choices=ACTIVATIONS)
     per_head: bool = False
-    loss: str = "reconstruction"
-    latent_bits: int = 0
-    latent_group_size: int = 0
-    tokens: int = 16384
-    window: int = 2048
-    epochs: int = 10
-    batch: int = 512
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    attention_weight: float = 1.0
-    attention_queries: int = 64
-    seed: int = 0
+    loss: str = option("reconstruction", choices=LOSSES)
+    latent_bits: int = option(0, choices=(0, *LATENT_BITS))  # 0: chosen by the budget
+    latent_group_size: int = option(0, at_least=0)  # 0: one group per latent vector
+    tokens: int = option(16384, at_least=2)
+    window: int = option(2048, at_least=2)
+    epochs: int = option(10, at_least=1)
+    batch: int = option(512, at_least=1)
+    lr: float = option(1e-3, above=0)
+    weight_decay: float = option(1e-3, at_least=0)
+    attention_weight: float = option(1.0, at_least=0)
+    attention_queries: int = option(64, at_least=1)
+    seed: int = option(0, at_least=0)
     text_file: tuple[str, ...] = ()
     checkpoint: str = ""
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
-        if self.latent_bits not in (0, *LATENT_BITS):
-            raise ValueError(f"latent_bits must be 0 (chosen by the budget) or one of {LATENT_BITS}")
-        if self.latent_dim < 0 or self.latent_group_size < 0 or self.epochs < 1 or self.batch < 1:
-            raise ValueError("latent_dim and latent_group_size must be ≥ 0, epochs and batch ≥ 1")
+        if self.tokens < self.window:
+            raise OptionError(
+                f"options tokens={self.tokens} and window={self.window} do not fit; tokens must be at least window "
+                "(training takes whole windows)"
+            )
+        if self.latent_dim and self.latent_group_size and self.latent_dim % self.latent_group_size:
+            raise OptionError(
+                f"options latent_dim={self.latent_dim} and latent_group_size={self.latent_group_size} do not fit; "
+                "latent_group_size must divide latent_dim"
+            )
 
 
 TRAINING_FIELDS = (

@@ -17,7 +17,7 @@ import torch
 
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError, UnknownNameError
-from kvbench.harness.method_spec import MethodSpec, configured_options, method_label
+from kvbench.harness.method_spec import MethodSpec, OptionError, check_values, configured_options, method_label
 from kvbench.methods.base import Method
 from kvbench.methods.common.eviction import snapkv_prefix_scores
 from kvbench.methods.expected_attention import ExpectedAttention, expected_attention_scores
@@ -83,20 +83,30 @@ def _entry(name: str) -> tuple[type[Method], ScoreFunction]:
 
 
 def scorer_config(name: str, options: str = "") -> Any:
-    """The base method's config from `option=value/option=value` (typed as its own options are; `/` because a
-    sweep's method list is comma-separated); one line naming the valid options for a bad one."""
+    """The base method's config from `option=value/option=value` (typed and checked as its own options are; `/`
+    because a sweep's method list is comma-separated); one line naming the base and the option for a bad one
+    (`OptionError`, so that the method it is the base of puts its own name in front)."""
     method, _ = _entry(name)
     pairs = []
     for part in filter(None, (p.strip() for p in options.split("/"))):
         key, sep, value = part.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise KVBenchError(f"base option {part!r} is not option=value (e.g. base_options=window=32/kernel=7)")
+            raise OptionError(f"base option {part!r} is not option=value (e.g. base_options=window=32/kernel=7)")
         pairs.append((key.strip(), value.strip()))
-    typed = configured_options(name, method.Config, MethodSpec(name, tuple(pairs)))
+    try:
+        typed = configured_options(name, method.Config, MethodSpec(name, tuple(pairs)))
+    except OptionError as error:
+        raise OptionError(f"base {error}") from None
+    try:
+        check_values(method.Config, typed)
+    except OptionError as error:
+        raise OptionError(f"base {name}: {error}") from None
     if any(typed.get(option) for option in _DECODE_OPTIONS):
         raise KVBenchError(f"{name}'s {', '.join(_DECODE_OPTIONS)} acts while decoding; a base scorer only scores")
     try:
         return dataclasses.replace(method.Config(), **typed)
+    except OptionError as error:
+        raise OptionError(f"base {name}: {error}") from None
     except (TypeError, ValueError) as error:
         raise KVBenchError(f"base scorer {name}: {error}") from None
 

@@ -31,6 +31,7 @@ from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError
+from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.eviction import decode_attention, gather_heads, tokens_for_budget, top_indices
 from kvbench.methods.common.query_log import QueryLog, logged_state
@@ -70,34 +71,26 @@ class LightweightConfig:
     """
 
     features: str = "attn_score,vector_norm"
-    scorer: str = "linear"
-    global_tokens: int = 4
-    recent_window: int = 10
-    conv_channels: int = 4
+    scorer: str = option("linear", choices=("linear", "mlp"))  # features.SCORERS
+    global_tokens: int = option(4, at_least=0)
+    recent_window: int = option(10, at_least=0)
+    conv_channels: int = option(4, at_least=1)
     standardize: bool = True
-    temperature: float = 0.7
-    keep_fraction: float = 0.25
-    samples: int = 32
-    length: int = 1024
-    response_tokens: int = 48
-    heldout_fraction: float = 0.2
-    epochs: int = 3
-    lr: float = 5e-3
-    weight_decay: float = 1e-4
-    grad_accumulation: int = 1
-    seed: int = 0
+    temperature: float = option(0.7, above=0)
+    keep_fraction: float = option(0.25, above=0, at_most=1)
+    samples: int = option(32, at_least=1)
+    length: int = option(1024, at_least=1)
+    response_tokens: int = option(48, at_least=1)
+    heldout_fraction: float = option(0.2, above=0, below=1)
+    epochs: int = option(3, at_least=1)
+    lr: float = option(5e-3, above=0)
+    weight_decay: float = option(1e-4, at_least=0)
+    grad_accumulation: int = option(1, at_least=1)
+    seed: int = option(0, at_least=0)
     checkpoint: str = ""
 
     def __post_init__(self) -> None:
         lw.parse_features(self.features)
-        if self.scorer not in lw.SCORERS:
-            raise ValueError(f"scorer must be one of {', '.join(lw.SCORERS)}")
-        if min(self.global_tokens, self.recent_window) < 0 or self.conv_channels < 1:
-            raise ValueError("global_tokens and recent_window must be ≥ 0, conv_channels ≥ 1")
-        if not 0 < self.keep_fraction <= 1 or not 0 < self.heldout_fraction < 1 or self.temperature <= 0:
-            raise ValueError("keep_fraction must lie in (0, 1], heldout_fraction in (0, 1), temperature > 0")
-        if min(self.samples, self.length, self.response_tokens, self.epochs, self.grad_accumulation) < 1:
-            raise ValueError("samples, length, response_tokens, epochs and grad_accumulation must be ≥ 1")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
