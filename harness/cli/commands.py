@@ -330,11 +330,12 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
 
         check_workers(args.workers)
         require_ray()
-    from kvbench.harness.runner.sweep import SweepSpec, parse_budgets, parse_lengths, parse_list, run_sweep
+    from kvbench.harness.runner.lists import parse_budgets, parse_lengths, parse_list, split_list
+    from kvbench.harness.runner.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec(
         model=args.model,
-        methods=parse_list(args.methods, "methods"),
+        methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
         budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         lengths=parse_lengths(args.lengths),
@@ -378,11 +379,11 @@ def _finish_run(run_dir: Path, render: bool) -> None:
 
 def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
     from kvbench.harness.lm_eval.run import LmEvalSpec, run_lm_eval
-    from kvbench.harness.runner.sweep import parse_budgets, parse_list
+    from kvbench.harness.runner.lists import parse_budgets, parse_list, split_list
 
     spec = LmEvalSpec(
         model=args.model,
-        methods=parse_list(args.methods, "methods"),
+        methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
         budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         out=Path(args.out),
@@ -404,7 +405,8 @@ def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
 
 def _cmd_export_lm_eval(args: argparse.Namespace) -> None:
     from kvbench.harness.models.loading import load_model
-    from kvbench.harness.runner.sweep import default_sample_cache, parse_lengths, parse_list
+    from kvbench.harness.runner.lists import parse_lengths, parse_list
+    from kvbench.harness.runner.sweep import default_sample_cache
     from kvbench.tasks import generate_samples, get_task
     from kvbench.tasks.lm_eval_export import export_task
 

@@ -33,7 +33,7 @@ from kvbench.harness.provenance import (
     provenance,
 )
 from kvbench.harness.requirements import installed_version
-from kvbench.harness.runner.lists import check_lengths, split_list
+from kvbench.harness.runner.lists import distinct
 from kvbench.harness.runner.store import ResultStore, cell_key
 from kvbench.methods import Method, get_method
 from kvbench.tasks import (
@@ -72,22 +72,14 @@ class SweepSpec:
     ray_address: str | None = None
 
 
-# The torch-free parsers of the argument checks are the sweep's parsers too.
-parse_list = split_list
-parse_lengths = check_lengths
-
-
-def parse_budgets(text: str) -> list[float]:
-    return list(dict.fromkeys(check_budget(item) for item in parse_list(text, "budgets")))
-
-
 def default_sample_cache() -> Path:
     return Path(os.environ.get("KVBENCH_CACHE_DIR", Path.home() / ".cache" / "kvbench")) / "samples"
 
 
 def validate(spec: SweepSpec) -> list[Method]:
-    """Check every user input that needs no model; return the methods to run, one per distinct configuration."""
-    methods = list({m.label: m for m in (get_method(name) for name in spec.methods)}.values())
+    """Check every user input that needs no model; return the methods to run, one per distinct configuration (two
+    specs of one configuration are one cell: said on stderr)."""
+    methods = distinct(spec.methods, "methods", get_method, key=lambda method: method.label)
     for budget in spec.budgets:
         check_budget(budget)
     for task in spec.tasks:
