@@ -534,12 +534,37 @@ def _quiet_loaders() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _directories_to_create(args: argparse.Namespace) -> list[Path]:
+    """--out of the commands that write a run directory, and those of its parents, that do not exist yet, deepest
+    first: what the command creates (the argument checks prove --out writable by creating it)."""
+    if args.command not in ("run", "lm-eval", "export-lm-eval"):
+        return []
+    missing = []
+    directory = Path(args.out).absolute()
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    """A command that fails before writing anything leaves no empty directory behind; rmdir removes only an empty
+    one, so nothing written there (by this run or another) can go."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    created: list[Path] = []
     try:
         parser = build_parser()
         # `train` takes the options of the method it trains, which only that method knows.
         args, rest = parser.parse_known_args(argv) if argv[:1] == ["train"] else (parser.parse_args(argv), [])
+        created = _directories_to_create(args)
         # Before any heavy import or model load: a mistake in the arguments is reported in milliseconds.
         check_arguments(args)
         if args.command == "list":
@@ -572,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kvbench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _remove_if_empty(created)  # a finished command has written into them, so this takes only a failed one's
     return 0
 
 
