@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from kvbench.harness.cli.fast_checks import check_arguments, read_prompt
 from kvbench.harness.engine.batched_settings import DEFAULT_BATCH_SIZE
 from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
 
 EXIT_USAGE = 2
 
@@ -22,6 +24,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise KVBenchError(f"{message} (see '{self.prog} --help')")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a timeout, which only a number of seconds above 0 can be."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--ray-address", help="run the actors on an existing Ray cluster (ray start --head), e.g. HOST:6379"
+    )
+    run.add_argument(
+        "--ray-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT_S,
+        help=f"seconds the --ray-address may take to answer before the run stops (default {CONNECT_TIMEOUT_S:g})",
     )
 
     lm_eval = commands.add_parser(
@@ -326,10 +345,11 @@ def _print_generation(args, loaded, result, context_tokens: int, question_tokens
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.ray_address or args.workers not in (None, 1):
-        from kvbench.harness.runner.ray_runner import check_workers, require_ray
+        from kvbench.harness.runner.ray_runner import check_cluster, check_workers, require_ray
 
         check_workers(args.workers)
         require_ray()
+        check_cluster(args.ray_address, args.ray_timeout)  # before the model loads
     from kvbench.harness.runner.lists import parse_budgets, parse_lengths, parse_list, split_list
     from kvbench.harness.runner.sweep import SweepSpec, run_sweep
 
@@ -350,6 +370,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         command=shlex.join(["kvbench", *argv]),
         workers=args.workers if args.ray_address else (args.workers or 1),
         ray_address=args.ray_address,
+        ray_timeout=args.ray_timeout,
     )
     store = run_sweep(spec, progress=not args.no_progress)
     print(f"results: {store.results_path}")

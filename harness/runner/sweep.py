@@ -34,6 +34,7 @@ from kvbench.harness.provenance import (
 )
 from kvbench.harness.requirements import installed_version
 from kvbench.harness.runner.lists import distinct
+from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
 from kvbench.harness.runner.store import ResultStore, cell_key
 from kvbench.methods import Method, get_method
 from kvbench.tasks import (
@@ -70,6 +71,7 @@ class SweepSpec:
     # More than one worker, or a cluster address, spreads the work units over Ray actors (harness/runner/ray_runner.py).
     workers: int | None = 1
     ray_address: str | None = None
+    ray_timeout: float = CONNECT_TIMEOUT_S  # seconds the cluster's address may take to answer
 
 
 def default_sample_cache() -> Path:
