@@ -387,8 +387,9 @@ def _finish_run(run_dir: Path, render: bool) -> None:
     from kvbench.reports.terminal import summary_text
 
     try:
-        paths = render_report(run_dir) if render else ()
-        table = summary_text(run_dir)
+        run = _read_run(run_dir)
+        paths = render_report(run) if render else ()
+        table = summary_text(run)
     except ReportError as error:
         if render:
             raise KVBenchError(str(error)) from None
@@ -526,11 +527,23 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
     )
 
 
+def _read_run(run_dir: Path):
+    """The run a report, comparison or summary reads. Store lines that hold no row are said on stderr (and in the
+    report's notes): its numbers leave them out, and a damaged store must not pass for a whole one."""
+    from kvbench.reports import load_run
+
+    run = load_run(run_dir)
+    note = run.unreadable_note(str(run.run_dir / "results.jsonl"))
+    if note:
+        print(f"kvbench: note: {note}", file=sys.stderr)
+    return run
+
+
 def _render(run_dir: Path) -> None:
     from kvbench.reports import ReportError, render_report
 
     try:
-        markdown, html = render_report(run_dir)
+        markdown, html = render_report(_read_run(run_dir))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
     print(f"report: {markdown}\nreport: {html}")
@@ -541,7 +554,7 @@ def _compare(args: argparse.Namespace) -> None:
     from kvbench.reports.compare import compare_markdown
 
     try:
-        print(compare_markdown(Path(args.run_dir), [tuple(pair) for pair in args.pair]))
+        print(compare_markdown(_read_run(Path(args.run_dir)), [tuple(pair) for pair in args.pair]))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
 
