@@ -401,6 +401,12 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     if maximum is not None and max(spec.lengths) > maximum:
         raise KVBenchError(f"length {max(spec.lengths)} exceeds {spec.model}'s maximum of {maximum} tokens")
     store = ResultStore(spec.out)
+    with store.writing():  # from before the model loads to the last row: a second run into --out is refused
+        _sweep_into(store, spec, methods, progress)
+    return store
+
+
+def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], progress: bool) -> None:
     # What must match for new rows to belong with those already in --out; checked before the model loads.
     identity = run_identity(spec)
     previous = store.open(identity, force=spec.force)
@@ -468,4 +474,3 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
                     record(rows, f"{sample.task}@{length} {method.label}@{budget:g}")
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
-    return store
