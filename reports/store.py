@@ -97,9 +97,6 @@ def load_run(run_dir: str | Path) -> Run:
     meta = _read_meta(run_dir / "run.json")
     records, unreadable = _read_rows(run_dir / "results.jsonl")
     rows = pd.DataFrame.from_records(records)
-    missing = [name for name in REQUIRED_COLUMNS if name not in rows.columns]
-    if missing:
-        raise ReportError(f"{run_dir / 'results.jsonl'} rows lack {', '.join(missing)}; was it written by kvbench?")
     for name in OPTIONAL_COLUMNS:
         if name not in rows.columns:
             rows[name] = None
@@ -149,9 +146,9 @@ def _results_bytes(path: Path) -> bytes | None:
 
 
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
-    """One row per line, and the numbers of the lines that hold none: a last line a killed (or running) run left
-    half-written, or damage. Lines end at newlines only, as the store writes them: a row's text may hold other
-    line separators (U+2028, NEL) unescaped."""
+    """One row per line, and the numbers of the lines that hold none (a JSON object with every required column):
+    a last line a killed (or running) run left half-written, or damage. Lines end at newlines only, as the store
+    writes them: a row's text may hold other line separators (U+2028, NEL) unescaped."""
     data = _results_bytes(path)
     if data is None:
         raise ReportError(f"no results.jsonl in {path.parent}; the run wrote no results yet")
@@ -164,10 +161,14 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
             record = json.loads(line)
         except ValueError:  # not JSON, or not UTF-8
             record = None
-        if isinstance(record, dict):
+        if isinstance(record, dict) and all(name in record for name in REQUIRED_COLUMNS):
             records.append(record)
         else:
             unreadable.append(number)
+    if unreadable and not records:
+        raise ReportError(
+            f"{path} holds no readable rows, {len(unreadable)} unreadable lines; was it written by kvbench?"
+        )
     if not records:
         raise ReportError(f"{path} holds no readable rows; the run wrote no results yet")
     return records, tuple(unreadable)

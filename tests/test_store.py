@@ -48,23 +48,24 @@ def cells(out):
 def test_a_damaged_store_is_refused_and_force_moves_the_damage_aside(chat_model_dir, finished, capsys, monkeypatch):
     out, whole = finished
     first = whole.splitlines(keepends=True)[0]
-    garbage = b"{not a row \xff\n"  # neither JSON nor UTF-8
-    (out / "results.jsonl").write_bytes(first + garbage + b"[1, 2]\n")  # the second sample's row is missing
+    # Neither JSON nor UTF-8; JSON but no object; an object without a row's fields. The second sample's row is gone.
+    garbage = b"{not a row \xff\n[1, 2]\n" + b'{"note": "written by hand"}\n'
+    (out / "results.jsonl").write_bytes(first + garbage)
     damaged = (out / "results.jsonl").read_bytes()
     with monkeypatch.context() as patch:
         refuse_model_loads(patch)
         assert main(run_args(chat_model_dir, out)) == 2
     assert capsys.readouterr().err == (
-        f"kvbench: error: {out}/results.jsonl has 2 unreadable lines (lines 2, 3); repair or remove them, "
+        f"kvbench: error: {out}/results.jsonl has 3 unreadable lines (lines 2, 3, 4); repair or remove them, "
         "or pass --force to move them aside and go on\n"
     )
     assert (out / "results.jsonl").read_bytes() == damaged  # refused before anything was written
 
     assert main(run_args(chat_model_dir, out, "--force")) == 0
     (aside,) = out.glob("results.damaged-*.jsonl")
-    assert aside.read_bytes() == garbage + b"[1, 2]\n"  # moved, byte for byte, never deleted
+    assert aside.read_bytes() == garbage  # moved, byte for byte, never deleted
     err = capsys.readouterr().err
-    assert f"kvbench: note: {out}/results.jsonl has 2 unreadable lines (lines 2, 3); moved them to {aside}\n" in err
+    assert f"kvbench: note: {out}/results.jsonl has 3 unreadable lines (lines 2, 3, 4); moved them to {aside}\n" in err
     lines = (out / "results.jsonl").read_bytes().splitlines(keepends=True)
     assert lines[0] == first and len(lines) == SAMPLES  # the readable row kept as it was; the missing one computed
     assert cells(out) == [("niah_single_1", i, "snapkv", 0.5) for i in range(SAMPLES)]

@@ -32,6 +32,7 @@ PACKED_RESULTS = RESULTS + ".gz"
 RUN_META = "run.json"
 LOCK = ".kvbench.lock"
 SHOWN_LINE_NUMBERS = 10  # a message names this many line numbers at most, then how many there are in all
+ROW_FIELDS = ("task", "length", "sample_id", "method", "budget", "score", "metric")  # in every row kvbench writes
 # (task, length, sample id, budget, metric, identity hash): a row is done only for its whole identity.
 CellKey = tuple[str, int, int, float, str, str | None]
 # Fields of the run identity that stores written before identities existed kept at the top of run.json.
@@ -49,13 +50,14 @@ def read_results(results_path: Path) -> bytes | None:
 
 
 def parse_row(line: bytes) -> dict[str, Any] | None:
-    """The row a line holds, or None. Lines are split at newlines only: a row's text may hold any other line
-    separator (U+2028, NEL), which json.dumps leaves unescaped."""
+    """The row a line holds, or None: a JSON object with the fields of every row (a cell's key needs them). Lines
+    are split at newlines only: a row's text may hold any other line separator (U+2028, NEL), which json.dumps
+    leaves unescaped."""
     try:
         row = json.loads(line)
     except ValueError:  # not JSON, or not UTF-8
         return None
-    return row if isinstance(row, dict) else None
+    return row if isinstance(row, dict) and all(name in row for name in ROW_FIELDS) else None
 
 
 def line_numbers(numbers: list[int]) -> str:
