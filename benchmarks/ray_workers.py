@@ -50,7 +50,8 @@ def rows(out: Path) -> list[dict]:
 
 def warm_samples(args: argparse.Namespace) -> None:
     from kvbench.harness.models.loading import load_model
-    from kvbench.harness.runner.sweep import default_sample_cache, parse_lengths, parse_list
+    from kvbench.harness.runner.lists import parse_lengths, parse_list
+    from kvbench.harness.runner.sweep import default_sample_cache
     from kvbench.tasks import generate_samples
 
     tokenizer = load_model(args.model, "cpu").tokenizer

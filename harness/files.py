@@ -17,6 +17,11 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def file_stamp() -> str:
+    """The UTC time as a file name may hold it everywhere (no colons): 20250102T030405Z."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def ensure_writable_dir(directory: Path) -> None:
     """Create `directory` if needed and prove it writable, or say so in one line."""
     try:

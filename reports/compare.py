@@ -18,7 +18,7 @@ from kvbench.reports import intervals
 from kvbench.reports.content import Table, _with_interval
 from kvbench.reports.errors import ReportError
 from kvbench.reports.markdown_writer import _table as markdown_table
-from kvbench.reports.store import load_run
+from kvbench.reports.store import Run, as_run
 from kvbench.reports.tables import LOWER_IS_BETTER, SAMPLE, metric_label, score_matrix
 
 ALL_TASKS = "all tasks"
@@ -72,10 +72,11 @@ def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[float,
     return [(budget, budget) for budget in ours if budget in theirs]
 
 
-def compare_markdown(run_dir: str | Path, pairs: list[tuple[str, str]]) -> str:
+def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) -> str:
     """Markdown tables of each pair's paired differences, read from the run's store only; cells are formatted and
     written by the report's own code, so a number reads the same here as in report.md."""
-    rows = load_run(run_dir).rows
+    run = as_run(run_dir)
+    rows, run_dir = run.rows, run.run_dir
     labels = sorted(set(rows["method_label"]))
     out = []
     for first, second in pairs:

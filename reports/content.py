@@ -201,8 +201,8 @@ def _notes(run: Run) -> list[str]:
     notes = []
     if not run.meta.get("finished_at"):
         notes.append("The run has not finished (killed or still running): cells may be missing.")
-    if run.skipped_lines:
-        notes.append(f"{run.skipped_lines} unreadable line(s) in results.jsonl were skipped.")
+    if run.unreadable_lines:
+        notes.append(f"{run.unreadable_note()}: the numbers leave them out.")
     return notes
 
 
@@ -252,7 +252,7 @@ def _metadata(run: Run) -> Table:
         else:
             items.append((key, _text(value)))
     items.append(("result rows read", str(len(run.rows))))
-    items.append(("unreadable lines skipped", str(run.skipped_lines)))
+    items.append(("unreadable lines skipped", str(len(run.unreadable_lines))))
     return Table("Run metadata", pd.DataFrame(items, columns=["field", "value"]))
 
 

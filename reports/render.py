@@ -7,16 +7,17 @@ from pathlib import Path
 from kvbench.reports.content import build_report
 from kvbench.reports.html_writer import write_html
 from kvbench.reports.markdown_writer import write_markdown
-from kvbench.reports.store import load_run
+from kvbench.reports.store import Run, as_run
 
 
-def render_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Render the run in `run_dir` next to its results, so a report always travels with its data.
+def render_report(run_dir: str | Path | Run) -> tuple[Path, Path]:
+    """Render the run in `run_dir` (or the run already loaded from it) next to its results, so a report always
+    travels with its data.
 
     Returns the paths of report.md and report.html. Raises ReportError (one line) for a
     directory that is not a readable run.
     """
-    run = load_run(run_dir)
+    run = as_run(run_dir)
     report = build_report(run, run.run_dir / "plots")
     markdown = write_markdown(report, run.run_dir / "report.md")
     page = write_html(report, run.run_dir / "report.html")

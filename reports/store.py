@@ -60,15 +60,29 @@ NUMERIC_COLUMNS = (
     "decode_peak_memory_bytes",
 )
 
+# A note names this many line numbers at most, then how many there are in all (as the store's writer says them).
+SHOWN_LINE_NUMBERS = 10
+
 
 @dataclass(frozen=True)
 class Run:
-    """One run: its metadata, its rows, and how many store lines could not be read."""
+    """One run: its metadata, its rows, and the numbers (from 1) of the store lines that could not be read."""
 
     run_dir: Path
     meta: dict[str, Any]
     rows: pd.DataFrame
-    skipped_lines: int
+    unreadable_lines: tuple[int, ...]
+
+    def unreadable_note(self, store: str = "results.jsonl") -> str | None:
+        """What the report's notes and the command line say of lines that hold no row (`store` names the file): a
+        reader must know that the numbers leave them out, and where to look."""
+        numbers = self.unreadable_lines
+        if not numbers:
+            return None
+        shown = ", ".join(map(str, numbers[:SHOWN_LINE_NUMBERS]))
+        more = f", ... ({len(numbers)} in all)" if len(numbers) > SHOWN_LINE_NUMBERS else ""
+        plural = "s" if len(numbers) > 1 else ""
+        return f"{len(numbers)} unreadable line{plural} of {store} skipped (line{plural} {shown}{more})"
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -81,11 +95,8 @@ def load_run(run_dir: str | Path) -> Run:
     """
     run_dir = Path(run_dir)
     meta = _read_meta(run_dir / "run.json")
-    records, skipped = _read_rows(run_dir / "results.jsonl")
+    records, unreadable = _read_rows(run_dir / "results.jsonl")
     rows = pd.DataFrame.from_records(records)
-    missing = [name for name in REQUIRED_COLUMNS if name not in rows.columns]
-    if missing:
-        raise ReportError(f"{run_dir / 'results.jsonl'} rows lack {', '.join(missing)}; was it written by kvbench?")
     for name in OPTIONAL_COLUMNS:
         if name not in rows.columns:
             rows[name] = None
@@ -99,7 +110,13 @@ def load_run(run_dir: str | Path) -> Run:
     rows["refused"] = declined | rows["score"].isna()
     rows.loc[rows["refused"], "score"] = float("nan")
     rows["null"] = ~rows["refused"] & rows["output"].map(_is_empty).astype(bool)
-    return Run(run_dir=run_dir, meta=meta, rows=rows, skipped_lines=skipped)
+    return Run(run_dir=run_dir, meta=meta, rows=rows, unreadable_lines=unreadable)
+
+
+def as_run(run: str | Path | Run) -> Run:
+    """The run itself, or the run loaded from a directory: a caller that already holds it (the CLI, which says what
+    it skipped) has the store read once."""
+    return run if isinstance(run, Run) else load_run(run)
 
 
 def _is_empty(output: Any) -> bool:
@@ -119,34 +136,39 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _results_text(path: Path) -> str | None:
+def _results_bytes(path: Path) -> bytes | None:
     """results.jsonl, or the packed results.jsonl.gz beside it (kvbench.harness.runner.store's format, restated: reports
     import nothing of the harness)."""
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes()
     packed = path.with_name(path.name + ".gz")
-    return gzip.decompress(packed.read_bytes()).decode("utf-8") if packed.is_file() else None
+    return gzip.decompress(packed.read_bytes()) if packed.is_file() else None
 
 
-def _read_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse one row per line, skipping lines a killed run left half-written."""
-    text = _results_text(path)
-    if text is None:
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], tuple[int, ...]]:
+    """One row per line, and the numbers of the lines that hold none (a JSON object with every required column):
+    a last line a killed (or running) run left half-written, or damage. Lines end at newlines only, as the store
+    writes them: a row's text may hold other line separators (U+2028, NEL) unescaped."""
+    data = _results_bytes(path)
+    if data is None:
         raise ReportError(f"no results.jsonl in {path.parent}; the run wrote no results yet")
     records: list[dict[str, Any]] = []
-    skipped = 0
-    for line in text.splitlines():
+    unreadable = []
+    for number, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
-            continue
-        if isinstance(record, dict):
+        except ValueError:  # not JSON, or not UTF-8
+            record = None
+        if isinstance(record, dict) and all(name in record for name in REQUIRED_COLUMNS):
             records.append(record)
         else:
-            skipped += 1
+            unreadable.append(number)
+    if unreadable and not records:
+        raise ReportError(
+            f"{path} holds no readable rows, {len(unreadable)} unreadable lines; was it written by kvbench?"
+        )
     if not records:
         raise ReportError(f"{path} holds no readable rows; the run wrote no results yet")
-    return records, skipped
+    return records, tuple(unreadable)

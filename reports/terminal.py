@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvbench.reports import tables
 from kvbench.reports.content import COLUMNS, TEXT_COLUMNS, _format
-from kvbench.reports.store import load_run
+from kvbench.reports.store import Run, as_run
 from kvbench.reports.tables import MEAN_OVER_TASKS, N_SCORED
 
 # Source columns of tables.summary (with the interval columns the score carries), in the order shown.
@@ -25,9 +25,9 @@ def _display(column: str) -> str:
     return TEXT_COLUMNS.get(column) or COLUMNS.get(column, (column, ""))[0]
 
 
-def summary_text(run_dir: str | Path) -> str:
+def summary_text(run_dir: str | Path | Run) -> str:
     """The run's summary table as aligned text lines, read from its result store only."""
-    rows = load_run(run_dir).rows
+    rows = as_run(run_dir).rows
     frame = tables.summary(rows)
     if frame.empty:
         return f"{TITLE}\n(no result rows)"

@@ -37,6 +37,10 @@ def run_cli(capsys, *argv):
         ),
         (["generate", "--model", "missing.gguf", "--method", "full", "--budget", "1", "--prompt", "hi"], "GGUF file"),
         (
+            ["generate", "--model", __file__, "--method", "full", "--budget", "1", "--prompt", "hi"],
+            "test_cli.py is a file, not a model directory or a .gguf file",
+        ),
+        (
             ["generate", "--device", "tpu", "--method", "full", "--budget", "1", "--prompt", "hi"],
             "valid devices: auto, cpu, cuda",
         ),

@@ -85,6 +85,17 @@ def test_markdown_shows_each_side_and_the_difference(store):
     assert "| -10.0 [-10.0, -10.0] | 5 |" in text
 
 
+def test_cli_says_where_the_store_is_unreadable(tmp_path, capsys):
+    write_store(tmp_path)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
+    lines.insert(3, "garbage\n")
+    (tmp_path / "results.jsonl").write_text("".join(lines))
+    assert main(["compare", str(tmp_path), "--pair", "snapkv", "streaming_llm"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == f"kvbench: note: 1 unreadable line of {tmp_path}/results.jsonl skipped (line 4)\n"
+    assert "snapkv − streaming_llm: string_match_all @ 2048" in captured.out
+
+
 def test_cli_prints_the_tables_and_refuses_unknown_labels_in_one_line(store, capsys):
     run_dir = str(store[0])
     assert main(["compare", run_dir, "--pair", "snapkv", "streaming_llm"]) == 0

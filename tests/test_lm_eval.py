@@ -2,6 +2,7 @@
 loglikelihood semantics, and `kvbench lm-eval` on an exported kvbench task against `kvbench run`."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from kvbench.harness.cli.commands import main
 from kvbench.harness.engine.pipeline import run_context
 from kvbench.harness.lm_eval.adapter import KVBenchLM
 from kvbench.harness.models.loading import LoadedModel
+from kvbench.harness.runner.store import ResultStore
 from kvbench.methods import get_method
 
 PASSAGE = (
@@ -229,3 +231,20 @@ def test_lm_eval_question_tokens_is_part_of_the_identity(niah_runs, tiny, capsys
     assert main(args) == 2
     error = capsys.readouterr().err.strip()
     assert "question_tokens 64 (now 32)" in error and "\n" not in error
+
+
+def test_lm_eval_refuses_a_store_another_run_writes(niah_runs, tiny, capsys):
+    """kvbench lm-eval writes result stores as kvbench run does, under the same lock."""
+    out, _, _ = niah_runs
+    root, _ = tiny
+    before = (out / "lm" / "results.jsonl").read_bytes()
+    args = ["lm-eval", "--model", str(root / "model"), "--methods", "full", "--budgets", "0.25", "--tasks",
+            "kvbench_niah_single_1_512", "--include-path", str(out / "tasks"), "--out", str(out / "lm"),
+            "--no-report", "--no-progress"]  # fmt: skip
+    with ResultStore(out / "lm").writing():
+        assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"kvbench: error: {out / 'lm'} is in use by another kvbench run (pid {os.getpid()}); "
+        "wait for it or use another --out\n"
+    )
+    assert (out / "lm" / "results.jsonl").read_bytes() == before

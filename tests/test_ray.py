@@ -8,9 +8,12 @@ computing it and before handing it back; `always-TASK-ID` makes every actor that
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +220,97 @@ def test_without_ray_the_flags_say_how_to_install_it(chat_model_dir, tmp_path, m
 def test_workers_below_one_is_one_line(chat_model_dir, tmp_path, capsys):
     assert main(sweep_args(chat_model_dir, tmp_path / "out", "--workers", "0")) == 2
     assert capsys.readouterr().err == "kvbench: error: --workers 0 must be at least 1\n"
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "inf", "soon"])
+def test_a_ray_timeout_that_is_no_time_is_one_line(chat_model_dir, tmp_path, capsys, seconds):
+    assert main(sweep_args(chat_model_dir, tmp_path / "out", "--ray-address", "auto", "--ray-timeout", seconds)) == 2
+    assert capsys.readouterr().err == (
+        f"kvbench: error: argument --ray-timeout: {seconds!r} is not a number of seconds above 0 "
+        "(see 'kvbench run --help')\n"
+    )
+
+
+def test_an_unreachable_cluster_fails_within_seconds_in_one_line(chat_model_dir, tmp_path):
+    """Nothing listens at 127.0.0.1:1. Ray's own connect retries such an address for about a quarter of an hour,
+    printing its warnings meanwhile; kvbench says it in one line before the model loads, and leaves no --out."""
+    out = tmp_path / "unreachable"
+    args = sweep_args(chat_model_dir, out, "--workers", "2", "--ray-address", "127.0.0.1:1")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "kvbench.harness.cli.commands", *args], capture_output=True, text=True, timeout=300
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.fullmatch(
+        r"kvbench: error: cannot reach the Ray cluster at 127\.0\.0\.1:1( \(\S+:1\))?: connection refused; "
+        r"is `ray start --head` running there\?\n",
+        done.stderr,
+    ), done.stderr[-2000:]
+    assert seconds < 30
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (None, "no answer within 1 s (--ray-timeout raises it)"),  # accepts, then stays silent
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "something answers there, but not a Ray cluster (no gRPC server)"),
+    ],
+)
+def test_a_port_where_no_ray_cluster_answers_is_one_line(chat_model_dir, tmp_path, capsys, reply, reason):
+    server = socket.socket()
+    server.bind(("0.0.0.0", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    accepted = []
+
+    def answer():
+        connection, _ = server.accept()
+        accepted.append(connection)
+        connection.sendall(reply)
+
+    if reply is not None:
+        threading.Thread(target=answer, daemon=True).start()
+    started = time.monotonic()
+    try:
+        args = sweep_args(chat_model_dir, tmp_path / "out", "--ray-address", f"127.0.0.1:{port}", "--ray-timeout", "1")
+        assert main(args) == 2
+    finally:
+        for sock in (*accepted, server):
+            sock.close()
+    assert time.monotonic() - started < 10
+    error = capsys.readouterr().err
+    assert error.startswith(f"kvbench: error: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert f": {reason}; " in error and error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "address, endpoint",
+    [
+        ("ray://head:10002", ("head", 10002)),
+        ("ray://head", ("head", 10001)),  # Ray Client's default port
+        ("ray://[::1]:10001", ("::1", 10001)),
+        ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+        ("auto", ("10.0.0.2", 6380)),  # from RAY_ADDRESS, as Ray resolves it
+    ],
+)
+def test_every_form_of_ray_address_names_what_is_probed(monkeypatch, address, endpoint):
+    from kvbench.harness.runner.ray_runner import _endpoint
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6380")
+    assert _endpoint(address) == endpoint
+
+
+@pytest.mark.parametrize("address", ["head", "head:port", "ray://head:port"])
+def test_an_address_ray_cannot_take_is_one_line(address):
+    from kvbench.harness.errors import KVBenchError
+    from kvbench.harness.runner.ray_runner import check_cluster
+
+    with pytest.raises(
+        KVBenchError, match=rf"^--ray-address {re.escape(address)} is not a Ray address; give HOST:PORT"
+    ):
+        check_cluster(address, 1.0)
 
 
 class FakeCluster:

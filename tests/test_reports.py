@@ -206,6 +206,27 @@ def test_truncated_last_line_is_skipped_and_reported(rendered):
     assert metadata["result rows read"] == str(len(rows))
     assert metadata["unreadable lines skipped"] == "1"
     assert "has not finished" in markdown.read_text()
+    assert f"1 unreadable line of results.jsonl skipped (line {len(rows) + 1})" in markdown.read_text()
+
+
+def test_damaged_lines_are_said_with_their_numbers_on_stderr_and_in_the_notes(tmp_path, capsys):
+    """Garbage amid the rows (not JSON, not UTF-8, not an object, an object without a row's columns), the cut last
+    line, and a row holding a line separator other than a newline, which is one row, not two."""
+    from kvbench.harness.cli.commands import main
+
+    rows = write_run(tmp_path)
+    lines = (tmp_path / "results.jsonl").read_bytes().split(b"\n")
+    lines[0] = json.dumps({**rows[0], "output": "one\u2028row\x85still"}, ensure_ascii=False).encode()
+    lines[5:5] = [b"{garbage", b"\xff\xfe", b"[1, 2]", b'{"task": "vt"}']  # lines 6 to 9
+    (tmp_path / "results.jsonl").write_bytes(b"\n".join(lines))
+    assert main(["report", str(tmp_path)]) == 0
+    last = len(rows) + 5
+    note = f"5 unreadable lines of {tmp_path}/results.jsonl skipped (lines 6, 7, 8, 9, {last})"
+    assert capsys.readouterr().err == f"kvbench: note: {note}\n"
+    text = (tmp_path / "report.md").read_text()
+    assert f"5 unreadable lines of results.jsonl skipped (lines 6, 7, 8, 9, {last}): the numbers leave them out" in text
+    metadata = markdown_table(text, "Run metadata").set_index("field")["value"]
+    assert metadata["result rows read"] == str(len(rows)) and metadata["unreadable lines skipped"] == "5"
 
 
 def test_user_text_is_escaped(rendered):

@@ -174,6 +174,28 @@ def test_sweep_input_errors(chat_model_dir, tmp_path, capsys, change, message):
     assert re.search(message, err[0])
 
 
+def test_repeated_arguments_run_once_and_say_so(chat_model_dir, tmp_path, capsys):
+    """Repeats, spelt alike or not (0.5 and 0.50; snapkv and snapkv:window=64, its default), are one cell each,
+    and each merge is said once on stderr."""
+    out = tmp_path / "repeats"
+    args = ["run", "--model", chat_model_dir, "--methods", "full,snapkv,full,snapkv:window=64", "--budgets",
+            "0.5,0.50,0.5", "--tasks", "niah_single_1,niah_single_1", "--lengths", "512,512", "--samples", "1",
+            "--out", str(out), "--no-progress", "--no-report"]  # fmt: skip
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvbench: note:")]
+    assert notes == [
+        "kvbench: note: --budgets lists 0.5 3 times (as 0.5, 0.50); it runs once",
+        "kvbench: note: --tasks lists niah_single_1 twice; it runs once",
+        "kvbench: note: --lengths lists 512 twice; it runs once",
+        "kvbench: note: --methods lists full twice; it runs once",
+        "kvbench: note: --methods lists snapkv twice (as snapkv, snapkv:window=64); it runs once",
+    ]
+    assert sorted(key(row) for row in read_rows(out)) == [
+        ("niah_single_1", 512, 0, "full", 1.0),
+        ("niah_single_1", 512, 0, "snapkv", 0.5),
+    ]
+
+
 def test_unwritable_output_dir(chat_model_dir, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 from kvbench.harness.cli.fast_checks import check_arguments, read_prompt
 from kvbench.harness.engine.batched_settings import DEFAULT_BATCH_SIZE
 from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
 
 EXIT_USAGE = 2
 
@@ -22,6 +24,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise KVBenchError(f"{message} (see '{self.prog} --help')")
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a timeout, which only a number of seconds above 0 can be."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--ray-address", help="run the actors on an existing Ray cluster (ray start --head), e.g. HOST:6379"
+    )
+    run.add_argument(
+        "--ray-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT_S,
+        help=f"seconds the --ray-address may take to answer before the run stops (default {CONNECT_TIMEOUT_S:g})",
     )
 
     lm_eval = commands.add_parser(
@@ -326,15 +345,17 @@ def _print_generation(args, loaded, result, context_tokens: int, question_tokens
 
 def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     if args.ray_address or args.workers not in (None, 1):
-        from kvbench.harness.runner.ray_runner import check_workers, require_ray
+        from kvbench.harness.runner.ray_runner import check_cluster, check_workers, require_ray
 
         check_workers(args.workers)
         require_ray()
-    from kvbench.harness.runner.sweep import SweepSpec, parse_budgets, parse_lengths, parse_list, run_sweep
+        check_cluster(args.ray_address, args.ray_timeout)  # before the model loads
+    from kvbench.harness.runner.lists import parse_budgets, parse_lengths, parse_list, split_list
+    from kvbench.harness.runner.sweep import SweepSpec, run_sweep
 
     spec = SweepSpec(
         model=args.model,
-        methods=parse_list(args.methods, "methods"),
+        methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
         budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         lengths=parse_lengths(args.lengths),
@@ -349,6 +370,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         command=shlex.join(["kvbench", *argv]),
         workers=args.workers if args.ray_address else (args.workers or 1),
         ray_address=args.ray_address,
+        ray_timeout=args.ray_timeout,
     )
     store = run_sweep(spec, progress=not args.no_progress)
     print(f"results: {store.results_path}")
@@ -365,8 +387,9 @@ def _finish_run(run_dir: Path, render: bool) -> None:
     from kvbench.reports.terminal import summary_text
 
     try:
-        paths = render_report(run_dir) if render else ()
-        table = summary_text(run_dir)
+        run = _read_run(run_dir)
+        paths = render_report(run) if render else ()
+        table = summary_text(run)
     except ReportError as error:
         if render:
             raise KVBenchError(str(error)) from None
@@ -378,11 +401,11 @@ def _finish_run(run_dir: Path, render: bool) -> None:
 
 def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
     from kvbench.harness.lm_eval.run import LmEvalSpec, run_lm_eval
-    from kvbench.harness.runner.sweep import parse_budgets, parse_list
+    from kvbench.harness.runner.lists import parse_budgets, parse_list, split_list
 
     spec = LmEvalSpec(
         model=args.model,
-        methods=parse_list(args.methods, "methods"),
+        methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
         budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
         out=Path(args.out),
@@ -404,7 +427,8 @@ def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
 
 def _cmd_export_lm_eval(args: argparse.Namespace) -> None:
     from kvbench.harness.models.loading import load_model
-    from kvbench.harness.runner.sweep import default_sample_cache, parse_lengths, parse_list
+    from kvbench.harness.runner.lists import parse_lengths, parse_list
+    from kvbench.harness.runner.sweep import default_sample_cache
     from kvbench.tasks import generate_samples, get_task
     from kvbench.tasks.lm_eval_export import export_task
 
@@ -503,11 +527,23 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> None:
     )
 
 
+def _read_run(run_dir: Path):
+    """The run a report, comparison or summary reads. Store lines that hold no row are said on stderr (and in the
+    report's notes): its numbers leave them out, and a damaged store must not pass for a whole one."""
+    from kvbench.reports import load_run
+
+    run = load_run(run_dir)
+    note = run.unreadable_note(str(run.run_dir / "results.jsonl"))
+    if note:
+        print(f"kvbench: note: {note}", file=sys.stderr)
+    return run
+
+
 def _render(run_dir: Path) -> None:
     from kvbench.reports import ReportError, render_report
 
     try:
-        markdown, html = render_report(run_dir)
+        markdown, html = render_report(_read_run(run_dir))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
     print(f"report: {markdown}\nreport: {html}")
@@ -518,7 +554,7 @@ def _compare(args: argparse.Namespace) -> None:
     from kvbench.reports.compare import compare_markdown
 
     try:
-        print(compare_markdown(Path(args.run_dir), [tuple(pair) for pair in args.pair]))
+        print(compare_markdown(_read_run(Path(args.run_dir)), [tuple(pair) for pair in args.pair]))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
 
@@ -532,12 +568,37 @@ def _quiet_loaders() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _directories_to_create(args: argparse.Namespace) -> list[Path]:
+    """--out of the commands that write a run directory, and those of its parents, that do not exist yet, deepest
+    first: what the command creates (the argument checks prove --out writable by creating it)."""
+    if args.command not in ("run", "lm-eval", "export-lm-eval"):
+        return []
+    missing = []
+    directory = Path(args.out).absolute()
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    """A command that fails before writing anything leaves no empty directory behind; rmdir removes only an empty
+    one, so nothing written there (by this run or another) can go."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    created: list[Path] = []
     try:
         parser = build_parser()
         # `train` takes the options of the method it trains, which only that method knows.
         args, rest = parser.parse_known_args(argv) if argv[:1] == ["train"] else (parser.parse_args(argv), [])
+        created = _directories_to_create(args)
         # Before any heavy import or model load: a mistake in the arguments is reported in milliseconds.
         check_arguments(args)
         if args.command == "list":
@@ -573,6 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - anything else is a bug: one line for the user, the rest on disk
         print(f"kvbench: error: {_unexpected(error)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        _remove_if_empty(created)  # a finished command has written into them, so this takes only a failed one's
     return 0
 
 

@@ -230,6 +230,14 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
         raise KVBenchError(f"--question-tokens {spec.question_tokens} must be 0 or more")
     manager = task_manager(spec.include_paths, spec.tasks)
     store = ResultStore(spec.out)
+    with store.writing():  # from before the model loads to the last row: a second run into --out is refused
+        _evaluate_into(store, spec, sweep, methods, manager, progress)
+    return store
+
+
+def _evaluate_into(
+    store: ResultStore, spec: LmEvalSpec, sweep: SweepSpec, methods: list, manager, progress: bool
+) -> None:
     identity = lm_eval_identity(spec)
     previous = store.open(identity, force=spec.force)
     loaded = load_model(spec.model, spec.device, spec.dtype)
@@ -274,4 +282,3 @@ def run_lm_eval(spec: LmEvalSpec, progress: bool = True) -> ResultStore:
                 present.add(cell_key(row))
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
-    return store

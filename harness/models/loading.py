@@ -119,6 +119,8 @@ def _locate(name: str) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.is_dir():
         return str(path), None
+    if path.exists():
+        raise UnknownNameError(f"{name} is a file, not a model directory or a .gguf file")
     # Hub ids are "name" or "org/name"; anything else is a path the user expected to exist.
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UnknownNameError(f"model directory {name} does not exist")

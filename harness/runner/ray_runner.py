@@ -11,6 +11,7 @@ Scheduling, placement and fault detection are Ray's; this module only keeps the 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,12 @@ from kvbench.harness.errors import KVBenchError
 INSTALL = 'pip install "kvbench[ray]"'
 MAX_ATTEMPTS = 3  # tries per unit (the first and two retries) before its cells are recorded as failed
 READY_TIMEOUT_S = 600.0  # how long the first actors may take to be placed and load the model
+CONNECT_TIMEOUT_S = 10.0  # how long a cluster's address may take to answer (--ray-timeout)
+RAY_CLIENT_PORT = 10001  # the port of a ray://HOST address that names none (Ray Client's default)
+# What an HTTP/2 client sends first (RFC 9113 §3.4): the preface, then a SETTINGS frame, here empty (a 9-byte
+# header: length 0, type 4, no flags, stream 0). A server answers with a SETTINGS frame of its own.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)
+HTTP2_SETTINGS = 0x04
 
 
 def require_ray() -> None:
@@ -34,6 +41,71 @@ def require_ray() -> None:
 def check_workers(workers: int | None) -> None:
     if workers is not None and workers < 1:
         raise KVBenchError(f"--workers {workers} must be at least 1")
+
+
+def check_cluster(address: str | None, timeout: float) -> None:
+    """That the cluster's address answers as a Ray cluster does, each step within `timeout` seconds. Ray's own
+    connect retries an address where nothing listens (or nothing answers) for about a quarter of an hour, printing
+    its core's warnings about the address it resolved meanwhile; checked here, it is one line within seconds. Asked
+    before the model loads, and again just before joining (the cluster may go while a large model loads)."""
+    endpoint = _endpoint(address) if address and address != "local" else None
+    if endpoint is None:
+        return
+    reason = _no_cluster(endpoint, timeout)
+    if reason is None:
+        return
+    resolved = f"{endpoint[0]}:{endpoint[1]}"
+    where = address if resolved == address else f"{address} ({resolved})"
+    raise KVBenchError(f"cannot reach the Ray cluster at {where}: {reason}; is `ray start --head` running there?")
+
+
+def _no_cluster(endpoint: tuple[str, int], timeout: float) -> str | None:
+    """Why no Ray cluster answers at `endpoint`, or None when one may. Ray's GCS and its client server are gRPC
+    servers, so they answer an HTTP/2 preface with a SETTINGS frame: another service on the port (the dashboard,
+    SSH) or one that accepts and stays silent is told apart at once. A TLS cluster (RAY_USE_TLS) is only connected
+    to: it speaks HTTP/2 inside TLS alone. A proxy that answers HTTP/2 for every address passes: Ray's connect
+    then gives up on its own."""
+    try:
+        with socket.create_connection(endpoint, timeout=timeout) as connection:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return None
+            connection.sendall(HTTP2_PREFACE)
+            reply = connection.recv(9)
+    except TimeoutError:
+        return f"no answer within {timeout:g} s (--ray-timeout raises it)"
+    except OSError as error:  # refused, unreachable network, unknown host, reset
+        return (error.strerror or str(error)).lower()
+    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS:
+        return "something answers there, but not a Ray cluster (no gRPC server)"
+    return None
+
+
+def _endpoint(address: str) -> tuple[str, int] | None:
+    """The host and port Ray would connect to: `ray://HOST[:PORT]` (Ray Client) as given; `HOST:PORT` and `auto`
+    (RAY_ADDRESS, else the cluster `ray start` started last on this machine) as Ray itself resolves them, a local
+    host becoming this node's address. None where Ray would start a cluster rather than join one."""
+    if address.startswith("ray://"):
+        given = address.removeprefix("ray://")
+        host, colon, port = given.rpartition(":")
+        return _host_port(address, host, port) if colon else _host_port(address, given, str(RAY_CLIENT_PORT))
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError as error:  # `auto` with no cluster recorded or running
+        raise KVBenchError(f"no Ray cluster for --ray-address {address}: {str(error).splitlines()[0]}") from None
+    except ValueError:
+        resolved = ""  # no HOST:PORT: refused below, in kvbench's words
+    if resolved is None:
+        return None
+    host, _, port = resolved.rpartition(":")
+    return _host_port(address, host, port)
+
+
+def _host_port(address: str, host: str, port: str) -> tuple[str, int]:
+    if not host or not port.isdigit():
+        raise KVBenchError(f"--ray-address {address} is not a Ray address; give HOST:PORT, ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
 
 
 class SweepWorker:
@@ -74,11 +146,12 @@ def _run_unit(loaded, length, sample, todo, context):
     return unit_cells(loaded, length, sample, todo, context)
 
 
-def _connect(ray, address: str | None) -> bool:
+def _connect(ray, address: str | None, timeout: float) -> bool:
     """Join the given cluster, or start a local one; True when this call started Ray (and must stop it)."""
     if ray.is_initialized():  # a session the caller opened (a notebook, the tests): use it as it is
         return False
     env = {"env_vars": {"TQDM_DISABLE": "1"}}
+    check_cluster(address, timeout)
     try:
         if address:
             ray.init(address=address, runtime_env=env, logging_level="WARNING", log_to_driver=True)
@@ -132,7 +205,7 @@ def run_units(
 
     from kvbench.harness.runner.sweep import failed_unit_rows
 
-    started = _connect(ray, spec.ray_address)
+    started = _connect(ray, spec.ray_address, spec.ray_timeout)
     device, dtype = loaded.device.type, str(loaded.dtype).removeprefix("torch.")
     actors: list = []
     try:

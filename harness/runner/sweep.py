@@ -33,7 +33,8 @@ from kvbench.harness.provenance import (
     provenance,
 )
 from kvbench.harness.requirements import installed_version
-from kvbench.harness.runner.lists import check_lengths, split_list
+from kvbench.harness.runner.lists import distinct
+from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
 from kvbench.harness.runner.store import ResultStore, cell_key
 from kvbench.methods import Method, get_method
 from kvbench.tasks import (
@@ -70,15 +71,7 @@ class SweepSpec:
     # More than one worker, or a cluster address, spreads the work units over Ray actors (harness/runner/ray_runner.py).
     workers: int | None = 1
     ray_address: str | None = None
-
-
-# The torch-free parsers of the argument checks are the sweep's parsers too.
-parse_list = split_list
-parse_lengths = check_lengths
-
-
-def parse_budgets(text: str) -> list[float]:
-    return list(dict.fromkeys(check_budget(item) for item in parse_list(text, "budgets")))
+    ray_timeout: float = CONNECT_TIMEOUT_S  # seconds the cluster's address may take to answer
 
 
 def default_sample_cache() -> Path:
@@ -86,8 +79,9 @@ def default_sample_cache() -> Path:
 
 
 def validate(spec: SweepSpec) -> list[Method]:
-    """Check every user input that needs no model; return the methods to run, one per distinct configuration."""
-    methods = list({m.label: m for m in (get_method(name) for name in spec.methods)}.values())
+    """Check every user input that needs no model; return the methods to run, one per distinct configuration (two
+    specs of one configuration are one cell: said on stderr)."""
+    methods = distinct(spec.methods, "methods", get_method, key=lambda method: method.label)
     for budget in spec.budgets:
         check_budget(budget)
     for task in spec.tasks:
@@ -407,6 +401,12 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     if maximum is not None and max(spec.lengths) > maximum:
         raise KVBenchError(f"length {max(spec.lengths)} exceeds {spec.model}'s maximum of {maximum} tokens")
     store = ResultStore(spec.out)
+    with store.writing():  # from before the model loads to the last row: a second run into --out is refused
+        _sweep_into(store, spec, methods, progress)
+    return store
+
+
+def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], progress: bool) -> None:
     # What must match for new rows to belong with those already in --out; checked before the model loads.
     identity = run_identity(spec)
     previous = store.open(identity, force=spec.force)
@@ -474,4 +474,3 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
                     record(rows, f"{sample.task}@{length} {method.label}@{budget:g}")
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)
-    return store
