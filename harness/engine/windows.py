@@ -47,7 +47,7 @@ def budget_for_the_rest(observation: Observation, budget: float, label: str) -> 
         raise BudgetError(
             f"{label} at budget {budget:g}: at {observation.context_length} tokens this model's sliding-window "
             f"layers alone hold {lowest:.3f} of the cache (kvbench keeps their windows as transformers does); "
-            + ("no layer is left to compress" if rest <= 0 else f"the lowest reachable budget is above {lowest:.3f}")
+            + ("no layer is left to compress" if rest <= 0 else f"budgets up to {lowest:.3f} cannot be reached")
         )
     return min(1.0, (budget * full - windows) / rest)
 
