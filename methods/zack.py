@@ -21,9 +21,9 @@ import torch
 from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import LayerPrefix, LowRankPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, context_forward, prefill
-from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.errors import BudgetError, KVBenchError, Unsupported, check_budget
 from kvbench.harness.method_spec import option
-from kvbench.harness.models.loading import head_dim
+from kvbench.harness.models.loading import head_dim, kv_heads
 from kvbench.methods.base import Method, register
 from kvbench.methods.common.calibration_data import calibration_ids
 
@@ -67,6 +67,19 @@ class ZACKConfig:
     project_during_prefill: bool = True
 
 
+def output_projection(block: torch.nn.Module) -> torch.nn.Linear:
+    """A decoder layer's attention output projection (Llama's self_attn.o_proj, GPT-NeoX's attention.dense), or
+    a one-line refusal naming what the layer lacks."""
+    attention = getattr(block, "self_attn", None) or getattr(block, "attention", None)
+    projection = getattr(attention, "o_proj", None) or getattr(attention, "dense", None)
+    if not isinstance(projection, torch.nn.Linear):
+        raise Unsupported(
+            f"zack weighs value channels by each layer's attention output projection; {type(block).__name__} has "
+            "no self_attn.o_proj or attention.dense"
+        )
+    return projection
+
+
 def _principal_axes(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right singular vectors (columns, σ descending) and normalised σ² of the rows whose Gram matrix is given.
 
@@ -87,8 +100,8 @@ def calibrate_bases(model: torch.nn.Module, samples: list[list[int]]) -> dict[st
     key_energy/value_energy [L, H_kv, d] (σ² / Σσ², the order ranks are handed out in).
     """
     config = model.config
-    num_layers, h_q, h_kv = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    d, group = head_dim(config), config.num_attention_heads // config.num_key_value_heads
+    num_layers, h_q, h_kv = config.num_hidden_layers, config.num_attention_heads, kv_heads(config)
+    d, group = head_dim(config), h_q // h_kv
     key_gram = torch.zeros(num_layers, h_kv, d, d, dtype=torch.float64)
     value_gram = torch.zeros_like(key_gram)
     for ids in samples:
@@ -99,9 +112,9 @@ def calibrate_bases(model: torch.nn.Module, samples: list[list[int]]) -> dict[st
             values = observation.values[layer].to("cpu", torch.float64)
             key_gram[layer] += queries.transpose(-1, -2) @ queries + keys.transpose(-1, -2) @ keys
             value_gram[layer] += values.transpose(-1, -2) @ values
-    for layer, block in enumerate(model.model.layers):
-        # o_proj.weight is [D, H_q·d]; its columns for head h are W_O,hᵀ (D×d), stacked under V_j.
-        out = block.self_attn.o_proj.weight.detach().to("cpu", torch.float64).reshape(-1, h_q, d).transpose(0, 1)
+    for layer, block in enumerate(model.get_decoder().layers):
+        # The output projection's weight is [D, H_q·d]; its columns for head h are W_O,hᵀ (D×d), stacked under V_j.
+        out = output_projection(block).weight.detach().to("cpu", torch.float64).reshape(-1, h_q, d).transpose(0, 1)
         grouped = out.reshape(h_kv, group * out.shape[1], d)
         value_gram[layer] += grouped.transpose(-1, -2) @ grouped
     key_bases, key_energy = _principal_axes(key_gram)
@@ -259,7 +272,7 @@ class ZACK(Method):
     ) -> tuple[KVBenchCache, torch.Tensor]:
         """The paper's mode: prefill with every layer attending to its projected keys and values (`projected_prefill`)."""
         config = model.config
-        shape = (config.num_hidden_layers, config.num_key_value_heads, head_dim(config))
+        shape = (config.num_hidden_layers, kv_heads(config), head_dim(config))
         artifacts = self._checked_artifacts(shape, model.device)
         key_bases, value_bases = self._layer_bases(artifacts, check_budget(budget), shape, len(input_ids), model.dtype)
         prefixes, logits = projected_prefill(model, input_ids, key_bases, value_bases)

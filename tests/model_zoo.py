@@ -108,7 +108,10 @@ FAMILIES: dict[str, Family] = {
     "gpt-neox": Family(
         "GPTNeoXConfig",
         "GPTNeoXForCausalLM",
-        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            "num_key_value_heads": None,  # multi-head attention: its real configs name no KV heads
+        },
     ),
     "olmo2": Family("Olmo2Config", "Olmo2ForCausalLM"),
     "cohere": Family("CohereConfig", "CohereForCausalLM"),
@@ -152,8 +155,9 @@ FAMILIES: dict[str, Family] = {
 def family_config(name: str, **overrides) -> transformers.PretrainedConfig:
     family = FAMILIES[name]
     config_class = getattr(transformers, family.config)
-    kwargs = {**COMMON, **family.fields, **overrides}
-    config = config_class(**kwargs)
+    kwargs = {**COMMON, **family.fields}
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}  # a family drops a common field
+    config = config_class(**{**kwargs, **overrides})
     return config
 
 

@@ -16,7 +16,7 @@ from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory,
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefill
 from kvbench.harness.errors import BudgetError, Unsupported
 from kvbench.harness.models.families import kept_positions
-from kvbench.harness.models.loading import LoadedModel, head_dim
+from kvbench.harness.models.loading import LoadedModel, head_dim, kv_heads
 from kvbench.methods.base import Method
 
 T = TypeVar("T")
@@ -83,7 +83,7 @@ def full_kv_bytes(config, context_length: int, dtype: torch.dtype) -> int:
     """Bytes of an uncompressed K and V cache for `context_length` tokens as a plain transformers cache holds it
     (sliding-window layers at their window): the budget's denominator."""
     positions = sum(kept_positions(config, context_length))
-    elements = 2 * config.num_key_value_heads * head_dim(config) * positions
+    elements = 2 * kv_heads(config) * head_dim(config) * positions
     return elements * torch.empty((), dtype=dtype).element_size()
 
 

@@ -71,6 +71,12 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_heads(config) -> int:
+    """KV heads per layer: the config's own field, else one per query head (multi-head attention models such as
+    GPT-NeoX name no KV heads)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def resolve_device(device: str) -> torch.device:
     import torch
 

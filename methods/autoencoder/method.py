@@ -22,6 +22,7 @@ from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.method_spec import OptionError, option
+from kvbench.harness.models.loading import head_dim
 from kvbench.methods.autoencoder import training
 from kvbench.methods.autoencoder.training import encode
 from kvbench.methods.base import Method, register
@@ -155,7 +156,7 @@ class Autoencoder(Method):
         start = time.perf_counter()
         split = train_text(tokenizer, config.tokens, config.window, config.seed, 0.1, config.text_file)
         model_config = model.config
-        dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+        dim = head_dim(model_config)
         sizes = latent_sizes(config, dim)
         attention = "attention" in config.loss
         train = training.collect(

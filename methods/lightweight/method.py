@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -190,13 +191,13 @@ def _ids_hook(module, args, kwargs) -> None:
             log.ids.append(ids[b].detach().cpu())
 
 
-def _hidden_hook(module, args, kwargs) -> None:
+def _hidden_hook(layer: int, module, args, kwargs) -> None:
     logs = [(b, log) for b, log in _recordings(kwargs) if log.hidden is not None]
     if logs:
         hidden = args[0] if args else kwargs["hidden_states"]
         _batch_of(hidden, kwargs)
         for b, log in logs:
-            log.hidden[module.self_attn.layer_idx].append(hidden[b].detach())
+            log.hidden[layer].append(hidden[b].detach())
 
 
 def install_hooks(model: torch.nn.Module) -> None:
@@ -205,7 +206,10 @@ def install_hooks(model: torch.nn.Module) -> None:
     if model in _HOOKED:
         return
     handles = [model.register_forward_pre_hook(_ids_hook, with_kwargs=True)]
-    handles += [layer.register_forward_pre_hook(_hidden_hook, with_kwargs=True) for layer in model.get_decoder().layers]
+    handles += [
+        block.register_forward_pre_hook(partial(_hidden_hook, layer), with_kwargs=True)
+        for layer, block in enumerate(model.get_decoder().layers)
+    ]
     _HOOKED[model] = handles
 
 

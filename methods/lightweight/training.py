@@ -33,6 +33,7 @@ from kvbench.harness.cache.prefix import TokenPrefix
 from kvbench.harness.engine.decode import greedy_decode
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefill
 from kvbench.harness.errors import KVBenchError
+from kvbench.harness.models.loading import head_dim, kv_heads
 from kvbench.methods.common.eviction import tokens_for_budget, top_indices
 from kvbench.methods.lightweight import features as lw
 from kvbench.tasks.errors import TaskError
@@ -326,8 +327,7 @@ def heldout_loss(model, scorer, examples: list[Example], prepared: list[Prepared
 
 def shapes(model: torch.nn.Module) -> tuple[int, int, int, int]:
     c = model.config
-    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, c.num_key_value_heads, dim, c.hidden_size
+    return c.num_hidden_layers, kv_heads(c), head_dim(c), c.hidden_size
 
 
 def train(model: torch.nn.Module, tokenizer, config) -> Trained:
