@@ -57,6 +57,32 @@ def test_full_equals_transformers_generate(name):
     )
 
 
+@pytest.mark.parametrize("method", ["full", "kivi"])
+def test_a_window_keeps_sliding_over_a_whole_context_in_original_positions(method):
+    """A context shorter than the window is kept whole (compressible, like a full-attention layer); as the answer
+    grows past the window the earliest context positions leave it, exactly as in transformers' own cache."""
+    model = family_model("mistral-window")
+    context, question = random_ids(10, seed=8), random_ids(QUESTION, seed=9)  # 10 + 5 + 8 > 12
+    observation = prefill(model, context, ObservationNeeds())
+    assert observation.windowed_layers() == {}
+    cache = KVBenchCache(observation.num_layers, get_method(method).compress(observation, 1.0), len(context))
+    generation = greedy_decode(model, cache, question, NEW_TOKENS, [2], keep_logits=True)
+    _assert_same(
+        generation.token_ids, generation.step_logits, *reference_generation(model, context, question, NEW_TOKENS)
+    )
+
+
+def test_a_window_that_leaves_an_evicted_context_refuses_the_cell():
+    """Which positions a ragged eviction kept is not recorded: once the window would hide some context position,
+    the cell is refused (a sweep records it), never answered with the wrong positions."""
+    model = family_model("mistral-window")
+    context, question = random_ids(10, seed=8), random_ids(QUESTION, seed=9)
+    observation = prefill(model, context, get_method("adakv").needs())
+    cache = KVBenchCache(observation.num_layers, get_method("adakv").compress(observation, 0.5), len(context))
+    with pytest.raises(BudgetError, match="no longer covers the compressed context"):
+        greedy_decode(model, cache, question, NEW_TOKENS, [2])
+
+
 @pytest.mark.parametrize(("name", "feature"), FEATURES)
 def test_switching_a_feature_off_changes_the_output(name, feature):
     """The exactness test above would fail if kvbench ignored the feature: the model without it answers with

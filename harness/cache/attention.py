@@ -132,16 +132,12 @@ class Positions:
 
 
 def layer_positions(
-    prefix_length: int, tail_length: int, query_length: int, first_position: int | None, n_prefix: int, device
+    prefix_length: int, tail_length: int, query_length: int, prefix: torch.Tensor | None, device
 ) -> Positions:
-    """Positions for a layer whose cache covers `prefix_length` context positions (held as `n_prefix` entries,
-    the contiguous run from `first_position` when it is known) and a tail of `tail_length` tokens, the last
-    `query_length` of which are the queries."""
+    """Positions for a layer whose cache covers `prefix_length` context positions (its prefix entries at the
+    positions `prefix`, when known) and a tail of `tail_length` tokens, the last `query_length` of which are the
+    queries."""
     tail = torch.arange(prefix_length, prefix_length + tail_length, device=device)
-    prefix = None
-    if first_position is not None or n_prefix == 0:
-        start = first_position or 0
-        prefix = torch.arange(start, start + n_prefix, device=device)
     return Positions(tail[tail_length - query_length :], tail, prefix)
 
 
@@ -197,7 +193,7 @@ def attend_compressed(
     h_kv, tail_length = tail_k.shape[0], tail_k.shape[1]
     group = h_q // h_kv
     if positions is None:
-        positions = layer_positions(0, tail_length, length, None, 0, query.device)
+        positions = layer_positions(0, tail_length, length, None, query.device)
     # Rows of one KV head: its `group` query heads × L positions; the masks repeat per head.
     q = query.reshape(h_kv, group * length, dim)
     tail_seen = positions.tail_visible(attention.window).repeat(group, 1)
@@ -257,8 +253,16 @@ def kvbench_attention(
     return _attend_row(module, query, key, value, kvbench_cache, attention)
 
 
-def _row_positions(layer, query_length: int, n_prefix: int, device) -> Positions:
-    return layer_positions(layer.prefix_length, layer.tail_length, query_length, layer.first_position, n_prefix, device)
+def _row_positions(layer, query_length: int, prefix: PrefixKV | None, device) -> Positions:
+    """A cache layer's positions: its prefix's are known when it is empty or a contiguous run (`first_position`:
+    the whole context, a sliding window's last tokens), unknown for what a method selected or merged."""
+    if prefix is None:
+        known = torch.zeros(0, device=device)
+    elif layer.first_position is not None and prefix.uniform:
+        known = torch.arange(layer.first_position, layer.first_position + prefix.keys.shape[1], device=device)
+    else:
+        known = None
+    return layer_positions(layer.prefix_length, layer.tail_length, query_length, known, device)
 
 
 def _attend_rows(
@@ -281,7 +285,7 @@ def _attend_rows(
         if row.recorder is not None:
             row.recorder.observe(index, query[b : b + 1], tail_keys, attention.scaling)
         prefix = layer.prefix.materialize()
-        positions = _row_positions(layer, query.shape[2], prefix_entries(prefix), query.device)
+        positions = _row_positions(layer, query.shape[2], prefix, query.device)
         shared = attention.plain_softmax and positions.prefix_visible(attention.window, index) is None
         if shared and prefix.uniform and prefix.bias is None:
             shape = (prefix.keys.shape[1], tail_keys.shape[2], prefix.keys.dtype)
@@ -300,16 +304,11 @@ def _attend_rows(
             [torch.stack([prefix.values for _, prefix in members]).to(dtype), torch.cat([t.values for t in tails])],
             dim=2,
         )
-        positions = _row_positions(tails[0], query.shape[2], prefix_length, query.device)
+        positions = _row_positions(tails[0], query.shape[2], members[0][1], query.device)
         out = _sdpa_over_prefix(module, query[rows], keys, values, prefix_length, attention, positions)[0]
         for j, b in enumerate(rows):
             outputs[b] = out[j]
     return torch.stack(outputs)
-
-
-def prefix_entries(prefix: PrefixKV) -> int:
-    """Entries a uniform prefix holds per head (0 for a ragged one, whose positions are never recorded)."""
-    return int(prefix.keys.shape[1]) if prefix.uniform else 0
 
 
 def _attend_row(
@@ -329,10 +328,11 @@ def _attend_row(
     if fresh_prefill and attention.plain_softmax and attention.window is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=attention.scaling)
     prefix = layer.prefix.materialize() if layer.prefix is not None else None
-    n_prefix = prefix_entries(prefix) if prefix is not None else 0
-    positions = _row_positions(layer, query.shape[2], n_prefix, query.device)
+    positions = _row_positions(layer, query.shape[2], prefix, query.device)
     if attention.plain_softmax and (prefix is None or (prefix.uniform and prefix.bias is None)):
+        n_prefix = 0
         if prefix is not None:
+            n_prefix = prefix.keys.shape[1]
             key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
             value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
         return _sdpa_over_prefix(module, query, key, value, n_prefix, attention, positions)
