@@ -90,10 +90,16 @@ def verify_checksums(payload: dict[str, Any], where: str) -> None:
 
 
 def config_difference(stored: dict[str, Any], ours: dict[str, Any]) -> str:
-    """The fields two method configurations differ in, with both values: `window (64 vs 32)`."""
-    missing = "absent"
-    names = [name for name in {**stored, **ours} if stored.get(name, missing) != ours.get(name, missing)]
-    return ", ".join(f"{name} ({stored.get(name, missing)!r} vs {ours.get(name, missing)!r})" for name in names)
+    """The fields two method configurations differ in, with both values: `window (64 vs 32)`; a field one of
+    them lacks (an option added since) reads `absent`."""
+    names = [
+        name for name in {**stored, **ours} if name not in stored or name not in ours or stored[name] != ours[name]
+    ]
+    return ", ".join(f"{name} ({_value(stored, name)} vs {_value(ours, name)})" for name in names)
+
+
+def _value(config: dict[str, Any], name: str) -> str:
+    return repr(config[name]) if name in config else "absent"
 
 
 def _refuse(where: str, detail: str) -> KVBenchError:
