@@ -8,8 +8,10 @@ For each context size and each (method, budget), the context is compressed once,
   file's size on disk). Never capped: a size that does not fit (beyond the model's limit, or more host memory or
   disk than is free) is a row that says so, never a smaller size in its place;
 - load from disk: the file's pages dropped from the page cache first (`posix_fadvise(DONTNEED)` after the
-  writer's fsync), then `torch.load` and the cache rebuilt (decoders re-linked);
-- load from host memory: the same from the file's bytes already in RAM (deserialize and rebuild, no I/O);
+  writer's fsync), then `torch.load`, the sha256 of every field recomputed and the cache rebuilt (decoders
+  re-linked); not the checks of the rebuilt cache against the model (`stored_checks.check_cache`, a pass of
+  `materialize` over every layer, as "decompress" below times it), which need a model;
+- load from host memory: the same from the file's bytes already in RAM (deserialize, verify and rebuild, no I/O);
 - host to device: the payload's tensors copied from pinned host memory to the CUDA device, the timer bracketed
   by `torch.cuda.synchronize()`; where there is no CUDA the column says "no CUDA";
 - decompress: every layer's prefix materialized (dequantized, decoded from latents, split per head) once, layer
@@ -63,6 +65,7 @@ from kvbench.harness.engine.decode import next_token_logits  # noqa: E402
 from kvbench.harness.engine.measure import timed  # noqa: E402
 from kvbench.harness.engine.pipeline import TimedObservation, compress_context, shared_needs  # noqa: E402
 from kvbench.harness.engine.prefill import Observation, prefill  # noqa: E402
+from kvbench.harness.engine.stored_checks import verify_checksums  # noqa: E402
 from kvbench.harness.errors import BudgetError, KVBenchError  # noqa: E402
 from kvbench.methods import get_method  # noqa: E402
 from kvbench.methods.base import Method  # noqa: E402
@@ -144,6 +147,7 @@ def load_from_disk(path: Path, method: Method) -> tuple[KVBenchCache, torch.Tens
 
 def load_from_memory(blob: bytes, method: Method) -> KVBenchCache:
     payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    verify_checksums(payload, "<memory>")
     return stored_context.rebuild(stored_context.StoredContext("<memory>", payload), method)[0]
 
 

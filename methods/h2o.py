@@ -12,6 +12,7 @@ from kvbench.harness.cache.prefix import Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.budget import kv_cost
 from kvbench.methods.common.eviction import decode_attention, gather_heads, group_mean, tokens_for_budget, top_indices
 from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
 
@@ -28,7 +29,9 @@ class H2OConfig:
     decode_evict: the paper's decode-time H2O: every generated token's attention row is added to the scores and
         each head then evicts its lowest-scoring token, so the cache keeps the size it had when generation began
         (its budget plus the question). The newest token and the recent share are never evicted. At b = 1 the
-        context is not compressed and nothing is evicted while decoding either.
+        context is not compressed and nothing is evicted while decoding either. The scores it carries (fp32,
+        and int32 positions when normalised) are cache and come out of the budget: each head keeps the most
+        tokens whose keys, values and scores together fit b of the full cache, fewer than int(b·N).
 
     Scores come from the prefill's chunked column sums (never an N×N matrix) and are averaged over each KV
     head's query group.
@@ -55,6 +58,12 @@ def h2o_scores(observation: Observation, layer: int, config: H2OConfig, n_kept: 
     return scores
 
 
+# What the decode state holds per kept token of a head: its score (the prefill's column sums are fp32) and, when
+# scores are normalised, its position.
+SCORE_BYTES = torch.float32.itemsize
+POSITION_BYTES = torch.int32.itemsize
+
+
 @dataclass
 class H2ODecodeState:
     """One sequence's decode-time H2O state, in its cache's `method_state` (where `kv_bytes` counts it).
@@ -78,6 +87,7 @@ class H2ODecodeState:
 @register
 class H2O(Method):
     name = "h2o"
+    version = 2  # decode_evict pays for its scores from the budget
     family = "token eviction"
     description = "Keeps the tokens that received the most attention in the prefill (heavy hitters, per KV head)"
     Config = H2OConfig
@@ -87,7 +97,7 @@ class H2O(Method):
 
     def _compress(self, observation: Observation, budget: float) -> Prefixes:
         n = observation.context_length
-        n_kept = tokens_for_budget(n, budget)
+        n_kept = self._tokens_per_head(observation, budget)
         prefixes, accumulated, positions = [], [], []
         for layer in range(observation.num_layers):
             kept = top_indices(h2o_scores(observation, layer, self.config, n_kept), n_kept).sort(dim=-1).values
@@ -103,6 +113,15 @@ class H2O(Method):
                 accumulated, positions if self.config.normalize else None, recent, observation.scaling
             )
         return Prefixes(prefixes, decode_state=state)
+
+    def _tokens_per_head(self, observation: Observation, budget: float) -> int:
+        """int(b·N); with decode_evict, the most tokens whose keys, values and decode state (`H2ODecodeState`:
+        an fp32 score per kept token, and an int32 position when normalised) fit b of the full cache."""
+        n = observation.context_length
+        if not self.config.decode_evict:
+            return tokens_for_budget(n, budget)
+        per_head = SCORE_BYTES + (POSITION_BYTES if self.config.normalize else 0)
+        return kv_cost(observation, state_per_head=per_head).kept(self.label, n, budget)
 
     @property
     def acts_while_decoding(self) -> bool:

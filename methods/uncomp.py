@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from kvbench.harness.cache.kv_cache import CompressedLayer, KVBenchCache
 from kvbench.harness.cache.prefix import LayerPrefix, Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation, ObservationNeeds
-from kvbench.harness.errors import BudgetError, KVBenchError
+from kvbench.harness.errors import KVBenchError
 from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.budget import KEYS_AND_VALUES, TokenCost, kv_cost
 from kvbench.methods.common.calibration_data import calibration_ids
-from kvbench.methods.common.eviction import gather_heads, lowest_budget, snapkv_prefix_scores
+from kvbench.methods.common.eviction import gather_heads, snapkv_prefix_scores
 from kvbench.methods.common.head_scores import observe_all_queries, truncated_matrix_entropy
 from kvbench.methods.common.query_log import QueryLog, attach_query_log, logged_state
 
@@ -112,25 +113,28 @@ def graded_capacities(total: int, weights: list[Fraction], low: int, high: int) 
 
 
 def head_capacities(
-    group_ids: torch.Tensor, context_length: int, budget: float, config: UNCompConfig
+    group_ids: torch.Tensor, context_length: int, budget: float, config: UNCompConfig, cost: TokenCost = KEYS_AND_VALUES
 ) -> list[list[int]]:
-    """Tokens each KV head keeps of the context, per layer: mean ⌊b·N⌋ per KV head, graded by group.
+    """Tokens each KV head keeps of the context, per layer: on average the most that `cost` allows at b, graded
+    by group (⌊b·N⌋ for keys and values alone; fewer once the decode state is paid, `decode_cost`).
 
-    The floor makes the budget a ceiling: the kept keys and values never exceed b of the full cache. Each head
-    keeps at least its window + 1 and at most the whole context; a head whose capacity covers the context is
-    left whole (at b = 1, all are).
+    The floor makes the budget a ceiling: the kept keys and values, with the state, never exceed b of the full
+    cache. Each head keeps at least its window + 1 and at most the whole context; a head whose capacity covers
+    the context is left whole (at b = 1, all are).
     """
     n = context_length
-    mean = math.floor(budget * n)
     low = min(config.window + 1, n)
-    if mean < low:
-        raise BudgetError(
-            f"uncomp at budget {budget:g} keeps {mean} tokens per head of this {n}-token context, fewer than its "
-            f"window + 1 = {low}; the lowest reachable budget is {lowest_budget(low, n):g}"
-        )
+    mean = cost.kept("uncomp", n, budget, low, f"its window + 1 = {low}")
     weights = group_weights(config.groups, config.budget_ratio)
     heads = group_ids.shape[1]
     return [graded_capacities(mean * heads, [weights[g] for g in layer.tolist()], low, n) for layer in group_ids]
+
+
+def decode_cost(observation: Observation, window: int) -> TokenCost:
+    """What keeping tokens costs with the decode state paid from the budget: every layer evicts below b = 1, and
+    keeps the w most recent queries ([H_q, w, d] in the observed dtype, `DecodeState.queries`)."""
+    queries = observation.window_queries
+    return kv_cost(observation, fixed=sum(q[:, -window:].numel() * q.element_size() for q in queries))
 
 
 def kept_indices(rows: torch.Tensor, size: int, window: int, kernel: int) -> torch.Tensor:
@@ -187,14 +191,17 @@ class UNComp(Method):
     """After the prefill each head keeps its group's capacity (SnapKV-style selection); while decoding, every
     compressed head evicts one token per generated token, holding the size it had when generation began
     (its capacity plus the question). A head whose capacity covers the context is never compressed, so
-    b = 1 is the full cache. The running window needs the queries of the question and generated tokens:
+    b = 1 is the full cache. The budget pays for the decode state too: below b = 1 every layer keeps its last w
+    queries ([H_q, w, d], a fixed H_q·w/(2·H_kv) tokens per head's worth of bytes: 12 on SmolLM2 at w = 8), and
+    the heads' mean capacity is what is left of b·N once they are paid. The running window needs the queries of
+    the question and generated tokens:
     the harness's attention hands them to the recorder slot of the decode cache, where `QueryLog` sits.
     Everything a sequence needs while decoding (`DecodeState`) travels in its cache's `method_state`, so any
     cache this method compressed can be decoded, in any order.
     """
 
     name = "uncomp"
-    version = 2  # budgets round down (a ceiling)
+    version = 3  # budgets round down (a ceiling), the decode state's queries paid from them
     family = "token eviction (per-head-group budgets, decode-time)"
     description = "Entropy-ranked KV-head groups with 2:1 budgets; SnapKV selection; one eviction per decode step"
     Config = UNCompConfig
@@ -230,8 +237,9 @@ class UNComp(Method):
         self.group_ids = artifacts["group_ids"]
 
     def _compress(self, observation: Observation, budget: float) -> Prefixes:
-        capacities = head_capacities(self._groups_for(observation), observation.context_length, budget, self.config)
         n, window = observation.context_length, self.config.window
+        groups = self._groups_for(observation)
+        capacities = head_capacities(groups, n, budget, self.config, decode_cost(observation, window))
         prefixes: list[LayerPrefix] = []
         queries: dict[int, torch.Tensor] = {}
         evicting: dict[int, list[bool]] = {}

@@ -222,12 +222,23 @@ def test_a_committed_store_renders_its_whole_report(tmp_path):
 
 def test_a_committed_store_resumes_with_nothing_to_compute_and_its_checkpoints_load(tmp_path, monkeypatch):
     """lightweight-ablation-1k uses four of the six committed checkpoints (both of its own and both of
-    lightweight-ppl-2k's); policy-4k's two are loaded as its rows name them. Nothing new is computed."""
+    lightweight-ppl-2k's); policy-4k's two are loaded as its rows name them. Nothing new is computed.
+
+    The store records the algorithm version of each method that computed it; where a method's version has been
+    raised since (lightweight 2: its decode state paid from the budget), a resume rightly refuses the older rows.
+    What is checked here is that the committed identities, configurations and checkpoints still line up, so each
+    method answers with the version its rows record."""
+    import json
+
     from kvbench.harness.cli.commands import main
 
     store = RESULTS / "smollm2-135m" / "lightweight-ablation-1k"
     copy = shutil.copytree(store, tmp_path / "store")
-    command = shlex.split(__import__("json").loads((store / "run.json").read_text())["invocations"][-1]["command"])
+    rows = [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
+    methods.load_all()
+    for name, version in {row["method"]: row["identity"]["method_version"] for row in rows}.items():
+        monkeypatch.setattr(methods.REGISTRY[name], "version", version)
+    command = shlex.split(json.loads((store / "run.json").read_text())["invocations"][-1]["command"])
     argv = command[1:]
     argv[argv.index("--out") + 1] = str(copy)
     monkeypatch.chdir(REPO)  # the rows name their checkpoints by repo-relative paths

@@ -47,6 +47,15 @@ def loaded():
     return LoadedModel("tiny", "memory:tiny-llama-gqa", model, tokenizer, torch.device("cpu"), torch.float32)
 
 
+def kept_per_head(method: Lightweight, context: int, budget: float) -> int:
+    """By hand, for the tiny model in fp32: the most tokens per head whose key and value (2 × 16 floats) and decode
+    state (an int32 position, an fp32 attn_score and the fp32 fixed features) fit b of the full cache."""
+    features = method.config.feature_names
+    token = 2 * 16 * 4
+    state = 4 + 4 * ("attn_score" in features) + 4 * lw.static_dim(features, 16, 64)
+    return math.floor(budget * context * token / (token + state))
+
+
 def fresh_method(loaded, seed: int = 3, **options) -> Lightweight:
     """A lightweight method holding an untrained scorer (N(0, 0.02) weights), as a checkpoint would hand it over."""
     method = get_method("lightweight", **options)
@@ -239,7 +248,10 @@ def test_training_loss_is_the_loss_of_what_inference_keeps(loaded, features):
     observation = prefill(loaded.model, context, method.needs())
     prepared = lt.prepare(method.config.feature_names, observation, method.flags)
     loss = lt.example_loss(loaded.model, method.scorer, example, prepared, method.config)
-    prefixes = method.compress(observation, 0.3)
+    # Training keeps int(keep_fraction·N) = 24 tokens; inference keeps as many at the budget that pays for their
+    # decode state too, a little above keep_fraction.
+    budget = next(b / 1000 for b in range(300, 1000) if kept_per_head(method, 80, b / 1000) >= 24)
+    prefixes = method.compress(observation, budget)
     assert prefixes[0].head_lengths() == [24, 24]
     logits = tail_logits_through_kvbench(loaded.model, prefixes, 80, question + response)
     expected = F.cross_entropy(logits[4:10], torch.tensor(response))
@@ -313,11 +325,14 @@ def test_decode_eviction_keeps_each_heads_size_and_its_protected_tokens(loaded, 
     method = fresh_method(loaded, features=features, scorer="mlp")
     ids, question = random_ids(60, seed=14), random_ids(5, seed=15)
     observation = prefill(loaded.model, ids, method.needs())
-    prefixes = method.compress(observation, 0.4)
+    prefixes = method.compress(observation, 0.6)
     cache = KVBenchCache(2, prefixes, 60)
     state = cache.method_state
-    assert [p.head_lengths() for p in prefixes] == [[24, 24]] * 2
+    # Fewer than int(0.6·60) = 36, the state being paid from the budget; still more than the 14 protected.
+    kept = kept_per_head(method, 60, 0.6)
+    assert [p.head_lengths() for p in prefixes] == [[kept, kept]] * 2 and 14 < kept < 36
     assert cache.kv_bytes() == stored_bytes(list(prefixes)) + stored_bytes(state)  # the state is counted
+    assert cache.kv_bytes() <= 0.6 * observation.kv_bytes_full()  # and within the budget
     sizes, kept_positions = [], []
 
     def step(cache, index):
@@ -327,7 +342,7 @@ def test_decode_eviction_keeps_each_heads_size_and_its_protected_tokens(loaded, 
         assert all(layer.tail_length == 0 for layer in cache.layers)
 
     greedy_decode(loaded.model, cache, question, 12, [], step_hook=step, start_hook=method.on_decode_start)
-    assert sizes == [[[29, 29]] * 2] * 11  # budget + question, constant
+    assert sizes == [[[kept + 5] * 2] * 2] * 11  # budget + question, constant
     for index, positions in enumerate(kept_positions):
         seen = 60 + 5 + index + 1
         for layer in positions:

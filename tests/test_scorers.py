@@ -377,7 +377,10 @@ def reference_rows(queries, keys, scaling):
 def test_h2o_decode_accumulates_attention_and_holds_its_size(model, observation):
     method = get_method("h2o", decode_evict=True, recent_ratio=0.5)
     budget = 0.25
-    n_kept = int(CONTEXT * budget)
+    # Each kept token's fp32 score and int32 position come out of the budget, beside its key and value.
+    token = 2 * observation.head_dim * observation.keys[0].element_size()
+    n_kept = math.floor(CONTEXT * budget * token / (token + 4 + 4))
+    assert n_kept < int(CONTEXT * budget)
     size = n_kept + len(QUESTION)
     h_kv = observation.num_kv_heads
     checks = []

@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 from kvbench.harness.cli.commands import main
 from kvbench.harness.engine import stored_context
 from kvbench.harness.engine.pipeline import compress_context
+from kvbench.harness.engine.stored_checks import CHECKSUMS, check_cache, field_checksums
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
@@ -94,6 +95,7 @@ def test_a_reloaded_context_answers_exactly_as_right_after_compression(loaded, i
     assert again.label == method.label
     stored_context.check_identity(stored, loaded, again)
     cache, logits = stored_context.rebuild(stored, again)
+    check_cache(cache, logits, stored.payload, loaded, stored.path)  # what load_stored checks too
     assert cache.kv_bytes() == kv_bytes
     assert torch.equal(logits, compressed.last_logits)
     second = stored_context.answer(loaded, again, cache, logits, question_ids, NEW_TOKENS, keep_logits=True)
@@ -148,7 +150,7 @@ def test_another_model_another_format_or_a_corrupt_file_is_one_line(loaded, ids,
     payload["version"] = 99
     old = tmp_path / "old.pt"
     torch.save(payload, old)
-    with pytest.raises(KVBenchError, match="format version 99, this kvbench reads version 1"):
+    with pytest.raises(KVBenchError, match="format version 99, this kvbench reads versions 1, 2"):
         stored_context.read_context(old)
 
     corrupt = tmp_path / "corrupt.pt"
@@ -159,6 +161,176 @@ def test_another_model_another_format_or_a_corrupt_file_is_one_line(loaded, ids,
     torch.save({"artifacts": {}}, tmp_path / "calibration.pt")
     with pytest.raises(KVBenchError, match="not a kvbench stored context"):
         stored_context.read_context(tmp_path / "calibration.pt")
+
+
+def _payload(path):
+    return torch.load(path, weights_only=True)
+
+
+def _write(payload: dict, path, sign: bool) -> str:
+    """`payload` written as a stored context file: with its checksums recomputed (a well-formed file whose fields
+    disagree with each other), or as edited (a byte changed after it was written)."""
+    payload = dict(payload)
+    if sign:
+        payload[CHECKSUMS] = field_checksums(payload)
+    torch.save(payload, path)
+    return str(path)
+
+
+def _format_1(payload: dict) -> dict:
+    """What kvbench wrote before stored contexts had checksums and a method version."""
+    older = {key: value for key, value in payload.items() if key not in (CHECKSUMS, "method_version")}
+    return {**older, "version": 1}
+
+
+def _load(loaded, path, spec="snapkv"):
+    stored = stored_context.read_context(path)
+    return stored_context.load_stored(stored, loaded, _method(loaded, spec), say=lambda _: None)
+
+
+def _one_line(refusal) -> str:
+    message = str(refusal.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_tampered_context_length_is_refused_naming_it(loaded, ids, tmp_path):
+    path = tmp_path / "snap.pt"
+    _stored(loaded, ids, path)
+    payload = _payload(path)
+    payload["context_length"] = CONTEXT + 4
+    with pytest.raises(KVBenchError, match=r"is corrupt: context_length differs from the sha256 it was written with"):
+        stored_context.read_context(_write(payload, tmp_path / "edited.pt", sign=False))
+    # Re-signed, or a format-1 file (no checksums): the layers hold what was compressed, not the recorded length.
+    for name, edited, sign in (("signed", payload, True), ("format-1", _format_1(payload), False)):
+        with pytest.raises(KVBenchError) as refusal:
+            _load(loaded, _write(edited, tmp_path / f"{name}.pt", sign))
+        assert f"recorded context length {CONTEXT + 4} but layer 0 holds {CONTEXT} positions" in _one_line(refusal)
+
+
+def test_lengths_are_checked_against_the_tensors(loaded, ids, tmp_path):
+    """Lengths edited consistently (format 1, no checksum to catch it) still disagree with what the prefixes hold:
+    a whole-context prefix must reach the recorded end, an evicting one keep no more than the context."""
+    for spec, budget, length, says in (
+        ("full", 1.0, CONTEXT + 4, f"recorded context length {CONTEXT + 4} but layer 0 holds positions 0 to 95"),
+        ("snapkv", 0.4, 20, "recorded context length 20 but layer 0 keeps 38 entries in a KV head"),
+    ):
+        path = tmp_path / f"{spec}.pt"
+        _stored(loaded, ids, path, spec, budget)
+        payload = _format_1(_payload(path))
+        payload["context_length"] = length
+        payload["layers"] = [{**layer, "prefix_length": length} for layer in payload["layers"]]
+        with pytest.raises(KVBenchError) as refusal:
+            _load(loaded, _write(payload, tmp_path / f"{spec}-edited.pt", sign=False), spec)
+        assert says in _one_line(refusal)
+
+
+def test_a_changed_tensor_byte_is_refused_naming_its_layer(loaded, ids, tmp_path):
+    path = tmp_path / "snap.pt"
+    _stored(loaded, ids, path)
+    payload = _payload(path)
+    keys = payload["layers"][1]["prefix"]["fields"]["keys"]
+    original = keys.reshape(-1).view(torch.uint8)[:64].numpy().tobytes()
+    keys.view(-1).view(torch.uint8)[5] ^= 1
+    with pytest.raises(KVBenchError) as refusal:
+        stored_context.read_context(_write(payload, tmp_path / "edited.pt", sign=False))
+    assert "is corrupt: layers[1] differs from the sha256 it was written with" in _one_line(refusal)
+
+    # The same bit flipped in the file itself, as a disk or a copy would.
+    raw = bytearray(path.read_bytes())
+    where = raw.find(original)
+    assert where > 0 and raw.find(original, where + 1) < 0
+    raw[where + 5] ^= 1
+    (tmp_path / "flipped.pt").write_bytes(bytes(raw))
+    with pytest.raises(KVBenchError) as refusal:
+        stored_context.read_context(tmp_path / "flipped.pt")
+    assert "is corrupt: layers[1] differs from the sha256" in _one_line(refusal)  # torch.load itself reads it
+
+
+def test_a_foreign_method_config_is_refused_naming_the_field(loaded, ids, tmp_path):
+    path = tmp_path / "snap.pt"
+    _stored(loaded, ids, path)  # snapkv's defaults: window 64
+    stored = stored_context.read_context(path)
+    with pytest.raises(KVBenchError) as refusal:
+        stored_context.check_identity(stored, loaded, get_method("snapkv:window=32"))
+    assert _one_line(refusal).endswith(
+        "was compressed with method config {window: 64, kernel: 5, pooling: 'avg'}; this kvbench builds "
+        "snapkv:window=32 as {window: 32, kernel: 5, pooling: 'avg'}: they differ in window (64 vs 32)"
+    )
+    with pytest.raises(KVBenchError, match=r"was compressed by snapkv, not streaming_llm$"):
+        stored_context.check_identity(stored, loaded, get_method("streaming_llm"))
+
+    payload = _payload(path)
+    payload["method_version"] = 0
+    edited = stored_context.read_context(_write(payload, tmp_path / "older.pt", sign=True))
+    with pytest.raises(KVBenchError) as refusal:
+        stored_context.check_identity(edited, loaded, get_method("snapkv"))
+    assert "compressed by snapkv version 0; this kvbench's snapkv is version 1" in _one_line(refusal)
+
+
+def test_a_format_1_file_still_loads_and_answers_the_same(loaded, ids, tmp_path):
+    context_ids, question_ids = ids
+    path = tmp_path / "h2o.pt"
+    method = _stored(loaded, ids, path, "h2o:decode_evict=true", 0.4)
+    older = _write(_format_1(_payload(path)), tmp_path / "older.pt", sign=False)
+    answers = []
+    for file in (path, older):
+        cache, logits, _ = _load(loaded, file, "h2o:decode_evict=true")
+        answers.append(stored_context.answer(loaded, method, cache, logits, question_ids, NEW_TOKENS).generation)
+    assert answers[0].token_ids == answers[1].token_ids
+
+
+def test_layers_heads_and_packed_rows_must_be_the_models(loaded, ids, tmp_path):
+    path = tmp_path / "snap.pt"
+    _stored(loaded, ids, path)
+    payload = _format_1(_payload(path))
+    fewer = {**payload, "layers": payload["layers"][:1]}
+    with pytest.raises(KVBenchError) as refusal:
+        _load(loaded, _write(fewer, tmp_path / "fewer.pt", sign=False))
+    assert "it holds 1 layers, tiny has 2" in _one_line(refusal)
+    fields = payload["layers"][1]["prefix"]["fields"]
+    fields["keys"], fields["values"] = fields["keys"][:1].clone(), fields["values"][:1].clone()
+    with pytest.raises(KVBenchError) as refusal:
+        _load(loaded, _write(payload, tmp_path / "one-head.pt", sign=False))
+    assert "layer 1 holds 1 KV heads, tiny has 2" in _one_line(refusal)
+
+    path = tmp_path / "razor.pt"
+    _stored(loaded, ids, path, "razor", 0.7)
+    payload = _format_1(_payload(path))
+    fields = payload["layers"][1]["prefix"]["fields"]  # a retrieval head beside a compressed one: ragged, packed
+    fields["lengths"][0] += 1
+    stored = stored_context.read_context(_write(payload, tmp_path / "lengths.pt", sign=False))
+    cache, logits = stored_context.rebuild(stored, _razor())  # as load_stored does, razor's probe set by hand
+    with pytest.raises(KVBenchError) as refusal:
+        check_cache(cache, logits, stored.payload, loaded, stored.path)
+    assert "layer 1's prefix does not rebuild" in _one_line(refusal)
+
+
+def test_sliding_window_layers_hold_their_window_and_nothing_else(tmp_path):
+    """A window layer keeps fewer positions than the context on purpose: exactly its window, to the end."""
+    from model_zoo import WINDOW, family_model, random_ids
+
+    model = family_model("gemma2")
+    gemma = LoadedModel("gemma2", "memory:tiny-gemma2", model, None, torch.device("cpu"), torch.float32)
+    context = random_ids(40, seed=1)
+    method = get_method("snapkv:window=8")
+    compressed = compress_context(gemma, None, method, 0.7, context)
+    path = tmp_path / "gemma.pt"
+    stored_context.save_context(
+        path, compressed.cache, compressed.last_logits, stored_context.identity(gemma, method, 0.7),
+        compressed.kv_bytes_full,
+    )  # fmt: skip
+    cache, _, _ = stored_context.load_stored(stored_context.read_context(path), gemma, method, say=lambda _: None)
+    windowed = [layer for layer in cache.layers if layer.prefix.head_lengths()[0] == WINDOW - 1]
+    assert windowed and all(layer.first_position == 40 - (WINDOW - 1) for layer in windowed)
+
+    payload = _format_1(_payload(path))
+    fields = payload["layers"][0]["prefix"]["fields"]
+    assert fields["first_position"] == 40 - (WINDOW - 1)  # layer 0 is a sliding-window layer
+    fields["first_position"] = 0
+    with pytest.raises(KVBenchError) as refusal:
+        _load(gemma, _write(payload, tmp_path / "edited.pt", sign=False), "snapkv:window=8")
+    assert "layer 0 holds the last 11 of 40 positions (a sliding window) but starts at 0" in _one_line(refusal)
 
 
 def _cli(capsys, *argv):
@@ -190,6 +362,25 @@ def test_generate_saves_then_answers_a_new_question_from_the_file(capsys, tiny_m
     code, out, err = _cli(capsys, "generate", *common[:-1], "--load-cache", str(path), "--question", "Who sleeps?")
     assert code == 0, err  # a new question, no prompt
     assert f"loaded {path}" in err and "no prefill" in err
+
+
+def test_generate_refuses_another_config_or_an_edited_file_in_one_line(capsys, tiny_model_dir, tmp_path):
+    path = tmp_path / "ctx.pt"
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    common = ["generate", "--model", tiny_model_dir, "--max-new-tokens", "2"]
+    code, _, err = _cli(
+        capsys, *common, "--method", "snapkv:window=8", "--budget", "0.5", "--prompt", prompt, "--save-cache", str(path)
+    )
+    assert code == 0, err
+    code, _, err = _cli(capsys, *common, "--load-cache", str(path), "--method", "snapkv:window=4", "--question", "Who?")
+    assert code == 2 and err.count("\n") == 1
+    assert "--method asks for {window: 4, kernel: 5, pooling: 'avg'}: they differ in window (8 vs 4)" in err
+
+    payload = torch.load(path, weights_only=True)
+    payload["context_length"] += 1
+    torch.save(payload, path)
+    code, _, err = _cli(capsys, *common, "--load-cache", str(path), "--question", "Who?")
+    assert code == 2 and err.count("\n") == 1 and "context_length differs from the sha256" in err
 
 
 @pytest.mark.parametrize(

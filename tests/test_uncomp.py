@@ -22,7 +22,7 @@ from kvbench.harness.errors import BudgetError
 from kvbench.harness.models.loading import LoadedModel
 from kvbench.methods import get_method
 from kvbench.methods.common.head_scores import truncated_matrix_entropy
-from kvbench.methods.uncomp import UNComp, entropy_groups, head_capacities, rank_groups
+from kvbench.methods.uncomp import UNComp, decode_cost, entropy_groups, head_capacities, rank_groups
 
 CONTEXT = 300
 
@@ -139,14 +139,20 @@ def test_calibrated_groups_split_three_kv_heads_two_and_one(method):
         assert sorted(layer.tolist()) == [0, 0, 1]
 
 
+# The fixture's layout in fp32: a kept token's key and value in one layer (3 KV heads), and the decode state's
+# window of queries per layer (9 query heads, w = 8): 12 tokens per head's worth of bytes, paid from the budget.
+TOKEN_BYTES = 3 * 2 * 16 * 4
+WINDOW_BYTES = 9 * 8 * 16 * 4
+
+
 def test_compressed_heads_keep_their_group_budgets(model, method):
     observation = prefill(model, random_ids(CONTEXT, seed=3), method.needs())
     budget = 0.3
     prefixes = method.compress(observation, budget)
-    expected = head_capacities(method.group_ids, CONTEXT, budget, method.config)
+    expected = head_capacities(method.group_ids, CONTEXT, budget, method.config, decode_cost(observation, 8))
     for prefix, caps in zip(prefixes, expected):
         assert prefix.head_lengths() == caps and prefix.lengths is not None  # ragged, stored packed
-        assert sum(caps) == 3 * math.floor(budget * CONTEXT)
+        assert sum(caps) == 3 * (math.floor(budget * CONTEXT) - WINDOW_BYTES // TOKEN_BYTES)  # 3 · (90 − 12)
 
 
 def test_kv_bytes_after_compression_are_the_hand_count(model, method):
@@ -158,28 +164,32 @@ def test_kv_bytes_after_compression_are_the_hand_count(model, method):
     cache = KVBenchCache(observation.num_layers, method.compress(observation, budget), CONTEXT)
     h_q, h_kv, d, w, element = 9, 3, 16, method.config.window, 4  # the fixture's layout, fp32
     expected = 0
-    for caps in head_capacities(method.group_ids, CONTEXT, budget, method.config):
+    for caps in head_capacities(method.group_ids, CONTEXT, budget, method.config, decode_cost(observation, w)):
         expected += sum(caps) * 2 * d * element  # keys + values of the kept tokens
         expected += h_kv * 4 if len(set(caps)) > 1 else 0  # one int32 length per head, when ragged
         expected += h_q * w * d * element if min(caps) < CONTEXT else 0  # the running window's queries
-    # floor(0.3·300) = 90 tokens per head on average, 270 per layer: 2·(270·2·16·4 + 3·4 + 9·8·16·4) = 78,360
-    assert expected == 78_360
-    assert cache.kv_bytes() == expected
+    # floor(0.3·300) = 90 tokens per head less the window's 12: 234 per layer, 2·(234·2·16·4 + 3·4 + 9·8·16·4)
+    assert expected == 69_144
+    assert cache.kv_bytes() == expected <= budget * observation.kv_bytes_full() + 2 * h_kv * 4
 
 
 @pytest.mark.parametrize("context", [37, 1000, 2047])
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
-def test_kept_tokens_never_exceed_the_budget(model, method, context, budget):
-    """The budget is a ceiling on the kept keys and values; lengths and the decode state come on top."""
+def test_the_budget_pays_for_the_decode_state(model, method, context, budget):
+    """The budget is a ceiling on the kept keys and values and the decode state together; only the harness's
+    int32 lengths of ragged heads come on top. The heads keep what the window's queries leave of it."""
     observation = prefill(model, random_ids(context, seed=21), method.needs())
+    layers = observation.num_layers
+    mean = math.floor((budget * context * TOKEN_BYTES * layers - WINDOW_BYTES * layers) / (TOKEN_BYTES * layers))
     try:
         prefixes = method.compress(observation, budget)
-    except BudgetError:
-        assert math.floor(budget * context) < method.config.window + 1
+    except BudgetError as refusal:
+        assert mean < method.config.window + 1 and "lowest reachable budget" in str(refusal)
         return
-    token_bytes = sum(sum(p.head_lengths()) for p in prefixes) * 2 * observation.head_dim * 4
-    assert token_bytes <= budget * observation.kv_bytes_full()
-    assert token_bytes == 2 * 3 * math.floor(budget * context) * 2 * observation.head_dim * 4
+    cache = KVBenchCache(layers, prefixes, context)
+    lengths = sum(4 * p.num_heads for p in prefixes if p.lengths is not None)
+    assert cache.kv_bytes() <= budget * observation.kv_bytes_full() + lengths
+    assert [sum(p.head_lengths()) for p in prefixes] == [3 * mean] * layers
 
 
 def stored_keys(layer, head):

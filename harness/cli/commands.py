@@ -278,9 +278,9 @@ def _generate_from_stored(args: argparse.Namespace) -> None:
 
     stored = stored_context.read_context(args.load_cache)
     where = args.load_cache
-    method = get_method(stored["method"])
-    if args.method is not None and get_method(args.method).label != method.label:
-        raise KVBenchError(f"--load-cache {where} was compressed by {stored['method']}, not --method {args.method}")
+    method = get_method(stored["method"] if args.method is None else args.method)
+    asks = f"this kvbench builds {method.label} as" if args.method is None else "--method asks for"
+    stored_context.refuse_other_method(where, stored, method.label, method.config_record(), asks)
     if args.budget is not None and method.uses_budget and check_budget(args.budget) != stored["budget"]:
         raise KVBenchError(f"--load-cache {where} was compressed at budget {stored['budget']:g}, not {args.budget}")
     dtype = stored["dtype"] if args.dtype == "auto" else args.dtype

@@ -2,9 +2,12 @@
 
 The file holds what the cache held right after compression (every layer's prefix in its method's own
 representation, and the method's decode state), the prefill's last logits, the context length, and the
-identity the answer depends on: model fingerprint, dtype, method label, full config and artifact fingerprint,
-budget and a format version. It is written with `torch.save` of plain data only (tensors, dicts, lists, tuples,
-ints, floats, strings), so `torch.load(weights_only=True)` reads it and loading executes no code from the file.
+identity the answer depends on: model fingerprint, dtype, method label, full config, algorithm version and
+artifact fingerprint, budget and a format version. It is written with `torch.save` of plain data only (tensors,
+dicts, lists, tuples, ints, floats, strings), so `torch.load(weights_only=True)` reads it and loading executes no
+code from the file. Format 2 adds a sha256 per field, and every load checks the rebuilt cache against its fields
+and the model (`harness/engine/stored_checks.py`); format 1 files (no checksums, no method version) still load,
+with every check that needs neither.
 
 Each class a cache may hold is encoded explicitly: `_CLASSES` names the ones whose attributes are plain data
 (rebuilt field by field, only from that list), and a latent prefix's decoder, a model-sized artifact shared by
@@ -24,12 +27,22 @@ import torch
 
 from kvbench.harness.cache.kv_cache import KVBenchCache
 from kvbench.harness.cache.latent_prefix import LatentDecoder
+from kvbench.harness.engine.stored_checks import (
+    AGAIN,
+    CHECKSUMS,
+    check_cache,
+    config_difference,
+    field_checksums,
+    verify_checksums,
+)
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.files import save_atomically
 from kvbench.harness.provenance import tensors_fingerprint
 
 FORMAT = "kvbench-stored-context"
-VERSION = 1
+VERSION = 2
+# Format versions this kvbench reads: 1 had no checksums and no method version.
+READS = (1, 2)
 
 # Classes rebuilt from their attributes (all plain data, tensors or other listed classes), by the name the file
 # gives them. The names are part of the format: they were the classes' module paths when it was defined, and
@@ -148,6 +161,7 @@ def identity(loaded: Any, method: Any, budget: float) -> dict[str, Any]:
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "method": method.label,
         "method_config": method.config_record(),
+        "method_version": method.version,
         "artifact_fingerprint": method.artifact_fingerprint(),
         "budget": float(budget),
     }
@@ -177,6 +191,7 @@ def save_context(
         ],
         "method_state": _encode(cache.method_state, -1),
     }
+    payload[CHECKSUMS] = field_checksums(payload)
     return save_atomically(payload, Path(path))
 
 
@@ -208,11 +223,13 @@ def read_context(path: str | os.PathLike[str], map_location: Any = "cpu") -> Sto
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KVBenchError(f"--load-cache {where} is not a kvbench stored context; {hint}")
-    if payload.get("version") != VERSION:
+    if payload.get("version") not in READS:
         raise KVBenchError(
             f"--load-cache {where} is stored context format version {payload.get('version')}, this kvbench reads "
-            f"version {VERSION}; {hint}"
+            f"versions {', '.join(map(str, READS))}; {hint}"
         )
+    if payload["version"] >= 2:
+        verify_checksums(payload, where)
     missing = [key for key in _REQUIRED if key not in payload]
     if missing:
         raise KVBenchError(f"--load-cache {where} is corrupt (no {', '.join(missing)}); {hint}")
@@ -235,13 +252,39 @@ def check_identity(stored: StoredContext, loaded: Any, method: Any) -> None:
         raise KVBenchError(
             f"--load-cache {where} was stored in {stored['dtype']}, not {dtype}; pass --dtype {stored['dtype']}"
         )
-    if method.label != stored["method"] or method.config_record() != stored.payload.get("method_config"):
-        raise KVBenchError(f"--load-cache {where} was compressed by {stored['method']}, not {method.label}")
+    refuse_other_method(where, stored, method.label, method.config_record(), f"this kvbench builds {method.label} as")
+    version = stored.payload.get("method_version")
+    if version is not None and version != method.version:
+        raise KVBenchError(
+            f"--load-cache {where} was compressed by {stored['method']} version {version}; this kvbench's "
+            f"{method.name} is version {method.version}, which keeps other tokens or answers otherwise: compress the "
+            "context again"
+        )
     if method.artifact_fingerprint() != stored.payload.get("artifact_fingerprint"):
         raise KVBenchError(
             f"--load-cache {where} was compressed with {stored['method']}'s artifact "
             f"{stored.payload.get('artifact_fingerprint')}, not {method.artifact_fingerprint()}; pass the same checkpoint"
         )
+
+
+def refuse_other_method(where: str, stored: StoredContext, label: str, config: dict[str, Any], asks: str) -> None:
+    """One line naming what differs when a method other than the stored context's is asked to answer from it: the
+    method, or the fields of its configuration (labels follow from the configuration and the defaults). `asks`
+    says who asks: "--method asks for"."""
+    recorded = stored.payload.get("method_config")
+    if label.partition(":")[0] != stored["method"].partition(":")[0]:
+        raise KVBenchError(f"--load-cache {where} was compressed by {stored['method']}, not {label}")
+    if not isinstance(recorded, dict):
+        raise KVBenchError(f"--load-cache {where} is corrupt: it records no method config; {AGAIN}")
+    if config != recorded:
+        raise KVBenchError(
+            f"--load-cache {where} was compressed with method config {_compact(recorded)}; {asks} "
+            f"{_compact(config)}: they differ in {config_difference(recorded, config)}"
+        )
+
+
+def _compact(config: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{name}: {value!r}" for name, value in config.items()) + "}"
 
 
 def rebuild(
@@ -260,11 +303,6 @@ def rebuild(
         raise
     except Exception as error:
         raise KVBenchError(f"--load-cache {stored.path} is corrupt ({error.__class__.__name__}: {error})") from None
-    if cache.kv_bytes() != stored["kv_bytes"]:
-        raise KVBenchError(
-            f"--load-cache {stored.path} is corrupt: it holds {cache.kv_bytes():,} bytes, not the "
-            f"{stored['kv_bytes']:,} it was stored with"
-        )
     return cache, stored["last_logits"]
 
 
@@ -328,4 +366,5 @@ def load_stored(stored: StoredContext, loaded: Any, method: Any, say=None) -> tu
     if torch.device(loaded.device).type != "cpu":  # read again onto the device: storages stay shared
         stored = read_context(stored.path, map_location=loaded.device)
     cache, logits = rebuild(stored, method, loaded.device)
+    check_cache(cache, logits, stored.payload, loaded, stored.path)
     return cache, logits, time.perf_counter() - start

@@ -2,12 +2,17 @@
 after the prefill and at every decode step.
 
 The scorer (linear or MLP, `methods/lightweight/features.py`) scores each context token from its features; each
-KV head keeps its int(b·N) best tokens, the first `global_tokens` and last `recent_window` always among them. While
+KV head keeps its best tokens, the first `global_tokens` and last `recent_window` always among them. While
 decoding, each head's cache keeps the size it had when generation began (its budget plus the question): every new
 token's features join the decode state and each head evicts its lowest-scoring unprotected token. The state (the
 running attention estimates, positions and the fixed features of every kept token, and the new tokens' queries
 and hidden states until a step takes them) lives in `cache.method_state`, where `kv_bytes` counts it; the
 scorer's weights are `method_bytes`. Training: `methods/lightweight/training.py` (`kvbench train lightweight`).
+
+The budget pays for the state: a kept token costs its key and value plus, per head, an int32 position, an fp32
+attn_score (when selected) and its fp32 fixed features, so each head keeps the most tokens whose keys, values and
+state fit b of the full cache (with the default features on SmolLM2 in fp32, 24 bytes of state next to 512 of
+keys and values: 0.955·b·N tokens instead of b·N).
 
 Cost (the seed needed eager attention for its features): the prefill itself stays SDPA; it collects every context
 query and, for vector features, each layer's input hidden states (H_q·N·d + N·D floats per layer, transient), and
@@ -34,6 +39,7 @@ from kvbench.harness.engine.prefill import Observation, ObservationNeeds
 from kvbench.harness.errors import KVBenchError
 from kvbench.harness.method_spec import option
 from kvbench.methods.base import Method, register
+from kvbench.methods.common.budget import kv_cost
 from kvbench.methods.common.eviction import decode_attention, gather_heads, tokens_for_budget, top_indices
 from kvbench.methods.common.query_log import QueryLog, logged_state
 from kvbench.methods.lightweight import features as lw
@@ -64,9 +70,10 @@ class LightweightConfig:
     attention of the tokens that follow the context (question and response: the ones that see a compressed
     context at inference), shared across each query group. Budget-aware by a straight-through top-k at
     `keep_fraction`: the forward pass attends exactly to what inference keeps (protected tokens plus the top-k by
-    score, unweighted), the backward pass takes the gradient of the soft weights. Cross-entropy on the response
-    tokens only. AdamW lr 5e-3, weight decay 1e-4, ReduceLROnPlateau on the held-out loss (factor 0.5, patience 1,
-    min 1e-6), as the seed; `grad_accumulation` 1 instead of its 8 because a CPU run makes ~100 steps, not 10k
+    score, unweighted), the backward pass takes the gradient of the soft weights. Training keeps
+    int(keep_fraction·N) tokens, inference at b = keep_fraction a few percent fewer (it pays for its decode state
+    from the budget). Cross-entropy on the response tokens only. AdamW lr 5e-3, weight decay 1e-4,
+    ReduceLROnPlateau on the held-out loss (factor 0.5, patience 1, min 1e-6), as the seed; `grad_accumulation` 1 instead of its 8 because a CPU run makes ~100 steps, not 10k
     samples × 5 epochs. Defaults (32 prompts of 1024 tokens, 3 epochs) train SmolLM2-135M in minutes on 2 CPU
     cores; on a GPU raise `samples` (thousands), `length` (2048, the seed's) and `grad_accumulation` (8).
     """
@@ -142,6 +149,11 @@ class DecodeLog(QueryLog):
         ids = torch.cat(self.ids)
         self.ids = []
         return ids
+
+
+# Bytes the decode state holds per kept token and head: its position, and each of its features (all fp32).
+POSITION_BYTES = torch.int32.itemsize
+FEATURE_BYTES = torch.float32.itemsize
 
 
 @dataclass
@@ -223,6 +235,7 @@ class Lightweight(Method):
     Config = LightweightConfig
     needs_calibration = True
     learns = True
+    version = 2  # the decode state is paid from the budget
 
     def __init__(self, config: LightweightConfig | None = None, **overrides: Any):
         super().__init__(config, **overrides)
@@ -307,12 +320,12 @@ class Lightweight(Method):
     @torch.no_grad()
     def _compress(self, observation: Observation, budget: float) -> Prefixes:
         n = observation.context_length
-        n_kept = tokens_for_budget(n, budget)
-        if n_kept >= n:  # b = 1: the full cache, nothing evicted while decoding either
+        if tokens_for_budget(n, budget) >= n:  # b = 1: the full cache, nothing evicted while decoding either
             return Prefixes(
                 [TokenPrefix(k, v, first_position=0) for k, v in zip(observation.keys, observation.values, strict=True)]
             )
         scorer = self._ready(observation)
+        n_kept = self._tokens_per_head(observation, budget)
         config = self.config
         prefixes, attns, positions, statics = [], [], [], []
         for layer in range(observation.num_layers):
@@ -334,6 +347,15 @@ class Lightweight(Method):
             attns if "attn_score" in scorer.features else None, positions, statics, observation.scaling
         )
         return Prefixes(prefixes, decode_state=state)
+
+    def _tokens_per_head(self, observation: Observation, budget: float) -> int:
+        """The most tokens per head whose keys, values and decode state (`LightweightDecodeState`: per kept token
+        and head an int32 position, an fp32 attn_score when selected, F_s fp32 fixed features) fit b of the full
+        cache."""
+        features = self.scorer.features
+        fixed_features = lw.static_dim(features, observation.head_dim, self.layout["hidden"])
+        per_head = POSITION_BYTES + FEATURE_BYTES * (int("attn_score" in features) + fixed_features)
+        return kv_cost(observation, state_per_head=per_head).kept(self.label, observation.context_length, budget)
 
     def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
         return cache.method_state is not None
