@@ -87,7 +87,13 @@ class H2ODecodeState:
 @register
 class H2O(Method):
     name = "h2o"
-    version = 2  # decode_evict pays for its scores from the budget
+
+    @property
+    def version(self) -> int:
+        """2: with decode_evict the scores it keeps for decoding are paid from the budget. Without it h2o keeps
+        what it always kept, so those rows keep version 1 and committed stores resume."""
+        return 2 if self.config.decode_evict else 1
+
     family = "token eviction"
     description = "Keeps the tokens that received the most attention in the prefill (heavy hitters, per KV head)"
     Config = H2OConfig

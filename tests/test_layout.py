@@ -221,36 +221,30 @@ def test_a_committed_store_renders_its_whole_report(tmp_path):
 
 
 def test_a_committed_store_resumes_with_nothing_to_compute_and_its_checkpoints_load(tmp_path, monkeypatch):
-    """lightweight-ablation-1k uses four of the six committed checkpoints (both of its own and both of
-    lightweight-ppl-2k's); policy-4k's two are loaded as its rows name them. Nothing new is computed.
-
-    The store records the algorithm version of each method that computed it; where a method's version has been
-    raised since (lightweight 2: its decode state paid from the budget), a resume rightly refuses the older rows.
-    What is checked here is that the committed identities, configurations and checkpoints still line up, so each
-    method answers with the version its rows record."""
+    """policy-4k (full, snapkv, adakv, adaptive_policy over snapkv and over expected_attention, h2o, tova: methods
+    whose algorithms are unchanged since it was computed) resumes with nothing to compute, its two committed
+    adaptive_policy checkpoints loaded as its rows name them; the four committed lightweight checkpoints load too
+    (the stores computed with lightweight version 1 rightly recompute their lightweight cells today)."""
     import json
 
+    from kvbench.harness.artifacts.calibration import ensure_calibrated
     from kvbench.harness.cli.commands import main
+    from kvbench.harness.models.loading import load_model
 
-    store = RESULTS / "smollm2-135m" / "lightweight-ablation-1k"
+    store = RESULTS / "smollm2-135m" / "policy-4k"
     copy = shutil.copytree(store, tmp_path / "store")
-    rows = [json.loads(line) for line in (store / "results.jsonl").read_text().splitlines()]
-    methods.load_all()
-    for name, version in {row["method"]: row["identity"]["method_version"] for row in rows}.items():
-        monkeypatch.setattr(methods.REGISTRY[name], "version", version)
     command = shlex.split(json.loads((store / "run.json").read_text())["invocations"][-1]["command"])
     argv = command[1:]
     argv[argv.index("--out") + 1] = str(copy)
     monkeypatch.chdir(REPO)  # the rows name their checkpoints by repo-relative paths
-    assert main([*argv, "--no-report", "--no-progress"]) == 0
+    assert main([*argv, "--workers", "1", "--no-report", "--no-progress"]) == 0
     assert (copy / "results.jsonl").read_bytes() == (store / "results.jsonl").read_bytes()
 
-    from kvbench.harness.artifacts.calibration import ensure_calibrated
-    from kvbench.harness.models.loading import load_model
-
     loaded = load_model("smollm2-135m", "cpu", "float32")
-    for checkpoint in sorted((RESULTS / "smollm2-135m" / "policy-4k" / "checkpoints").glob("*.pt")):
-        base = "expected_attention" if "expected_attention" in checkpoint.name else "snapkv"
-        method = methods.get_method(f"adaptive_policy:base={base}:checkpoint={checkpoint.relative_to(REPO)}")
+    ablation = json.loads((RESULTS / "smollm2-135m" / "lightweight-ablation-1k" / "run.json").read_text())
+    specs = [s for s in ablation["methods"] if s.startswith("lightweight")]
+    assert len(specs) == 4
+    for spec in specs:
+        method = methods.get_method(spec)
         ensure_calibrated(loaded, method)
         assert method.artifact_fingerprint()
