@@ -59,7 +59,7 @@ def retrieval_heads(
 
 
 def layer_bytes(observation: Observation, retrieval: torch.Tensor, n_kept: int, count_bias: bool) -> int:
-    """Bytes the prefixes will hold when each non-retrieval head keeps `n_kept` < N tokens.
+    """Bytes the prefixes of the compressed layers will hold when each non-retrieval head keeps `n_kept` < N tokens.
 
     Mirrors TokenPrefix's storage, because the harness measures exactly that: a layer with a compressed head
     stores one bias per token of every head, and a layer mixing full and compressed heads is ragged (one
@@ -70,7 +70,7 @@ def layer_bytes(observation: Observation, retrieval: torch.Tensor, n_kept: int, 
     per_token = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
     bias = keys.element_size() if count_bias else 0
     total = 0
-    for heads in retrieval:
+    for heads in retrieval[observation.compressed_layers()]:  # sliding windows keep theirs, outside the budget
         full, h_kv = int(heads.sum()), int(heads.numel())
         if full == h_kv:
             total += h_kv * n * per_token
@@ -190,14 +190,13 @@ class Razor(Method):
         must merge at least two tokens; below that the budget is refused, naming the lowest one it can reach.
         """
         n, sinks = observation.context_length, self.config.n_sink
-        allowed = budget * observation.kv_bytes_full()
+        compressed = sum(observation.layer_bytes(layer) for layer in observation.compressed_layers())
+        allowed = budget * compressed
         lowest, highest = sinks + 2, n - 1
         if lowest > highest or bool(retrieval.all()):
             reachable = 1.0
         else:
-            reachable = (
-                layer_bytes(observation, retrieval, lowest, self.config.count_bias) / observation.kv_bytes_full()
-            )
+            reachable = layer_bytes(observation, retrieval, lowest, self.config.count_bias) / compressed
         if reachable == 1.0 or reachable > budget:
             fraction = float(retrieval.float().mean())
             raise BudgetError(

@@ -18,7 +18,7 @@ import torch
 from conftest import build_tasks_tokenizer
 from model_zoo import FAMILIES, family_config, family_model, random_ids, switched_off
 from test_exactness import kvbench_generation, reference_generation
-from test_method_contract import TINY_MODEL_OPTIONS, metadata_bytes
+from test_method_contract import TINY_MODEL_OPTIONS, harness_metadata_bytes
 from transformers import DynamicCache
 
 from kvbench.harness.artifacts.calibration import ensure_calibrated
@@ -276,7 +276,7 @@ def test_every_method_on_every_family(family, name, tokenizer, calibration_dir):
     except BudgetError as refusal:
         assert "\n" not in str(refusal) and str(refusal)
         return
-    assert half.cache.kv_bytes() / half.kv_bytes_full <= 0.5 + metadata_bytes(half.cache) / half.kv_bytes_full
+    assert half.cache.kv_bytes() / half.kv_bytes_full <= 0.5 + harness_metadata_bytes(half.cache) / half.kv_bytes_full
     try:
         run_cell(loaded, observed, method, 0.5, question, 8, context_ids=context)
     except BudgetError as refusal:  # e.g. a window that stops covering what the method kept
