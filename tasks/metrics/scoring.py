@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Sequence
 
 from kvbench.tasks.errors import TaskError
+from kvbench.tasks.metrics import infinitebench as infbench
+from kvbench.tasks.metrics import longbench
 from kvbench.tasks.metrics.quality import bertscore_f1, rouge1, rouge2, rougeL
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
@@ -58,7 +60,30 @@ def perplexity(prediction: str, references: Sequence[str]) -> float:
 # Metrics where a lower value is better; every other metric is a score where higher is better.
 LOWER_IS_BETTER = frozenset({"perplexity"})
 
-METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
+# The data sets' own metrics (tasks/metrics/longbench.py, infinitebench.py): called with the sample's
+# `metadata["metric_options"]` as keywords (e.g. LongBench's `first_line` rule and trec's `all_classes`).
+BENCHMARK_METRICS: dict[str, Callable[..., float]] = {
+    "longbench_qa_f1": longbench.longbench_qa_f1,
+    "longbench_rouge": longbench.longbench_rouge,
+    "longbench_classification": longbench.longbench_classification,
+    "longbench_retrieval": longbench.longbench_retrieval,
+    "longbench_count": longbench.longbench_count,
+    "longbench_code_sim": longbench.longbench_code_sim,
+    "longbench_v2_choice": longbench.longbench_v2_choice,
+    "needle_rougeL": longbench.needle_rouge_l,
+    "infbench_first_int": infbench.infbench_first_int,
+    "infbench_kv_retrieval": infbench.infbench_kv_retrieval,
+    "infbench_dialogue": infbench.infbench_dialogue,
+    "infbench_choice": infbench.infbench_choice,
+    "infbench_code_debug": infbench.infbench_code_debug,
+    "infbench_qa_f1": infbench.infbench_qa_f1,
+    "infbench_rouge_lsum": infbench.infbench_rouge_lsum,
+    "infbench_code_run": infbench.infbench_code_run,
+    "infbench_math_calc": infbench.infbench_math_calc,
+    "infbench_math_find": infbench.infbench_math_find,
+}
+
+METRICS: dict[str, Callable[..., float]] = {
     "string_match_all": string_match_all,
     "string_match_part": string_match_part,
     "passkey_exact": passkey_exact,
@@ -67,4 +92,5 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "rougeL": rougeL,
     "bertscore_f1": bertscore_f1,
     "perplexity": perplexity,
+    **BENCHMARK_METRICS,
 }
