@@ -3,6 +3,7 @@
 The harness uses only what is exported here.
 """
 
+from kvbench.tasks.datasets.lengths import dataset_samples, sample_prompt
 from kvbench.tasks.datasets.loaders import load_hf_samples, load_jsonl_samples
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.generated.perplexity import token_split
@@ -13,9 +14,13 @@ from kvbench.tasks.registry import (
     TASK_SETS,
     TASKS,
     TaskSpec,
+    check_task,
     generate_samples,
     get_task,
+    is_dataset_task,
+    list_dataset_tasks,
     list_tasks,
+    locate_dataset,
     row_metrics,
     score,
     score_metric,
@@ -32,9 +37,15 @@ __all__ = [
     "Sample",
     "TaskError",
     "TaskSpec",
+    "check_task",
+    "dataset_samples",
     "generate_samples",
     "get_task",
+    "is_dataset_task",
+    "list_dataset_tasks",
     "list_tasks",
+    "locate_dataset",
+    "sample_prompt",
     "load_hf_samples",
     "load_jsonl_samples",
     "postprocess",

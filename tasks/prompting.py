@@ -26,8 +26,10 @@ class PromptParts:
     question_ids: list[int]
 
 
-def _template_halves(tokenizer: Any, context: str) -> tuple[str, str]:
+def _template_halves(tokenizer: Any, context: str, chat_template: bool = True) -> tuple[str, str]:
     """(template prefix + context, end of user turn + assistant header)."""
+    if not chat_template:  # the task asks for its raw prompt (LongBench's few-shot and code subsets)
+        return (getattr(tokenizer, "bos_token", None) or "") + context, ""
     if not getattr(tokenizer, "chat_template", None):
         return (getattr(tokenizer, "bos_token", None) or "") + context, _PLAIN_QUESTION_SUFFIX
     separator = _SEPARATOR_CHAR * (len(context) + 10)
@@ -49,16 +51,18 @@ def split_prompt(
     question: str,
     answer_prefix: str,
     query_aware: bool = False,
+    chat_template: bool = True,
 ) -> PromptParts:
     """Render and tokenize a prompt as context ids + question ids (both without special tokens added).
 
     `query_aware=True` moves the question into the context, so compression sees it and only
     the template's turn suffix and the answer prefix follow. Empty question and answer
-    prefix are valid (free-text generation).
+    prefix are valid (free-text generation). `chat_template=False` feeds the raw prompt even where the tokenizer
+    has a template (BOS + context, then question + answer prefix, nothing between).
     """
     if query_aware:
         context, question = context + question, ""
-    context_text, question_suffix = _template_halves(tokenizer, context)
+    context_text, question_suffix = _template_halves(tokenizer, context, chat_template)
     question_text = question + question_suffix + answer_prefix
     return PromptParts(
         context_text=context_text,

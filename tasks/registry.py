@@ -7,11 +7,13 @@ registry entry.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+from kvbench.tasks.datasets import catalog
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.fingerprint import chat_template_sha256, derive_seed, tokenizer_id, vocab_sha256
 from kvbench.tasks.generated import cwe, fwe, niah, passkey, perplexity, reconstruction, vt
@@ -20,7 +22,7 @@ from kvbench.tasks.generated.fitting import Fitter, Setup, UnitPlan
 from kvbench.tasks.generated.haystacks import haystack_sha256
 from kvbench.tasks.generated.niah import NiahVariant
 from kvbench.tasks.generated.words import wonderwords_version
-from kvbench.tasks.metrics.scoring import METRICS
+from kvbench.tasks.metrics.scoring import BENCHMARK_METRICS, METRICS
 from kvbench.tasks.sample import Sample
 
 # Bump whenever a change to any generator alters the samples it produces: it keys the cache.
@@ -139,6 +141,39 @@ def list_tasks() -> list[tuple[str, str]]:
     return [(spec.name, spec.description) for spec in TASKS.values()]
 
 
+def is_dataset_task(name: str) -> bool:
+    """A task read from a data set (`longbench:hotpotqa`, `longbench_v2`) rather than generated."""
+    return catalog.is_dataset_task(name)
+
+
+def check_task(name: str) -> None:
+    """A TaskError naming the valid choices for an unknown generated task, data set or subset."""
+    if catalog.is_dataset_task(name):
+        catalog.parse_task(name)
+    else:
+        get_task(name)
+
+
+def locate_dataset(task: str, data: Mapping[str, Path], length: int | None = None) -> catalog.Located:
+    """Where a data-set task's records are; one line naming every place looked and `kvbench data fetch` if none."""
+    located, looked = catalog.locate(task, data, length)
+    if located is None:
+        raise TaskError(catalog.missing_message(task, looked))
+    return located
+
+
+def list_dataset_tasks(data: Mapping[str, Path] | None = None) -> list[tuple[str, str, str | None]]:
+    """(task, description, where its records are or None) for every data-set task with a fixed subset list; the
+    Hugging Face cache is not consulted here (`kvbench list tasks` stays fast): only --data and kvbench's copies."""
+    out = []
+    for spec in catalog.DATASETS.values():
+        names = [spec.name] if spec.name == "longbench_v2" else [f"{spec.name}:{s}" for s in spec.subsets or ()]
+        for name in names:
+            located, _ = catalog.locate(name, data or {}, None, hub=False)
+            out.append((name, spec.description, located.where if located else None))
+    return out
+
+
 def get_task(name: str) -> TaskSpec:
     """The spec of `name`; a TaskError that lists the valid names otherwise."""
     if name not in TASKS:
@@ -228,10 +263,13 @@ def row_metrics(sample: Sample) -> list[str]:
 
 
 def score_metric(sample: Sample, output_text: str, metric: str) -> float:
-    """One named metric of a raw generation against the sample's references, in [0, 1]."""
+    """One named metric of a raw generation against the sample's references, in [0, 1]; the data sets' own
+    metrics also get the sample's `metric_options` (LongBench's first-line rule, trec's classes)."""
+    if metric in BENCHMARK_METRICS:
+        return BENCHMARK_METRICS[metric](output_text, sample.references, **sample.metadata.get("metric_options", {}))
     return METRICS[metric](output_text, sample.references)
 
 
 def score(sample: Sample, output_text: str) -> float:
     """The sample's metric on a raw generation, in [0, 1]."""
-    return METRICS[sample.metric](output_text, sample.references)
+    return score_metric(sample, output_text, sample.metric)

@@ -53,13 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list registered methods or tasks")
     listing.add_argument("what", choices=["methods", "tasks"])
+    listing.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="local data-set copies")
+
+    data = commands.add_parser("data", help="standard data sets: `kvbench data fetch TASK` writes a local copy")
+    data.add_argument("action", choices=["fetch"])
+    data.add_argument("names", help="comma-separated data-set tasks, e.g. longbench:hotpotqa,longbench_v2")
+    data.add_argument("--length", type=int, help="ruler only: the length config of kvpress's copy (simonjegou/ruler)")
 
     run = commands.add_parser("run", help="sweep tasks x lengths x methods x budgets into a result store and report")
     _add_model_options(run)
     run.add_argument("--methods", required=True, help="comma-separated methods, e.g. full,snapkv,streaming_llm")
     run.add_argument("--budgets", required=True, help="comma-separated budgets in (0, 1], e.g. 0.1,0.25,0.5")
     run.add_argument("--tasks", required=True, help="comma-separated tasks (kvbench list tasks)")
-    run.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, generation included")
+    run.add_argument(
+        "--lengths",
+        help="comma-separated prompt lengths in tokens, generation included; for data sets an optional cap "
+        "(default: each sample's own length, capped at the model's window)",
+    )
+    run.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a data set's local copy (file or directory in its schema), e.g. longbench=/data/longbench (repeatable)",
+    )
+    run.add_argument(
+        "--over-length",
+        choices=["truncate", "skip"],
+        default="truncate",
+        help="a data-set sample over the length cap: truncate its context's middle (LongBench) or skip it (counted)",
+    )
     run.add_argument("--samples", type=int, default=5, help="samples per task and length")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--out", required=True, help="run directory: results.jsonl, run.json, report.md, report.html")
@@ -187,12 +210,27 @@ def _cmd_list(args: argparse.Namespace) -> None:
         for row in rows:
             print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) + f"  {row[3]}")
         return
-    from kvbench.tasks import list_tasks
+    from kvbench.tasks import list_dataset_tasks, list_tasks
+    from kvbench.tasks.datasets.catalog import parse_data_paths
 
     rows = [(name, description) for name, description in list_tasks()]
-    width = max(len(row[0]) for row in rows)
+    datasets = list_dataset_tasks(parse_data_paths(args.data))
+    width = max(len(row[0]) for row in [*rows, *datasets])
     for row in rows:
         print(f"{row[0]:<{width}}  " + "  ".join(row[1:]))
+    print("\ndata sets (present: local copy found; absent: `kvbench data fetch TASK`, or the Hugging Face cache):")
+    for name, description, where in datasets:
+        print(
+            f"{name:<{width}}  {'present' if where else 'absent ':<7}  {description}"
+            + (f"  [{where}]" if where else "")
+        )
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from kvbench.tasks.datasets.fetch import fetch
+
+    for name in args.names.split(","):
+        print(f"{name}: {fetch(name.strip(), args.length)}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -352,14 +390,17 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
         check_cluster(args.ray_address, args.ray_timeout)  # before the model loads
     from kvbench.harness.runner.lists import parse_budgets, parse_lengths, parse_list, split_list
     from kvbench.harness.runner.sweep import SweepSpec, run_sweep
+    from kvbench.tasks.datasets.catalog import parse_data_paths
 
     spec = SweepSpec(
         model=args.model,
         methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
         budgets=parse_budgets(args.budgets),
         tasks=parse_list(args.tasks, "tasks"),
-        lengths=parse_lengths(args.lengths),
+        lengths=parse_lengths(args.lengths) if args.lengths is not None else [],
         samples=args.samples,
+        data=parse_data_paths(args.data),
+        over_length=args.over_length,
         out=Path(args.out),
         seed=args.seed,
         query_aware=args.query_aware,
@@ -603,6 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_arguments(args)
         if args.command == "list":
             _cmd_list(args)
+        elif args.command == "data":
+            _cmd_data(args)
         elif args.command == "report":
             _render(Path(args.run_dir))
         elif args.command == "compare":

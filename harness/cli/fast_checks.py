@@ -341,11 +341,24 @@ def check_at_least(value: int | None, flag: str, least: int) -> None:
         )
 
 
-def check_tasks(text: str) -> None:
-    from kvbench.tasks import get_task  # the task registry imports no torch
+def check_tasks(text: str, datasets: bool = False) -> None:
+    from kvbench.tasks import check_task, get_task  # the task registry imports no torch
 
     for name in split_list(text, "tasks"):
-        get_task(name)
+        check_task(name) if datasets else get_task(name)
+
+
+def check_data_run(args) -> None:
+    """`kvbench run`'s data-set arguments: --data NAME=PATH that exist, and --lengths for generated tasks (a data
+    set's own lengths need none). Whether a data set is on disk is checked before the model loads (sweep)."""
+    from kvbench.tasks import is_dataset_task
+    from kvbench.tasks.datasets.catalog import parse_data_paths
+
+    parse_data_paths(args.data)
+    if args.lengths is None:
+        generated = [name for name in split_list(args.tasks, "tasks") if not is_dataset_task(name)]
+        if generated:
+            raise KVBenchError(f"task {generated[0]} is generated to a length: give --lengths")
 
 
 def check_writable(directory: str) -> None:
@@ -422,11 +435,13 @@ def check_arguments(args: argparse.Namespace) -> None:
                 f"of {maximum} tokens"
             )
     if command in ("run", "export-lm-eval"):
-        check_tasks(args.tasks)
-        lengths = check_lengths(args.lengths)
+        check_tasks(args.tasks, datasets=command == "run")
+        if command == "run":
+            check_data_run(args)
+        lengths = check_lengths(args.lengths) if args.lengths is not None else []
         check_at_least(args.samples, "--samples", 1)
         maximum = check_model(args.model)
-        if maximum is not None and max(lengths) > maximum:
+        if maximum is not None and lengths and max(lengths) > maximum:
             raise KVBenchError(f"length {max(lengths)} exceeds {args.model}'s maximum of {maximum} tokens")
         writes.append(args.out)
     if command == "lm-eval":

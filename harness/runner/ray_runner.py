@@ -251,7 +251,8 @@ def run_units(
             (ref,), _ = ray.wait(list(running), num_returns=1)
             actor, unit = running.pop(ref)
             length, sample, todo = plan[unit]
-            where = f"{sample.task}@{length} #{sample.sample_id}"
+            first = sample[0] if isinstance(sample, list) else sample  # a list: one context's questions
+            where = f"{first.task}@{length} #{first.sample_id}"
             try:
                 finished = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, WorkerCrashedError) as error:

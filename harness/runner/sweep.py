@@ -11,6 +11,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tqdm import tqdm
@@ -19,6 +20,7 @@ from kvbench.harness.artifacts.calibration import calibration_available, ensure_
 from kvbench.harness.engine.batched_settings import DEFAULT_BATCH_SIZE, check_batch_size
 from kvbench.harness.engine.pipeline import CellResult, iter_context_cells
 from kvbench.harness.engine.scoring_cells import ScoredCell, iter_scoring_cells
+from kvbench.harness.engine.shared_context import iter_shared_context_cells
 from kvbench.harness.errors import KVBenchError, check_budget
 from kvbench.harness.files import now
 from kvbench.harness.models.loading import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
@@ -40,11 +42,14 @@ from kvbench.methods import Method, get_method
 from kvbench.tasks import (
     GENERATOR_VERSION,
     Sample,
+    check_task,
+    dataset_samples,
     generate_samples,
-    get_task,
+    is_dataset_task,
+    locate_dataset,
     row_metrics,
+    sample_prompt,
     score_metric,
-    split_prompt,
     token_split,
 )
 from kvbench.tasks.fingerprint import derive_seed
@@ -72,6 +77,10 @@ class SweepSpec:
     workers: int | None = 1
     ray_address: str | None = None
     ray_timeout: float = CONNECT_TIMEOUT_S  # seconds the cluster's address may take to answer
+    # Data-set tasks (`longbench:hotpotqa`): local copies by data set name (`--data NAME=PATH`), and what to do with
+    # a sample over the length cap (`truncate` its context's middle, or `skip` it, counted as skipped rows).
+    data: dict[str, Path] = field(default_factory=dict)
+    over_length: str = "truncate"
 
 
 def default_sample_cache() -> Path:
@@ -85,7 +94,13 @@ def validate(spec: SweepSpec) -> list[Method]:
     for budget in spec.budgets:
         check_budget(budget)
     for task in spec.tasks:
-        get_task(task)
+        check_task(task)
+        if not spec.lengths and not is_dataset_task(task):
+            raise KVBenchError(f"task {task} is generated to a length: give --lengths")
+    for task in spec.tasks:  # a data set not on disk is one line before the model loads
+        if is_dataset_task(task):
+            for length in spec.lengths or [None]:
+                locate_dataset(task, spec.data, length)
     if spec.samples < 1:
         raise KVBenchError(f"--samples {spec.samples} must be at least 1")
     check_batch_size(spec.batch_size)
@@ -262,6 +277,11 @@ def _row(
     metric: str,
 ):
     depths = sample.metadata.get("depths") or ([sample.metadata["depth"]] if "depth" in sample.metadata else [])
+    data_fields = {
+        key: sample.metadata[key]
+        for key in ("dataset", "context_id", "sample_tokens", "truncated_from", "difficulty", "length_class")
+        if sample.metadata.get(key) is not None
+    }
     row = {
         "task": sample.task,
         "length": length,
@@ -275,6 +295,7 @@ def _row(
         "depth": float(depths[0]) if depths else None,
         "query_aware": context.spec.query_aware,
         "seed": context.spec.seed,
+        **data_fields,
     }
     if isinstance(outcome, KVBenchError):
         return {**row, "score": None, "error": str(outcome)}
@@ -329,9 +350,50 @@ def _perplexity_row(
     }
 
 
-def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: RowContext):
-    """(method, budget, rows) for each cell of one sample as it finishes: generated answers are scored with every
-    metric the task reports (one row each); perplexity samples are scored, not generated."""
+def _skipped_rows(samples: list[Sample], length: int, todo, context: RowContext):
+    for method, budget in todo:
+        refusal = KVBenchError(samples[0].metadata["skipped"])
+        # Never prefilled: the rows' token counts are zero and `sample_tokens` says how long the sample was.
+        unrun = SimpleNamespace(context_ids=(), question_ids=())
+        rows = [
+            {**_row(s, length, method, budget, refusal, unrun, context, m), "skipped": True}
+            for s in samples
+            for m in row_metrics(s)
+        ]
+        yield method, budget, rows
+
+
+def _group_rows(loaded: LoadedModel, group: list[Sample], length: int, todo, context: RowContext):
+    """A context with several questions: prefilled once, compressed once per cell, every question answered from
+    the restored compressed cache; one row per question (and metric), each with the context's id."""
+    if group[0].metadata.get("skipped"):
+        yield from _skipped_rows(group, length, todo, context)
+        return
+    seed = sample_seed(context.spec, group[0], length)
+    parts = [sample_prompt(loaded.tokenizer, s, context.spec.query_aware) for s in group]
+    if any(p.context_ids != parts[0].context_ids for p in parts):
+        raise KVBenchError(f"{group[0].task}: questions grouped under one context render different contexts")
+    questions = [(p.question_ids, s.max_new_tokens) for p, s in zip(parts, group)]
+    for method, budget, outcomes in iter_shared_context_cells(loaded, parts[0].context_ids, questions, todo, seed):
+        each = outcomes if isinstance(outcomes, list) else [outcomes] * len(group)
+        rows = [
+            _row(s, length, method, budget, outcome, p, context, m)
+            for s, p, outcome in zip(group, parts, each)
+            for m in row_metrics(s)
+        ]
+        yield method, budget, rows
+
+
+def _cell_rows(loaded: LoadedModel, sample: Sample | list[Sample], length: int, todo, context: RowContext):
+    """(method, budget, rows) for each cell of one sample (or of one context's questions, a list) as it finishes:
+    generated answers are scored with every metric the task reports (one row each); perplexity samples are scored,
+    not generated."""
+    if isinstance(sample, list):
+        yield from _group_rows(loaded, sample, length, todo, context)
+        return
+    if sample.metadata.get("skipped"):
+        yield from _skipped_rows([sample], length, todo, context)
+        return
     seed = sample_seed(context.spec, sample, length)
     if sample.metric == "perplexity":
         context_ids, continuation_ids = token_split(loaded.tokenizer, sample)
@@ -343,9 +405,7 @@ def _cell_rows(loaded: LoadedModel, sample: Sample, length: int, todo, context: 
                 [_perplexity_row(sample, length, method, budget, outcome, context_ids, continuation_ids, context)],
             )
         return
-    parts = split_prompt(
-        loaded.tokenizer, sample.context, sample.question, sample.answer_prefix, query_aware=context.spec.query_aware
-    )
+    parts = sample_prompt(loaded.tokenizer, sample, context.spec.query_aware)
     outcomes = iter_context_cells(
         loaded,
         parts.context_ids,
@@ -373,20 +433,30 @@ def failed_unit_rows(loaded: LoadedModel, length: int, sample: Sample, todo, con
     """The rows of a unit no worker could finish: every cell's rows with no score and the reason as their error,
     like a refused budget, marked `worker_failed` so that a rerun computes them again."""
     failure = KVBenchError(reason)
-    if sample.metric == "perplexity":
+    if isinstance(sample, list):
+        made = [
+            _row(
+                s,
+                length,
+                method,
+                budget,
+                failure,
+                sample_prompt(loaded.tokenizer, s, context.spec.query_aware),
+                context,
+                m,
+            )
+            for method, budget in todo
+            for s in sample
+            for m in row_metrics(s)
+        ]
+    elif sample.metric == "perplexity":
         context_ids, continuation_ids = token_split(loaded.tokenizer, sample)
         made = [
             _perplexity_row(sample, length, method, budget, failure, context_ids, continuation_ids, context)
             for method, budget in todo
         ]
     else:
-        parts = split_prompt(
-            loaded.tokenizer,
-            sample.context,
-            sample.question,
-            sample.answer_prefix,
-            query_aware=context.spec.query_aware,
-        )
+        parts = sample_prompt(loaded.tokenizer, sample, context.spec.query_aware)
         made = [
             _row(sample, length, method, budget, failure, parts, context, metric)
             for method, budget in todo
@@ -398,7 +468,7 @@ def failed_unit_rows(loaded: LoadedModel, length: int, sample: Sample, todo, con
 def run_sweep(spec: SweepSpec, progress: bool = True) -> ResultStore:
     methods = validate(spec)
     maximum = model_max_length(spec.model)  # from the config alone: a length error needs no weights
-    if maximum is not None and max(spec.lengths) > maximum:
+    if maximum is not None and spec.lengths and max(spec.lengths) > maximum:
         raise KVBenchError(f"length {max(spec.lengths)} exceeds {spec.model}'s maximum of {maximum} tokens")
     store = ResultStore(spec.out)
     with store.writing():  # from before the model loads to the last row: a second run into --out is refused
@@ -411,7 +481,7 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
     identity = run_identity(spec)
     previous = store.open(identity, force=spec.force)
     loaded = load_model(spec.model, spec.device, spec.dtype)
-    too_long = [n for n in spec.lengths if n > loaded.max_length]
+    too_long = [n for n in spec.lengths if loaded.max_length is not None and n > loaded.max_length]
     if too_long:
         raise KVBenchError(f"length {too_long[0]} exceeds {spec.model}'s maximum of {loaded.max_length} tokens")
     calibrated, identities = calibrate_checked(loaded, methods, store, identity, spec.force)
@@ -435,11 +505,19 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
         return (task, length, sample_id, round(budget, 6), metric, identities[method.label][1])
 
     plan = []
+    all_cells = 0
     for task in spec.tasks:
-        for length in spec.lengths:
-            samples = generate_samples(
-                task, loaded.tokenizer, length, spec.samples, spec.seed, spec.query_aware, cache_dir=cache_dir
-            )
+        for length in spec.lengths or [loaded.max_length]:
+            if is_dataset_task(task):
+                samples = dataset_samples(
+                    task, loaded.tokenizer, length, spec.samples, spec.data, spec.over_length, spec.query_aware
+                )
+            else:
+                samples = generate_samples(
+                    task, loaded.tokenizer, length, spec.samples, spec.seed, spec.query_aware, cache_dir=cache_dir
+                )
+            all_cells += len(samples) * len(cells)
+            units: dict[Any, list[Sample]] = {}
             for sample in samples:
                 metrics = row_metrics(sample)
                 todo = [
@@ -447,10 +525,17 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
                     for m, b in cells
                     if any(key(task, length, sample.sample_id, m, b, x) not in done for x in metrics)
                 ]
-                if todo:
+                if not todo:
+                    continue
+                shared = sample.metadata.get("dataset") == "kvpress" and "context_id" in sample.metadata
+                if shared:  # questions on one context: one unit, compressed once per cell
+                    units.setdefault(("context", sample.metadata["context_id"]), []).append(sample)
+                else:
                     plan.append((length, sample, todo))
-    total = sum(len(todo) for _, _, todo in plan)
-    skipped = len(spec.tasks) * len(spec.lengths) * spec.samples * len(cells) - total
+            for group in units.values():
+                plan.append((length, group if len(group) > 1 else group[0], cells))
+    total = sum(len(todo) * (len(s) if isinstance(s, list) else 1) for _, s, todo in plan)
+    skipped = all_cells - total
     bar = tqdm(total=total, disable=not progress, unit="cell", desc="kvbench run", file=sys.stderr, dynamic_ncols=True)
     if skipped:
         bar.write(f"kvbench: {skipped} finished cells found in {spec.out}; running the {total} left")
@@ -470,7 +555,9 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
             run_units(spec, loaded, plan, methods, context, record)
         else:
             for length, sample, todo in plan:
+                first = sample[0] if isinstance(sample, list) else sample
+                count = len(sample) if isinstance(sample, list) else 1
                 for method, budget, rows in _cell_rows(loaded, sample, length, todo, context):
-                    record(rows, f"{sample.task}@{length} {method.label}@{budget:g}")
+                    record(rows, f"{first.task}@{length} {method.label}@{budget:g}", count)
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)

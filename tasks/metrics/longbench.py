@@ -123,7 +123,11 @@ def code_sim_one(prediction: str, reference: str) -> float:
     from rapidfuzz import fuzz
 
     line = next(
-        (text for text in prediction.lstrip("\n").split("\n") if "`" not in text and "#" not in text and "//" not in text),
+        (
+            text
+            for text in prediction.lstrip("\n").split("\n")
+            if "`" not in text and "#" not in text and "//" not in text
+        ),
         "",
     )
     return fuzz.ratio(line, reference) / 100

@@ -1,0 +1,81 @@
+"""One context, many questions (kvpress's grouping, SCBench's shared contexts): the context is prefilled once and
+compressed once per (method, budget); every question is answered from that same compressed cache, restored
+between questions, so the compression is query-agnostic and each answer equals the one a separate run of the
+cell gives.
+
+Restoring is a copy: each question decodes on a deep copy of the cache as compression left it, so whatever a
+question and its answer add (the raw tail, a decode-time method's evictions and state) never reaches the next.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+from kvbench.harness.engine.decode import greedy_decode
+from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed
+from kvbench.harness.engine.pipeline import (
+    CellResult,
+    PeakBytes,
+    TimedObservation,
+    _cell_result,
+    compress_context,
+    head_spread,
+    iter_cells,
+)
+from kvbench.harness.errors import BudgetError
+from kvbench.harness.models.loading import LoadedModel
+from kvbench.methods.base import Method
+
+
+def iter_shared_context_cells(
+    loaded: LoadedModel,
+    context_ids: Sequence[int],
+    questions: Sequence[tuple[Sequence[int], int]],
+    cells: Sequence[tuple[Method, float]],
+    seed: int = 0,
+) -> Iterator[tuple[Method, float, list[CellResult] | BudgetError]]:
+    """Per cell, the answers to every `(question_ids, max_new_tokens)` after one compression of the context (or
+    the cell's BudgetError). Prefill as `iter_cells`: one shared, plus a private one per method that needs it."""
+
+    def answer_all(observed: TimedObservation | None, method: Method, budget: float) -> list[CellResult]:
+        effective = budget if method.uses_budget else 1.0
+        compressed = compress_context(loaded, observed, method, effective, context_ids, seed)
+        pristine = compressed.cache
+        results = []
+        for question_ids, max_new_tokens in questions:
+            cache = copy.deepcopy(pristine)
+            compressed.cache = cache
+            kv_bytes = cache.kv_bytes()
+            spread = head_spread(cache)
+            peak = PeakBytes(cache, method.on_decode_step)
+            reset_peak_memory(loaded.device)
+            with timed(loaded.device) as watch:
+                generation = greedy_decode(
+                    loaded.model,
+                    cache,
+                    list(question_ids),
+                    max_new_tokens,
+                    loaded.eos_token_ids,
+                    tokenizer=loaded.tokenizer,
+                    first_logits=compressed.last_logits,
+                    step_hook=peak.step,
+                    start_hook=method.on_decode_start,
+                )
+            results.append(
+                _cell_result(
+                    method,
+                    effective,
+                    compressed,
+                    generation,
+                    kv_bytes,
+                    spread,
+                    watch.seconds,
+                    peak.read(cache),
+                    peak_memory_bytes(loaded.device),
+                )
+            )
+        compressed.cache = pristine
+        return results
+
+    return iter_cells(loaded, context_ids, cells, answer_all, seed)
