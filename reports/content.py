@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from kvbench.reports import tables
+from kvbench.reports.benchmarks import benchmark_tables
 from kvbench.reports.intervals import LEVEL, RESAMPLES
 from kvbench.reports.plots import Plot, draw_all
 from kvbench.reports.store import Run
@@ -66,6 +67,7 @@ COLUMNS = {
     "prefill_peak_mib": ("prefill peak MiB", ".1f"),
     "decode_peak_mib": ("decode peak MiB", ".1f"),
     "peak_mib": ("peak memory MiB", ".1f"),
+    "skipped": ("skipped", "d"),
 }
 TEXT_COLUMNS = {"method_label": "method", "metric": "metric"}
 INTERVAL_NOTE = (
@@ -137,6 +139,16 @@ def build_report(run: Run, plots_dir: Path) -> Report:
                 + [(f"Empty answers — {metric}", table) for metric, table in tables.task_nulls(rows).items()]
             ),
             _pick(plots, "score_vs_budget"),
+        ),
+        Section(
+            "Standard benchmarks",
+            "Data-set tasks in their benchmarks' own terms: LongBench's per-subset scores and their average "
+            "(subsets weigh the same whatever their metric), LongBench-E's length bins, RULER's per-task scores and "
+            "average per length, LongBench-v2's Overall / Easy / Hard / Short / Medium / Long, InfiniteBench's "
+            f"per-task scores; x100. {DIFF_TO_REFERENCE} and n belong to the headline column (average, Overall), "
+            f"paired with full sample by sample. skipped: samples over the length cap (--over-length skip), "
+            f"counted, never scored. {INTERVAL_NOTE}",
+            _tables(benchmark_tables(rows)),
         ),
         Section(
             "Generation quality",

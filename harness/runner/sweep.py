@@ -279,7 +279,15 @@ def _row(
     depths = sample.metadata.get("depths") or ([sample.metadata["depth"]] if "depth" in sample.metadata else [])
     data_fields = {
         key: sample.metadata[key]
-        for key in ("dataset", "context_id", "sample_tokens", "truncated_from", "difficulty", "length_class")
+        for key in (
+            "dataset",
+            "context_id",
+            "sample_tokens",
+            "truncated_from",
+            "source_length",
+            "difficulty",
+            "length_class",
+        )
         if sample.metadata.get(key) is not None
     }
     row = {
