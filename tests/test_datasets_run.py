@@ -311,3 +311,42 @@ def test_one_context_three_questions_compressed_once_and_equal_to_separate_runs(
         (row,) = rows_of(alone)
         assert row["output"] == together[index]["output"] and row["kv_bytes"] == together[index]["kv_bytes"]
         assert len(calls) == 1
+
+
+def test_the_hugging_face_cache_is_read_offline_after_local_copies(tmp_path, monkeypatch):
+    from kvbench.tasks.datasets import catalog
+
+    asked = []
+
+    def cached(hub_id, config, split):
+        asked.append((hub_id, config, split))
+        return (
+            longbench_records("hotpotqa", 1)
+            if (hub_id, config, split) == ("THUDM/LongBench", "hotpotqa_e", "test")
+            else None
+        )
+
+    monkeypatch.setattr(catalog, "_hub_rows", cached)
+    located, looked = catalog.locate("longbench_e:hotpotqa", {})
+    assert located is not None and located.hub == ("THUDM/LongBench", "hotpotqa_e", "test")
+    assert looked[0].endswith("kvbench-cache/data/longbench_e/hotpotqa_e.jsonl")
+    assert len(catalog.read_records(located)) == 1
+    # a local copy wins over the hub cache, which is then not consulted
+    asked.clear()
+    write_jsonl(tmp_path / "kvbench-cache" / "data" / "longbench_e" / "hotpotqa_e.jsonl", longbench_records("x", 2))
+    located, _ = catalog.locate("longbench_e:hotpotqa", {})
+    assert located.path is not None and asked == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "fetch", "kvpress:x"], "kvpress has no hub copy"),
+        (["data", "fetch", "ruler:vt"], "needs --length N"),
+        (["data", "fetch", "longbench:nope"], "unknown longbench subset"),
+    ],
+)
+def test_data_fetch_argument_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
