@@ -302,6 +302,9 @@ def test_one_context_three_questions_compressed_once_and_equal_to_separate_runs(
     assert len(calls) == 1  # one compression of the shared context for the three questions
     together = sorted(rows_of(out), key=lambda row: row["sample_id"])
     assert [row["context_id"] for row in together] == [0, 0, 0]
+    calls.clear()  # resuming the finished store computes nothing
+    assert main([*argv, "--data", f"kvpress={data / 'kvpress'}"]) == 0
+    assert calls == [] and len(rows_of(out)) == 3
     for index, question in enumerate(questions):
         calls.clear()
         alone = tmp_path / f"alone{index}"

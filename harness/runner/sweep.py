@@ -281,6 +281,7 @@ def _row(
         key: sample.metadata[key]
         for key in (
             "dataset",
+            "source",
             "context_id",
             "sample_tokens",
             "truncated_from",
@@ -525,7 +526,7 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
                     task, loaded.tokenizer, length, spec.samples, spec.seed, spec.query_aware, cache_dir=cache_dir
                 )
             all_cells += len(samples) * len(cells)
-            units: dict[Any, list[Sample]] = {}
+            units: dict[Any, list[tuple[Sample, list]]] = {}
             for sample in samples:
                 metrics = row_metrics(sample)
                 todo = [
@@ -535,13 +536,20 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
                 ]
                 if not todo:
                     continue
-                shared = sample.metadata.get("dataset") == "kvpress" and "context_id" in sample.metadata
-                if shared:  # questions on one context: one unit, compressed once per cell
-                    units.setdefault(("context", sample.metadata["context_id"]), []).append(sample)
+                # Questions on one context (a data set's records with the same context text, as kvpress rows or
+                # LOOGLE): one unit, compressed once per cell. Query-aware puts each question into its context.
+                if "context_id" in sample.metadata and not spec.query_aware:
+                    # keyed by the context as fitted: a cap can cut one context differently for longer questions
+                    unit = (sample.metadata["context_id"], sample.context, "skipped" in sample.metadata)
+                    units.setdefault(unit, []).append((sample, todo))
                 else:
                     plan.append((length, sample, todo))
             for group in units.values():
-                plan.append((length, group if len(group) > 1 else group[0], cells))
+                if len(group) == 1:
+                    plan.append((length, *group[0]))
+                else:  # every cell any of its questions still needs (rows already stored are not written twice)
+                    needed = {(m.label, b) for _, todo in group for m, b in todo}
+                    plan.append((length, [s for s, _ in group], [(m, b) for m, b in cells if (m.label, b) in needed]))
     total = sum(len(todo) * (len(s) if isinstance(s, list) else 1) for _, s, todo in plan)
     skipped = all_cells - total
     bar = tqdm(total=total, disable=not progress, unit="cell", desc="kvbench run", file=sys.stderr, dynamic_ncols=True)

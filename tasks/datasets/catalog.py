@@ -290,13 +290,14 @@ class Located:
 
 
 def _offline_datasets():
+    """`datasets`, told to read only its local cache. Only `datasets`' own switch is set (a hub model loaded later
+    in the same process may still download); set after import too, in case it was imported with the network on."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import datasets
     except ImportError:
         return None
-    datasets.config.HF_HUB_OFFLINE = True  # already imported elsewhere with the network allowed: not here
+    datasets.config.HF_HUB_OFFLINE = True
     return datasets
 
 
