@@ -36,6 +36,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,7 @@ def _offline_datasets():
     return datasets
 
 
+@lru_cache(maxsize=4)  # the check before the model loads and the run read the same rows once
 def _hub_rows(hub_id: str, config: str | None, split: str) -> list[dict[str, Any]] | None:
     datasets = _offline_datasets()
     if datasets is None:
