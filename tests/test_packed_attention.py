@@ -39,6 +39,13 @@ ATOL = 1e-5
 H_Q, H_KV, DIM = 6, 2, 8
 
 
+@pytest.fixture(autouse=True)
+def never_concatenate(monkeypatch):
+    """The cases here are short: without this, equal unbiased heads would take the single SDPA call over a
+    concatenation that short caches keep (`CONCATENATE_BELOW`), and the no-copy paths would go untested."""
+    monkeypatch.setattr(kv_attention, "CONCATENATE_BELOW", 0)
+
+
 @pytest.fixture(params=["packed", "loop"])
 def ragged_mode(request):
     previous = set_ragged_mode(request.param)

@@ -157,6 +157,11 @@ def _sink_rows(attention: LayerAttention, h_kv: int, group: int, length: int) ->
 # few heads, see benchmarks/ragged_decode.py). "auto" picks packed on CUDA and the loop elsewhere.
 RAGGED_MODES = ("auto", "packed", "loop")
 _ragged_mode = "auto"
+# Keys (prefix + tail) below which a plain softmax over an unbiased equal-length prefix is one SDPA call over their
+# concatenation, as transformers makes it (bit-identical to a plain cache; the copy is small): the CPU's fused kernel
+# takes keys in blocks of 512 itself, so only above that does joining two calls by log-sum-exp add the kind of
+# rounding the kernel's own blocks add. (Joined, a 40-token gemma3 context drifts 1.0e-5 from transformers.)
+CONCATENATE_BELOW = 512
 # Query rows × stored keys above which a call is split into chunks of query positions (fp32 logits of ~64 MB).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -176,10 +181,11 @@ def _packed_on(device: torch.device) -> bool:
 
 def _softmax_pieces(
     pieces: list[torch.Tensor], sink_rows: torch.Tensor | None, dtype: torch.dtype
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One softmax over the concatenation of logit blocks [..., n_i] (rows aligned), without concatenating them:
-    fp32 throughout, the sinks' logits ([...], one per row) in the denominator only; each block's probabilities
-    come back in `dtype`."""
+    each block's exp(logit − row max) in `dtype`, and the rows' 1/denominator [..., 1] in fp32 (the sinks' logits,
+    [...] one per row, join the denominator only). The caller multiplies the weighted sum of values by it, as
+    SDPA's kernels normalize at the end."""
     pieces = [p.float() for p in pieces]
     top = torch.stack([p.amax(dim=-1) for p in pieces if p.shape[-1]]).amax(dim=0)
     if sink_rows is not None:
@@ -188,29 +194,64 @@ def _softmax_pieces(
     total = sum(e.sum(dim=-1) for e in exps)
     if sink_rows is not None:
         total = total + (sink_rows.float() - top).exp()
-    scale = total.reciprocal_().unsqueeze(-1)
-    return [(e * scale).to(dtype) for e in exps]
+    return [e.to(dtype) for e in exps], total.reciprocal_().unsqueeze(-1)
 
 
 def _tail_logits(q: torch.Tensor, tail_k: torch.Tensor, tail_seen: torch.Tensor, attention: LayerAttention):
     return attention.logits(q, tail_k.to(q.dtype)).masked_fill(~tail_seen, float("-inf"))
 
 
+def _fused_piece(q, keys, values, seen, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU's fused SDPA kernel over one block of keys: output [H, R, d] and log-sum-exp [H, R] of q [H, R, d]
+    (every row sees at least one key where `seen` [R, n] hides some)."""
+    mask = None
+    if seen is not None and not bool(seen.all()):
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))[None, None]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], keys[None], values[None], 0.0, False, attn_mask=mask, scale=scaling
+    )
+    return out[0], lse[0]
+
+
+def _attend_fused(q, tail_k, tail_v, tail_seen, attention, prefix, pre_seen) -> torch.Tensor | None:
+    """A plain softmax over an unbiased prefix on the CPU: SDPA's own kernel over the prefix where it lies and over
+    the tail, the two joined by their log-sum-exps: the same kernel (and its exp) as the single SDPA call
+    transformers makes over a concatenated cache, without the concatenation. None where some rows see prefix keys
+    and others none (the caller computes those)."""
+    dtype = q.dtype
+    tail_out, tail_lse = _fused_piece(q, tail_k.to(dtype), tail_v.to(dtype), tail_seen, attention.scaling)
+    rows_seeing = None if pre_seen is None else pre_seen.any(dim=-1)
+    if prefix is None or prefix.keys.shape[-2] == 0 or (rows_seeing is not None and not bool(rows_seeing.any())):
+        return tail_out
+    if rows_seeing is not None and not bool(rows_seeing.all()):
+        return None
+    keys, values = prefix.keys.to(dtype), prefix.values.to(dtype)
+    pre_out, pre_lse = _fused_piece(q, keys, values, pre_seen, attention.scaling)
+    lse = torch.logaddexp(pre_lse, tail_lse)
+    pre_weight, tail_weight = (pre_lse - lse).exp().unsqueeze(-1), (tail_lse - lse).exp().unsqueeze(-1)
+    return (pre_out.float() * pre_weight + tail_out.float() * tail_weight).to(dtype)
+
+
 def _attend_uniform(q, tail_k, tail_v, tail_seen, attention, sinks, prefix, pre_seen) -> torch.Tensor:
     """q [H_kv, R, d] over a prefix of equal-length heads [H_kv, n, d] (bias [H_kv, n]) and the tail, read where
-    they lie: one batched product per block, one softmax over both."""
+    they lie: one batched product per block, one softmax over both (on the CPU, a plain softmax over an unbiased
+    prefix runs SDPA's fused kernel per block instead)."""
+    if q.device.type == "cpu" and attention.plain_softmax and (prefix is None or prefix.bias is None):
+        out = _attend_fused(q, tail_k, tail_v, tail_seen, attention, prefix, pre_seen)
+        if out is not None:
+            return out
     tail_logits = _tail_logits(q, tail_k, tail_seen, attention)
     if prefix is None or prefix.keys.shape[-2] == 0:
-        (probs,) = _softmax_pieces([tail_logits], sinks, q.dtype)
-        return probs @ tail_v.to(q.dtype)
+        (weights,), scale = _softmax_pieces([tail_logits], sinks, q.dtype)
+        return ((weights @ tail_v.to(q.dtype)) * scale).to(q.dtype)
     keys, values = prefix.keys.to(q.dtype), prefix.values.to(q.dtype)
     pre_logits = attention.logits(q, keys)
     if prefix.bias is not None:
         pre_logits = pre_logits + prefix.bias.unsqueeze(-2).to(pre_logits.dtype)
     if pre_seen is not None:
         pre_logits = pre_logits.masked_fill(~pre_seen, float("-inf"))
-    pre, tail = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
-    return pre @ values + tail @ tail_v.to(q.dtype)
+    (pre, tail), scale = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
+    return ((pre @ values + tail @ tail_v.to(q.dtype)) * scale).to(q.dtype)
 
 
 def _attend_packed(q, tail_k, tail_v, tail_seen, attention, sinks, prefix) -> torch.Tensor:
@@ -226,9 +267,9 @@ def _attend_packed(q, tail_k, tail_v, tail_seen, attention, sinks, prefix) -> to
         pre_logits = pre_logits + prefix.bias.to(pre_logits.dtype)
     other_head = head_of_key[None, None, :] != torch.arange(h_kv, device=q.device)[:, None, None]
     pre_logits = pre_logits.masked_fill(other_head, float("-inf"))
-    pre, tail = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
-    out = pre.view(h_kv * rows, -1) @ prefix.values.to(q.dtype)
-    return out.view(h_kv, rows, dim) + tail @ tail_v.to(q.dtype)
+    (pre, tail), scale = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
+    out = (pre.view(h_kv * rows, -1) @ prefix.values.to(q.dtype)).view(h_kv, rows, dim)
+    return ((out + tail @ tail_v.to(q.dtype)) * scale).to(q.dtype)
 
 
 def _attend_loop(q, tail_k, tail_v, tail_seen, attention, sinks, prefix) -> torch.Tensor:
@@ -386,6 +427,15 @@ def _attend_row(
     positions = _row_positions(layer, query.shape[2], prefix, query.device)
     if prefix is None and attention.plain_softmax:
         return _sdpa_over_prefix(module, query, key, value, 0, attention, positions)
+    if (
+        attention.plain_softmax
+        and prefix.uniform
+        and prefix.bias is None
+        and prefix.keys.shape[1] + key.shape[2] < CONCATENATE_BELOW
+    ):
+        key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
+        value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
+        return _sdpa_over_prefix(module, query, key, value, prefix.keys.shape[1], attention, positions)
     out = attend_compressed(query[0], key[0], value[0], prefix, attention, positions, index)
     return out.transpose(0, 1).unsqueeze(0), None
 
@@ -399,8 +449,9 @@ def _sdpa_over_prefix(
     attention: LayerAttention,
     positions: Positions,
 ) -> tuple[torch.Tensor, None]:
-    """Keys/values already in one tensor under a plain softmax (a prefill under a window, no prefix): the SDPA call
-    transformers would make, a mask built only where some key is hidden from some query."""
+    """Keys/values in one tensor under a plain softmax (a prefill under a window; a short prefix joined to its tail,
+    `CONCATENATE_BELOW`): the SDPA call transformers would make, a mask built only where some key is hidden from
+    some query."""
     query_length = query.shape[2]
     tail_seen = positions.tail_visible(attention.window)
     pre_seen = positions.prefix_visible(attention.window, getattr(module, "layer_idx", 0))
