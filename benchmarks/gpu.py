@@ -10,10 +10,18 @@ once (weights + batch × (kv_bytes + the raw tail, at its mean length over the d
 the same cell (each its own compressed cache) with `batched_greedy_decode`; batch 1 is `greedy_decode` alone.
 Timers are `torch.cuda.synchronize()`-bracketed; no EOS stop, so every row decodes exactly --new-tokens tokens.
 
-    python benchmarks/gpu.py [--contexts 8192,32768] [--batches 1,8] [--budgets 0.5,0.25,0.1]
-                             [--methods full,snapkv,adakv_snapkv,kivi] [--new-tokens 32] [--bandwidth-gbs 4800]
+Beside every cell of a per-head method (adakv, adakv_snapkv: heads keep different numbers of tokens) the script
+runs the same selection stored the kvpress way (`<method>/masked`): every head keeps the full context and the
+dropped tokens are hidden by a −inf logit bias, which saves no memory; its ratio to full is the side-by-side
+comparison with kvbench's packed ragged heads. Ragged heads attend as `--ragged-mode` says (auto: one packed call
+per layer on CUDA).
 
---size tiny builds a 2-layer model of the same shape family for a smoke run on any device (numbers meaningless).
+    python benchmarks/gpu.py [--contexts 8192,32768] [--batches 1,8] [--budgets 0.5,0.25,0.1]
+                             [--methods full,snapkv,adakv,kivi] [--new-tokens 32] [--bandwidth-gbs 3350]
+
+--size tiny builds a 2-layer model of the same shape family for a run on any device (numbers meaningless); --smoke
+is that size on the CPU in fp32 with one short context (what tests/test_gpu.py runs). benchmarks/gpu_run.sh runs
+the CUDA tests and this script under timeouts in one command.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from kvbench.harness.cache.attention import RAGGED_MODES, set_ragged_mode  # noqa: E402
+from kvbench.harness.cache.kv_cache import KVBenchCache  # noqa: E402
+from kvbench.harness.cache.prefix import TokenPrefix  # noqa: E402
 from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_decode  # noqa: E402
 from kvbench.harness.engine.decode import greedy_decode  # noqa: E402
 from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed  # noqa: E402
@@ -81,6 +92,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def masked_like(observation, cache: KVBenchCache) -> KVBenchCache:
+    """The kvpress way of storing a per-head selection: every head keeps all N context tokens ([H, N, d]) and the
+    ones the method dropped get a −inf logit bias. Kept tokens are found by matching each kept key's projection on
+    a fixed random direction among the context's keys of its head (selections keep keys unchanged)."""
+    prefixes = []
+    for keys, values, layer in zip(observation.keys, observation.values, cache.layers, strict=True):
+        kv = layer.prefix.materialize()
+        heads = list(kv.keys) if not kv.uniform else list(kv.keys.unbind(0))
+        direction = torch.randn(keys.shape[-1], generator=torch.Generator().manual_seed(1)).to(keys.device)
+        signature = keys.float() @ direction
+        bias = torch.full(keys.shape[:2], float("-inf"), device=keys.device, dtype=keys.dtype)
+        for h, kept in enumerate(heads):
+            bias[h][torch.isin(signature[h], kept.float() @ direction)] = 0
+        prefixes.append(TokenPrefix(keys, values, bias))
+    return KVBenchCache(observation.num_layers, prefixes, observation.context_length)
+
+
 def decode(loaded, caches, question, new_tokens) -> float:
     """Seconds to decode `new_tokens` tokens on every cache (one row each) after the question."""
     with timed(loaded.device) as watch:
@@ -97,17 +125,24 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--size", choices=["8b", "tiny"], default="8b")
+    parser.add_argument("--smoke", action="store_true", help="tiny size, CPU, fp32, one short context")
     parser.add_argument("--contexts", default="8192,32768")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--budgets", default="0.5,0.25,0.1")
-    parser.add_argument("--methods", default="full,snapkv,adakv_snapkv,kivi")
+    parser.add_argument("--methods", default="full,snapkv,adakv,kivi")
+    parser.add_argument("--per-head", default="adakv,adakv_snapkv", help="methods also run stored the kvpress way")
+    parser.add_argument("--ragged-mode", choices=RAGGED_MODES, default="auto")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--question-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="decode repeats per cell (median)")
     parser.add_argument(
-        "--bandwidth-gbs", type=float, default=4800.0, help="device memory bandwidth, GB/s (H200: 4800, H100: 3350)"
+        "--bandwidth-gbs", type=float, default=3350.0, help="device memory bandwidth, GB/s (H100 SXM: 3350, H200: 4800)"
     )
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.device, args.dtype = "tiny", "cpu", "float32"
+        args.contexts, args.batches, args.budgets, args.new_tokens = "256", "1,2", "0.25", 3
+    set_ragged_mode(args.ragged_mode)
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -121,53 +156,62 @@ def main() -> int:
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     print(f"model {loaded.name} ({weights / 1e9:.2f} GB of weights) | device {device} | dtype {dtype}")
-    print(f"torch {torch.__version__} | bandwidth {args.bandwidth_gbs:g} GB/s | {args.new_tokens} new tokens per row")
+    print(
+        f"torch {torch.__version__} | bandwidth {args.bandwidth_gbs:g} GB/s | {args.new_tokens} new tokens per row"
+        f" | ragged heads: {args.ragged_mode}"
+    )
     if missing:
         print(f"not registered here, left out: {', '.join(missing)}")
     header = (
-        f"{'method':<14}{'b':>6}{'compress_s':>11}{'kv_ratio':>9}{'tok/s':>10}{'vs full':>9}"
+        f"{'method':<20}{'b':>6}{'compress_s':>11}{'kv_ratio':>9}{'tok/s':>10}{'vs full':>9}"
         f"{'limit tok/s':>12}{'of limit':>9}{'peak GB':>9}"
     )
+    per_head = set(args.per_head.split(","))
     for context_length in (int(x) for x in args.contexts.split(",")):
         context = torch.randint(0, vocab, (context_length,), generator=generator).tolist()
         question = torch.randint(0, vocab, (args.question_tokens,), generator=generator).tolist()
         observed = observe(loaded, context, shared_needs(methods))
-        print(f"\n== context {context_length} | prefill {observed.prefill_s:.3f} s ==")
+        print(f"\n== context {context_length} | prefill {observed.prefill_s:.3f} s ==", flush=True)
         for batch in (int(x) for x in args.batches.split(",")):
             print(f"-- batch {batch} --")
-            print(header)
+            print(header, flush=True)
             full_speed = None
             for method in methods:
                 for budget in [float(b) for b in args.budgets.split(",")] if method.uses_budget else [1.0]:
-                    try:
-                        with timed(device) as watch:
-                            first = compress_context(loaded, observed, method, budget, context)
-                    except BudgetError as refusal:
-                        print(f"{method.name:<14}{budget:>6g}  refused: {refusal}")
-                        continue
-                    kv_bytes = first.cache.kv_bytes()
-                    times = []
-                    for _ in range(args.repeats):
-                        caches = [first.cache] if not times else []
-                        while len(caches) < batch:
-                            caches.append(compress_context(loaded, observed, method, budget, context).cache)
-                        reset_peak_memory(device)
-                        times.append(decode(loaded, caches, question, args.new_tokens))
-                        peak = peak_memory_bytes(device)
-                        del caches
-                    speed = batch * args.new_tokens / statistics.median(times)
-                    if method.name == "full":
-                        full_speed = speed
-                    tail_bytes = first.kv_bytes_full / context_length * (args.question_tokens + args.new_tokens / 2)
-                    per_step = weights + batch * (kv_bytes + tail_bytes)
-                    limit = batch * args.bandwidth_gbs * 1e9 / per_step
-                    ratio = f"{speed / full_speed:.3f}" if full_speed else "-"
-                    peak_text = f"{peak / 1e9:.2f}" if peak is not None else "-"
-                    print(
-                        f"{method.name:<14}{budget:>6g}{watch.seconds:>11.4f}{kv_bytes / first.kv_bytes_full:>9.3f}"
-                        f"{speed:>10.1f}{ratio:>9}{limit:>12.1f}{speed / limit:>9.2f}{peak_text:>9}"
-                    )
-                    del first
+                    for masked in (False, True) if method.name in per_head else (False,):
+                        try:
+                            with timed(device) as watch:
+                                first = compress_context(loaded, observed, method, budget, context)
+                        except BudgetError as refusal:
+                            print(f"{method.name:<20}{budget:>6g}  refused: {refusal}", flush=True)
+                            break
+                        cache = masked_like(observed.observation, first.cache) if masked else first.cache
+                        kv_bytes = cache.kv_bytes()
+                        times = []
+                        for _ in range(args.repeats):
+                            caches = [cache] if not times else []
+                            while len(caches) < batch:
+                                again = compress_context(loaded, observed, method, budget, context).cache
+                                caches.append(masked_like(observed.observation, again) if masked else again)
+                            reset_peak_memory(device)
+                            times.append(decode(loaded, caches, question, args.new_tokens))
+                            peak = peak_memory_bytes(device)
+                            del caches
+                        speed = batch * args.new_tokens / statistics.median(times)
+                        if method.name == "full":
+                            full_speed = speed
+                        tail_bytes = first.kv_bytes_full / context_length * (args.question_tokens + args.new_tokens / 2)
+                        per_step = weights + batch * (kv_bytes + tail_bytes)
+                        limit = batch * args.bandwidth_gbs * 1e9 / per_step
+                        ratio = f"{speed / full_speed:.3f}" if full_speed else "-"
+                        peak_text = f"{peak / 1e9:.2f}" if peak is not None else "-"
+                        label = f"{method.name}/masked" if masked else method.name
+                        print(
+                            f"{label:<20}{budget:>6g}{watch.seconds:>11.4f}{kv_bytes / first.kv_bytes_full:>9.3f}"
+                            f"{speed:>10.1f}{ratio:>9}{limit:>12.1f}{speed / limit:>9.2f}{peak_text:>9}",
+                            flush=True,
+                        )
+                        del first, cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         del observed

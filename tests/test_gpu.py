@@ -112,6 +112,30 @@ def test_compressed_rows_batch_on_cuda_as_alone(method, options):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+# Attention over compressed caches on the device against tests/test_packed_attention.py's float64 direct computation
+# (from the same rounded inputs). fp32: 1e-4 (cuBLAS may reorder sums). bf16: logits are rounded to bf16 before the
+# fp32 softmax, as in transformers' eager attention; at the cases' logit scale (|logit| up to ~8, bf16 step 2^-8·8 ≈
+# 0.03) the outputs (|o| ~ 1) move by up to 0.039 on the CPU in bf16, so 6e-2.
+CUDA_FP32_ATOL, CUDA_BF16_ATOL = 1e-4, 6e-2
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["packed", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compressed_attention_on_cuda_equals_the_direct_computation(mode, dtype):
+    from test_packed_attention import LAYERS, check_case
+
+    from kvbench.harness.cache.attention import set_ragged_mode
+
+    previous = set_ragged_mode(mode)
+    try:
+        for case in sorted(LAYERS):
+            for batched in (False, True):
+                check_case(case, batched, "cuda", dtype, CUDA_FP32_ATOL if dtype == torch.float32 else CUDA_BF16_ATOL)
+    finally:
+        set_ragged_mode(previous)
+
+
 def test_gpu_benchmark_runs_at_its_tiny_size(monkeypatch, capsys):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
     argv = ["gpu.py", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "256"]
@@ -124,5 +148,10 @@ def test_gpu_benchmark_runs_at_its_tiny_size(monkeypatch, capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["full"], ["snapkv"], ["kivi"])]
     # full once, snapkv and kivi at two budgets (or a refusal line), for each of the two batch sizes
     assert len(rows) == 2 * 5
+    # adakv beside its kvpress-style twin (full length, masked) at each budget and batch size
+    ada = [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["adakv"], ["adakv/masked"])]
+    assert ada == ["adakv", "adakv/masked"] * 4
+    ratios = {line.split()[0]: float(line.split()[3]) for line in out.splitlines() if line.startswith("adakv")}
+    assert ratios["adakv"] <= 0.5 < 1 < ratios["adakv/masked"]  # packed saves; full length plus a mask does not
     full_rows = [row for row in rows if row[0] == "full"]
     assert all(row[5] == "1.000" for row in full_rows)  # full's ratio to itself

@@ -7,9 +7,12 @@ of its attention function (`LayerAttention`: the scaling, a sliding window measu
 logit soft-capping, attention sinks), so `full` through kvbench is the model's own attention.
 
 With no prefix (a fresh prefill) and nothing beyond a causal softmax it is transformers' SDPA path, so the
-prefill is bit-identical to plain transformers. Over a compressed prefix with equal head lengths and no bias it
-makes the SDPA call a plain cache would make (a window becomes its mask); ragged heads, a logit bias, soft-capping
-or sinks take one softmax over prefix (plus bias) and tail per KV head, never expanded to query heads.
+prefill is bit-identical to plain transformers. Over a prefix, every layout (equal-length heads, a logit bias,
+ragged heads, a window, soft-capping, sinks) takes one fp32 softmax over prefix and tail per layer, query heads
+grouped per KV head (never expanded), the prefix and the tail read where they lie: nothing is concatenated, so a
+decode step copies no part of the context. Ragged heads stay packed ([Σ n_h, d] + lengths): one masked product
+over all heads on CUDA, one product per head on the CPU (`set_ragged_mode`; benchmarks/ragged_decode.py measures
+both).
 """
 
 from __future__ import annotations
@@ -148,32 +151,157 @@ def _sink_rows(attention: LayerAttention, h_kv: int, group: int, length: int) ->
     return attention.sinks.reshape(h_kv, group, 1).expand(h_kv, group, length).reshape(h_kv, group * length)
 
 
-def _joint_softmax(
-    q: torch.Tensor,
-    tail_k: torch.Tensor,
-    tail_v: torch.Tensor,
-    tail_seen: torch.Tensor,
-    attention: LayerAttention,
-    sink_rows: torch.Tensor | None,
-    pre_k: torch.Tensor | None,
-    pre_v: torch.Tensor | None,
-    pre_bias: torch.Tensor | None,
-    pre_seen: torch.Tensor | None,
-) -> torch.Tensor:
-    """Attention of q [..., m, d] over prefix [..., n, d] and tail [..., t, d] under one softmax; `*_seen` are
-    [m, n] / [m, t] visibility masks (None: everything seen)."""
-    tail_logits = attention.logits(q, tail_k).masked_fill(~tail_seen, float("-inf"))
-    if pre_k is None or pre_k.shape[-2] == 0:
-        probs = attention.probabilities(tail_logits, sink_rows).to(q.dtype)
-        return probs @ tail_v
-    pre_logits = attention.logits(q, pre_k)
-    if pre_bias is not None:
-        pre_logits = pre_logits + pre_bias.unsqueeze(-2).to(pre_logits.dtype)
+# How ragged heads attend: "packed" is one product of every query row with the packed keys of all heads under a
+# head-block mask (one call per layer, H_kv× the multiply-adds of the heads' own products: what a GPU wants, where
+# launches cost more than arithmetic); "loop" is one product per KV head (fewer operations: faster on a CPU with
+# few heads, see benchmarks/ragged_decode.py). "auto" picks packed on CUDA and the loop elsewhere.
+RAGGED_MODES = ("auto", "packed", "loop")
+_ragged_mode = "auto"
+# Keys (prefix + tail) below which a plain softmax over an unbiased equal-length prefix is one SDPA call over their
+# concatenation, as transformers makes it (bit-identical to a plain cache; the copy is small): the CPU's fused kernel
+# takes keys in blocks of 512 itself, so only above that does joining two calls by log-sum-exp add the kind of
+# rounding the kernel's own blocks add. (Joined, a 40-token gemma3 context drifts 1.0e-5 from transformers.)
+CONCATENATE_BELOW = 512
+# Query rows × stored keys above which a call is split into chunks of query positions (fp32 logits of ~64 MB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def set_ragged_mode(mode: str) -> str:
+    """Choose how ragged heads attend (RAGGED_MODES); returns the previous mode."""
+    global _ragged_mode
+    if mode not in RAGGED_MODES:
+        raise ValueError(f"ragged attention mode must be one of {', '.join(RAGGED_MODES)}, not {mode!r}")
+    previous, _ragged_mode = _ragged_mode, mode
+    return previous
+
+
+def _packed_on(device: torch.device) -> bool:
+    return _ragged_mode == "packed" or (_ragged_mode == "auto" and device.type == "cuda")
+
+
+def _softmax_pieces(
+    pieces: list[torch.Tensor], sink_rows: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One softmax over the concatenation of logit blocks [..., n_i] (rows aligned), without concatenating them:
+    each block's exp(logit − row max) in `dtype`, and the rows' 1/denominator [..., 1] in fp32 (the sinks' logits,
+    [...] one per row, join the denominator only). The caller multiplies the weighted sum of values by it, as
+    SDPA's kernels normalize at the end."""
+    pieces = [p.float() for p in pieces]
+    top = torch.stack([p.amax(dim=-1) for p in pieces if p.shape[-1]]).amax(dim=0)
+    if sink_rows is not None:
+        top = torch.maximum(top, sink_rows.float())
+    exps = [(p - top.unsqueeze(-1)).exp_() for p in pieces]
+    total = sum(e.sum(dim=-1) for e in exps)
+    if sink_rows is not None:
+        total = total + (sink_rows.float() - top).exp()
+    return [e.to(dtype) for e in exps], total.reciprocal_().unsqueeze(-1)
+
+
+def _tail_logits(q: torch.Tensor, tail_k: torch.Tensor, tail_seen: torch.Tensor, attention: LayerAttention):
+    return attention.logits(q, tail_k.to(q.dtype)).masked_fill(~tail_seen, float("-inf"))
+
+
+def _fused_piece(q, keys, values, seen, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU's fused SDPA kernel over one block of keys: output [H, R, d] and log-sum-exp [H, R] of q [H, R, d]
+    (every row sees at least one key where `seen` [R, n] hides some)."""
+    mask = None
+    if seen is not None and not bool(seen.all()):
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))[None, None]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], keys[None], values[None], 0.0, False, attn_mask=mask, scale=scaling
+    )
+    return out[0], lse[0]
+
+
+def _attend_fused(q, tail_k, tail_v, tail_seen, attention, prefix, pre_seen) -> torch.Tensor | None:
+    """A plain softmax over an unbiased prefix on the CPU: SDPA's own kernel over the prefix where it lies and over
+    the tail, the two joined by their log-sum-exps: the same kernel (and its exp) as the single SDPA call
+    transformers makes over a concatenated cache, without the concatenation. None where some rows see prefix keys
+    and others none (the caller computes those)."""
+    dtype = q.dtype
+    tail_out, tail_lse = _fused_piece(q, tail_k.to(dtype), tail_v.to(dtype), tail_seen, attention.scaling)
+    rows_seeing = None if pre_seen is None else pre_seen.any(dim=-1)
+    if prefix is None or prefix.keys.shape[-2] == 0 or (rows_seeing is not None and not bool(rows_seeing.any())):
+        return tail_out
+    if rows_seeing is not None and not bool(rows_seeing.all()):
+        return None
+    keys, values = prefix.keys.to(dtype), prefix.values.to(dtype)
+    pre_out, pre_lse = _fused_piece(q, keys, values, pre_seen, attention.scaling)
+    lse = torch.logaddexp(pre_lse, tail_lse)
+    pre_weight, tail_weight = (pre_lse - lse).exp().unsqueeze(-1), (tail_lse - lse).exp().unsqueeze(-1)
+    return (pre_out.float() * pre_weight + tail_out.float() * tail_weight).to(dtype)
+
+
+def _attend_uniform(q, tail_k, tail_v, tail_seen, attention, sinks, prefix, pre_seen) -> torch.Tensor:
+    """q [H_kv, R, d] over a prefix of equal-length heads [H_kv, n, d] (bias [H_kv, n]) and the tail, read where
+    they lie: one batched product per block, one softmax over both (on the CPU, a plain softmax over an unbiased
+    prefix runs SDPA's fused kernel per block instead)."""
+    if q.device.type == "cpu" and attention.plain_softmax and (prefix is None or prefix.bias is None):
+        out = _attend_fused(q, tail_k, tail_v, tail_seen, attention, prefix, pre_seen)
+        if out is not None:
+            return out
+    tail_logits = _tail_logits(q, tail_k, tail_seen, attention)
+    if prefix is None or prefix.keys.shape[-2] == 0:
+        (weights,), scale = _softmax_pieces([tail_logits], sinks, q.dtype)
+        return ((weights @ tail_v.to(q.dtype)) * scale).to(q.dtype)
+    keys, values = prefix.keys.to(q.dtype), prefix.values.to(q.dtype)
+    pre_logits = attention.logits(q, keys)
+    if prefix.bias is not None:
+        pre_logits = pre_logits + prefix.bias.unsqueeze(-2).to(pre_logits.dtype)
     if pre_seen is not None:
         pre_logits = pre_logits.masked_fill(~pre_seen, float("-inf"))
-    probs = attention.probabilities(torch.cat([pre_logits, tail_logits], dim=-1), sink_rows).to(q.dtype)
-    n = pre_k.shape[-2]
-    return probs[..., :n] @ pre_v + probs[..., n:] @ tail_v
+    (pre, tail), scale = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
+    return ((pre @ values + tail @ tail_v.to(q.dtype)) * scale).to(q.dtype)
+
+
+def _attend_packed(q, tail_k, tail_v, tail_seen, attention, sinks, prefix) -> torch.Tensor:
+    """q [H_kv, R, d] over ragged heads packed [Σ n_h, d] (bias [Σ n_h], lengths [H_kv]) and the tail [H_kv, t, d],
+    with the prefix read where it lies: one product of all H_kv·R rows with all packed keys, each row's other heads
+    masked out, one softmax with the tail, one product with the packed values."""
+    h_kv, rows, dim = q.shape
+    tail_logits = _tail_logits(q, tail_k, tail_seen, attention)
+    lengths = prefix.lengths.to(device=q.device, dtype=torch.long)
+    head_of_key = torch.repeat_interleave(torch.arange(h_kv, device=q.device), lengths)
+    pre_logits = attention.logits(q.reshape(h_kv * rows, dim), prefix.keys.to(q.dtype)).view(h_kv, rows, -1)
+    if prefix.bias is not None:
+        pre_logits = pre_logits + prefix.bias.to(pre_logits.dtype)
+    other_head = head_of_key[None, None, :] != torch.arange(h_kv, device=q.device)[:, None, None]
+    pre_logits = pre_logits.masked_fill(other_head, float("-inf"))
+    (pre, tail), scale = _softmax_pieces([pre_logits, tail_logits], sinks, q.dtype)
+    out = (pre.view(h_kv * rows, -1) @ prefix.values.to(q.dtype)).view(h_kv, rows, dim)
+    return ((out + tail @ tail_v.to(q.dtype)) * scale).to(q.dtype)
+
+
+def _attend_loop(q, tail_k, tail_v, tail_seen, attention, sinks, prefix) -> torch.Tensor:
+    """The packed ragged heads one KV head at a time (views of the packed tensors, nothing copied)."""
+    sizes = prefix.lengths.tolist()
+    keys, values = prefix.keys.split(sizes), prefix.values.split(sizes)
+    biases = prefix.bias.split(sizes) if prefix.bias is not None else [None] * len(sizes)
+    heads = []
+    for h in range(q.shape[0]):
+        head = PrefixKV(keys[h][None], values[h][None], None if biases[h] is None else biases[h][None])
+        heads.append(
+            _attend_uniform(
+                q[h : h + 1],
+                tail_k[h : h + 1],
+                tail_v[h : h + 1],
+                tail_seen,
+                attention,
+                sinks[h : h + 1] if sinks is not None else None,
+                head,
+                None,
+            )
+        )
+    return torch.cat(heads)
+
+
+def packed(prefix: PrefixKV) -> PrefixKV:
+    """A ragged PrefixKV (per-head lists) as its packed form ([Σ n_h, d] + lengths); others as they are."""
+    if prefix.uniform or prefix.lengths is not None:
+        return prefix
+    lengths = torch.tensor([int(k.shape[0]) for k in prefix.keys], dtype=torch.int32)
+    bias = torch.cat(list(prefix.bias)) if prefix.bias is not None else None
+    return PrefixKV(torch.cat(list(prefix.keys)), torch.cat(list(prefix.values)), bias, lengths)
 
 
 def attend_compressed(
@@ -185,8 +313,10 @@ def attend_compressed(
     positions: Positions | None = None,
     layer: int = 0,
 ) -> torch.Tensor:
-    """query [Hq, L, d]; tail [Hkv, t, d] → output [Hq, L, d]. Query heads are grouped per KV head. Without
-    `positions` the queries are the last L tail tokens and the window, if any, covers everything."""
+    """query [Hq, L, d]; tail [Hkv, t, d] → output [Hq, L, d]. Query heads are grouped per KV head and never
+    expanded; prefix and tail are read where they lie (never concatenated). A prefix is uniform ([H, n, d]),
+    packed ragged ([Σ n_h, d] + lengths) or per-head lists (packed here, a copy). Without `positions` the queries
+    are the last L tail tokens and the window, if any, covers everything."""
     if not isinstance(attention, LayerAttention):
         attention = LayerAttention(float(attention))
     h_q, length, dim = query.shape
@@ -194,36 +324,31 @@ def attend_compressed(
     group = h_q // h_kv
     if positions is None:
         positions = layer_positions(0, tail_length, length, None, query.device)
+    if prefix is not None:
+        prefix = packed(prefix)
+    stored = 0 if prefix is None else int(prefix.keys.shape[-2]) * (1 if prefix.uniform else h_kv)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, h_q * (stored + tail_length)))
+    if length > chunk:  # query positions are independent: bound the logits' size
+        parts = []
+        for start in range(0, length, chunk):
+            part = Positions(positions.queries[start : start + chunk], positions.tail, positions.prefix)
+            parts.append(
+                attend_compressed(query[:, start : start + chunk], tail_k, tail_v, prefix, attention, part, layer)
+            )
+        return torch.cat(parts, dim=1)
     # Rows of one KV head: its `group` query heads × L positions; the masks repeat per head.
     q = query.reshape(h_kv, group * length, dim)
     tail_seen = positions.tail_visible(attention.window).repeat(group, 1)
-    pre_seen = positions.prefix_visible(attention.window, layer) if prefix is not None else None
-    pre_seen = pre_seen.repeat(group, 1) if pre_seen is not None else None
     sinks = _sink_rows(attention, h_kv, group, length)
     if prefix is None or prefix.uniform:
-        keys = values = bias = None
-        if prefix is not None:
-            keys, values, bias = prefix.keys, prefix.values, prefix.bias
-        out = _joint_softmax(q, tail_k, tail_v, tail_seen, attention, sinks, keys, values, bias, pre_seen)
+        pre_seen = positions.prefix_visible(attention.window, layer) if prefix is not None else None
+        pre_seen = pre_seen.repeat(group, 1) if pre_seen is not None else None
+        out = _attend_uniform(q, tail_k, tail_v, tail_seen, attention, sinks, prefix, pre_seen)
     else:
-        heads = []
-        for h in range(h_kv):
-            bias = prefix.bias[h] if prefix.bias is not None else None
-            heads.append(
-                _joint_softmax(
-                    q[h],
-                    tail_k[h],
-                    tail_v[h],
-                    tail_seen,
-                    attention,
-                    sinks[h] if sinks is not None else None,
-                    prefix.keys[h],
-                    prefix.values[h],
-                    bias,
-                    pre_seen,
-                )
-            )
-        out = torch.stack(heads)
+        if positions.prefix_visible(attention.window, layer) is not None:  # ragged prefixes record no positions
+            raise Unsupported(f"layer {layer}: a window over a ragged prefix needs its positions")
+        attend = _attend_packed if _packed_on(query.device) else _attend_loop
+        out = attend(q, tail_k, tail_v, tail_seen, attention, sinks, prefix)
     return out.reshape(h_q, length, dim)
 
 
@@ -268,46 +393,14 @@ def _row_positions(layer, query_length: int, prefix: PrefixKV | None, device) ->
 def _attend_rows(
     module: torch.nn.Module, query: torch.Tensor, batch: BatchedCache, attention: LayerAttention
 ) -> torch.Tensor:
-    """Each row of a batch over its own prefix and tail (the tail its update just grew); only the projections and
-    the MLP around this call see the rows as one batch. Rows whose prefixes are uniform and unbiased with as many
-    tokens, whose tails are as long and whose attention is a plain softmax that every key is visible to, share one
-    SDPA call over a [G, H, n + t, d] stack made for the call only (as the unbatched path concatenates prefix and
-    tail for its call); every other row attends alone."""
+    """Each row of a batch over its own prefix and tail (the tail its update just grew), read where they lie; only
+    the projections and the MLP around this call see the rows as one batch. (Stacking the rows' prefixes for one
+    call would copy every prefix on every step.)"""
     index = module.layer_idx
-    outputs: list[torch.Tensor | None] = [None] * len(batch.rows)
-    groups: dict[tuple, list[tuple[int, PrefixKV]]] = {}
+    outputs = []
     for b, row in enumerate(batch.rows):
         layer = row.layers[index]
-        tail_keys = layer.keys
-        if layer.prefix is None:
-            outputs[b] = _attend_row(module, query[b : b + 1], tail_keys, layer.values, row, attention)[0][0]
-            continue
-        if row.recorder is not None:
-            row.recorder.observe(index, query[b : b + 1], tail_keys, attention.scaling)
-        prefix = layer.prefix.materialize()
-        positions = _row_positions(layer, query.shape[2], prefix, query.device)
-        shared = attention.plain_softmax and positions.prefix_visible(attention.window, index) is None
-        if shared and prefix.uniform and prefix.bias is None:
-            shape = (prefix.keys.shape[1], tail_keys.shape[2], prefix.keys.dtype)
-            groups.setdefault(shape, []).append((b, prefix))
-        else:
-            out = attend_compressed(query[b], tail_keys[0], layer.values[0], prefix, attention, positions, index)
-            outputs[b] = out.transpose(0, 1)
-    for (prefix_length, _, _), members in groups.items():
-        rows = [b for b, _ in members]
-        tails = [batch.rows[b].layers[index] for b in rows]
-        dtype = tails[0].keys.dtype
-        keys = torch.cat(
-            [torch.stack([prefix.keys for _, prefix in members]).to(dtype), torch.cat([t.keys for t in tails])], dim=2
-        )
-        values = torch.cat(
-            [torch.stack([prefix.values for _, prefix in members]).to(dtype), torch.cat([t.values for t in tails])],
-            dim=2,
-        )
-        positions = _row_positions(tails[0], query.shape[2], members[0][1], query.device)
-        out = _sdpa_over_prefix(module, query[rows], keys, values, prefix_length, attention, positions)[0]
-        for j, b in enumerate(rows):
-            outputs[b] = out[j]
+        outputs.append(_attend_row(module, query[b : b + 1], layer.keys, layer.values, row, attention)[0][0])
     return torch.stack(outputs)
 
 
@@ -319,7 +412,10 @@ def _attend_row(
     cache: KVBenchCache,
     attention: LayerAttention,
 ) -> tuple[torch.Tensor, None]:
-    """One sequence: query [1, Hq, L, d] over its cache's prefix and its tail key/value [1, Hkv, t, d]."""
+    """One sequence: query [1, Hq, L, d] over its cache's prefix and its tail key/value [1, Hkv, t, d].
+
+    A fresh prefill (no prefix, a causal softmax) is transformers' own SDPA call; everything else reads the
+    layer's prefix (decompressed for this layer only, dropped on return) and tail where they lie."""
     index = module.layer_idx
     layer = cache.layers[index]
     fresh_prefill = layer.prefix is None and key.shape[2] == query.shape[2] and layer.prefix_length == 0
@@ -327,15 +423,19 @@ def _attend_row(
         cache.recorder.observe(index, query, key, attention.scaling)
     if fresh_prefill and attention.plain_softmax and attention.window is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=attention.scaling)
-    prefix = layer.prefix.materialize() if layer.prefix is not None else None
+    prefix = layer.prefix.attention_inputs() if layer.prefix is not None else None
     positions = _row_positions(layer, query.shape[2], prefix, query.device)
-    if attention.plain_softmax and (prefix is None or (prefix.uniform and prefix.bias is None)):
-        n_prefix = 0
-        if prefix is not None:
-            n_prefix = prefix.keys.shape[1]
-            key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
-            value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
-        return _sdpa_over_prefix(module, query, key, value, n_prefix, attention, positions)
+    if prefix is None and attention.plain_softmax:
+        return _sdpa_over_prefix(module, query, key, value, 0, attention, positions)
+    if (
+        attention.plain_softmax
+        and prefix.uniform
+        and prefix.bias is None
+        and prefix.keys.shape[1] + key.shape[2] < CONCATENATE_BELOW
+    ):
+        key = torch.cat([prefix.keys[None].to(key.dtype), key], dim=2)
+        value = torch.cat([prefix.values[None].to(value.dtype), value], dim=2)
+        return _sdpa_over_prefix(module, query, key, value, prefix.keys.shape[1], attention, positions)
     out = attend_compressed(query[0], key[0], value[0], prefix, attention, positions, index)
     return out.transpose(0, 1).unsqueeze(0), None
 
@@ -349,13 +449,9 @@ def _sdpa_over_prefix(
     attention: LayerAttention,
     positions: Positions,
 ) -> tuple[torch.Tensor, None]:
-    """Equal-length heads without bias under a plain softmax: the same SDPA call a plain transformers cache would
-    make.
-
-    Keys are [prefix; tail] exactly as a dynamic cache would hold them when nothing was dropped, so the
-    `full` method reproduces plain generation bit for bit; the caller concatenates them for this call only. A
-    mask is built only where some key is hidden from some query (the causal tail of several queries, a window).
-    """
+    """Keys/values in one tensor under a plain softmax (a prefill under a window; a short prefix joined to its tail,
+    `CONCATENATE_BELOW`): the SDPA call transformers would make, a mask built only where some key is hidden from
+    some query."""
     query_length = query.shape[2]
     tail_seen = positions.tail_visible(attention.window)
     pre_seen = positions.prefix_visible(attention.window, getattr(module, "layer_idx", 0))

@@ -19,15 +19,46 @@ from kvbench.harness.cache.prefix import LayerPrefix, stored_bytes
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer: an optional compressed prefix covering `prefix_length` context positions, plus a raw tail."""
+    """One layer: an optional compressed prefix covering `prefix_length` context positions, plus a raw tail.
+
+    The tail grows into preallocated room ([1, H, capacity, d] buffers; `keys`/`values` are views of the tokens
+    held): a decode step writes its token's key and value in place instead of copying the whole tail. The room is
+    what `reserve` asked for (the question plus the tokens still to decode), else it doubles when full.
+    """
 
     is_sliding = False
     is_croppable = True
 
     def __init__(self, prefix: LayerPrefix | None = None, prefix_length: int = 0):
+        self._key_room = self._value_room = None
+        self._length = self._value_length = 0
+        self._reserved = 0
         super().__init__()
         self.prefix = prefix
         self.prefix_length = prefix_length
+
+    # The tail: views of the tokens held. Assigning a tensor makes it the whole room (no spare capacity).
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._key_room is None else self._key_room[..., : self._length, :]
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._key_room = tensor
+        self._length = 0 if tensor is None else int(tensor.shape[-2])
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._value_room is None else self._value_room[..., : self._value_length, :]
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._value_room = tensor
+        self._value_length = 0 if tensor is None else int(tensor.shape[-2])
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` more tail tokens is allocated at the next update that needs any."""
+        self._reserved = self._length + max(0, int(tokens))
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -35,11 +66,25 @@ class CompressedLayer(CacheLayerMixin):
         self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
         self.is_initialized = True
 
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, self._reserved, 2 * int(self._key_room.shape[-2]))
+        length = self._length
+        keys, values = self._key_room, self._value_room
+        self._key_room = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))
+        self._value_room = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
+        self._key_room[..., :length, :] = keys[..., :length, :]
+        self._value_room[..., :length, :] = values[..., :length, :]
+        self._value_length = length
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        start, new = self._length, int(key_states.shape[-2])
+        if start + new > self._key_room.shape[-2]:
+            self._grow(start + new)
+        self._key_room[..., start : start + new, :] = key_states
+        self._value_room[..., start : start + new, :] = value_states
+        self._length = self._value_length = start + new
         return self.keys, self.values
 
     @property
@@ -123,17 +168,24 @@ class KVBenchCache(Cache):
         return prefixes + stored_bytes(self.method_state, seen)
 
     def held_bytes(self) -> int:
-        """Everything the cache holds now: `kv_bytes` plus the raw tail (question and generated tokens)."""
+        """Everything the cache holds now: `kv_bytes` plus the raw tail's tokens (question and generated tokens;
+        the tail's spare room, at most the tokens a decode reserved, is not counted)."""
         seen: set[int] = set()
         total = sum(stored_bytes(layer.prefix, seen) for layer in self.layers if layer.prefix is not None)
         total += stored_bytes(self.method_state, seen)
-        tails = [(layer.keys, layer.values) for layer in self.layers if layer.keys is not None]
-        return total + stored_bytes(tails, seen)
+        # The tail's tokens, not the room reserved for the tokens still to come.
+        tails = [t for layer in self.layers if layer.keys is not None for t in (layer.keys, layer.values)]
+        return total + sum(t.numel() * t.element_size() for t in tails)
 
     def reset_tail(self) -> None:
         """Forget question and generated tokens, keeping the compressed context."""
         for layer in self.layers:
             layer.reset_tail()
+
+    def reserve(self, tokens: int) -> None:
+        """Let every layer's tail grow by `tokens` without reallocating (a decode: question + new tokens)."""
+        for layer in self.layers:
+            layer.reserve(tokens)
 
 
 @_memoize

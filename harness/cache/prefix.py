@@ -21,16 +21,18 @@ class PrefixKV:
     """Keys, values and optional logit bias per KV head, ready for attention.
 
     Uniform prefixes give tensors shaped [H, n, d] (bias [H, n]); ragged ones give a list with one
-    [n_h, d] tensor ([n_h] for bias) per head, so ragged heads are never padded.
+    [n_h, d] tensor ([n_h] for bias) per head (`materialize`), or, for attention, the packed tensors [Σ n_h, d]
+    (bias [Σ n_h]) with `lengths` [H] (`attention_inputs`), so ragged heads are never padded.
     """
 
     keys: Heads
     values: Heads
     bias: Heads | None = None
+    lengths: torch.Tensor | None = None
 
     @property
     def uniform(self) -> bool:
-        return isinstance(self.keys, torch.Tensor)
+        return isinstance(self.keys, torch.Tensor) and self.lengths is None
 
 
 class Prefixes(list):
@@ -61,6 +63,11 @@ class LayerPrefix(ABC):
     @abstractmethod
     def materialize(self) -> PrefixKV:
         """Keys/values to attend to now; decompression happens here, never stored back."""
+
+    def attention_inputs(self) -> PrefixKV:
+        """What attention reads for this layer in this step: `materialize()`, except that ragged heads may come
+        packed ([Σ n_h, d] + lengths) as they are stored, read where they lie rather than split into a list."""
+        return self.materialize()
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +129,11 @@ class TokenPrefix(LayerPrefix):
         sizes = self.lengths.tolist()
         bias = list(self.bias.split(sizes)) if self.bias is not None else None
         return PrefixKV(list(self.keys.split(sizes)), list(self.values.split(sizes)), bias)
+
+    def attention_inputs(self) -> PrefixKV:
+        if self.lengths is None:
+            return PrefixKV(self.keys, self.values, self.bias)
+        return PrefixKV(self.keys, self.values, self.bias, self.lengths)
 
 
 Bases = torch.Tensor | list[torch.Tensor | None]

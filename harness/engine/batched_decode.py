@@ -147,6 +147,8 @@ def batched_greedy_decode(
     device = model.device
     rows = [_Row(spec) for spec in specs]
     for row in rows:
+        if hasattr(row.spec.cache, "reserve"):  # the tail's room for the whole decode, allocated once
+            row.spec.cache.reserve(len(row.spec.question_ids) + row.spec.max_new_tokens)
         if row.spec.start_hook is not None:
             start = _clock(device)
             row.spec.start_hook(row.spec.cache)

@@ -63,6 +63,8 @@ def greedy_decode(
     if stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
     eos = set(int(t) for t in eos_token_ids)
+    if hasattr(cache, "reserve"):  # the tail's room for the whole decode, allocated once
+        cache.reserve(len(question_ids) + max_new_tokens)
     if start_hook is not None:
         start_hook(cache)
     with kvbench_attention_enabled(model):
