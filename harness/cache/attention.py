@@ -201,15 +201,17 @@ def _tail_logits(q: torch.Tensor, tail_k: torch.Tensor, tail_seen: torch.Tensor,
     return attention.logits(q, tail_k.to(q.dtype)).masked_fill(~tail_seen, float("-inf"))
 
 
+# SDPA's CPU kernel with its log-sum-exp (a private ATen op): where a torch build lacks it, the unfused path runs.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _fused_piece(q, keys, values, seen, scaling) -> tuple[torch.Tensor, torch.Tensor]:
     """The CPU's fused SDPA kernel over one block of keys: output [H, R, d] and log-sum-exp [H, R] of q [H, R, d]
     (every row sees at least one key where `seen` [R, n] hides some)."""
     mask = None
     if seen is not None and not bool(seen.all()):
         mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))[None, None]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[None], keys[None], values[None], 0.0, False, attn_mask=mask, scale=scaling
-    )
+    out, lse = _CPU_FLASH(q[None], keys[None], values[None], 0.0, False, attn_mask=mask, scale=scaling)
     return out[0], lse[0]
 
 
@@ -236,7 +238,8 @@ def _attend_uniform(q, tail_k, tail_v, tail_seen, attention, sinks, prefix, pre_
     """q [H_kv, R, d] over a prefix of equal-length heads [H_kv, n, d] (bias [H_kv, n]) and the tail, read where
     they lie: one batched product per block, one softmax over both (on the CPU, a plain softmax over an unbiased
     prefix runs SDPA's fused kernel per block instead)."""
-    if q.device.type == "cpu" and attention.plain_softmax and (prefix is None or prefix.bias is None):
+    fused = _CPU_FLASH is not None and q.device.type == "cpu"
+    if fused and attention.plain_softmax and (prefix is None or prefix.bias is None):
         out = _attend_fused(q, tail_k, tail_v, tail_seen, attention, prefix, pre_seen)
         if out is not None:
             return out
