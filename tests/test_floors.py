@@ -1,6 +1,7 @@
 """The dependency ranges: the import-time check agrees with pyproject.toml and stops an out-of-range
 environment with one line (faked versions here; .ci/floors installs the real floors)."""
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -59,26 +60,44 @@ def test_in_range_and_missing_packages_pass(monkeypatch):
     assert problems(("no-such-package>=1.0",)) == []
 
 
-FAKE = (
-    "import importlib.metadata as m, sys; real = m.version; "
-    "m.version = lambda name: '5.2.0' if name == 'transformers' else real(name); "
-)
+def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter that finds an installed transformers 5.2.0 first: a dist-info directory
+    (what pip leaves behind) at the head of sys.path, as importlib.metadata and kvbench both read it."""
+    fake = tmp_path / "site" / "transformers-5.2.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.2.0\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    check = "import importlib.metadata as m; assert m.version('transformers') == '5.2.0'; import sys; "
+    return subprocess.run([sys.executable, "-c", check + code], capture_output=True, text=True, timeout=120, env=env)
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FAKE + code], capture_output=True, text=True, timeout=120)
-
-
-def test_the_cli_says_it_in_one_line_and_exits_2():
-    done = run_python("sys.argv = ['kvbench', 'list', 'methods']; from kvbench.harness.cli.commands import main")
+def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
+    done = run_python(
+        "sys.argv = ['kvbench', 'list', 'methods']; from kvbench.harness.cli.commands import main", tmp_path
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"kvbench: error: {OLD_TRANSFORMERS}: pip install 'transformers>=5.13,<6'"]
 
 
-def test_a_library_import_raises_an_import_error_with_the_line():
+def test_a_library_import_raises_an_import_error_with_the_line(tmp_path):
     done = run_python(
-        "\ntry:\n    import kvbench.harness\nexcept ImportError as error:\n    print(type(error).__name__, error)\n"
+        "\ntry:\n    import kvbench.harness\nexcept ImportError as error:\n    print(type(error).__name__, error)\n",
+        tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"DependencyError {OLD_TRANSFORMERS}: pip install 'transformers>=5.13,<6'"]
     assert "torch" not in done.stderr
+
+
+def test_installed_versions_are_importlib_metadatas():
+    """The check reads versions off dist-info directory names; importlib.metadata (the reference) agrees on every
+    dependency, installed or not."""
+    from importlib import metadata
+
+    for text in requirements.REQUIREMENTS + ("no-such-package>=1",):
+        name = parse_requirement(text)[0]
+        try:
+            expected = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            expected = None
+        assert requirements.installed_version(name) == expected, name
