@@ -124,6 +124,7 @@ TASKS: dict[str, TaskSpec] = {
             metric="chain_steps",
             haystack="arithmetic",
             plan=chain.plan,
+            extra_metrics=("chain_operations",),
         ),
         TaskSpec(
             name="perplexity",

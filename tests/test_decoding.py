@@ -222,3 +222,19 @@ def test_a_budget_below_the_window_of_queries_is_refused_naming_the_lowest(loade
     context = random_ids(200, seed=8)
     with pytest.raises(BudgetError, match="lowest reachable budget is 65t"):
         compress_context(loaded, None, get_method("decoding"), TokenBudget(32), context)
+
+
+def test_a_decode_batch_answers_as_each_row_alone(loaded):
+    """The wrapper's compressions happen on each row's own cache in a decode batch: the same tokens as alone."""
+    from kvbench.harness.engine.pipeline import iter_context_cells
+
+    context, question = random_ids(100, seed=9), random_ids(4, seed=10)
+    cells = [(get_method("decoding:base=snapkv:base_options=window=8:interval=8"), TokenBudget(40))]
+    cells += [(get_method("decoding:base=knorm:interval=5"), 0.3), (get_method("full"), 1.0)]
+
+    def answers(batch_size):
+        outcomes = iter_context_cells(loaded, context, question, cells, 50, batch_size=batch_size)
+        return [(result.token_ids, result.kv_bytes_peak, result.kv_bytes_final) for _, _, result in outcomes]
+
+    alone, together = answers(1), answers(3)
+    assert together == alone and all(len(tokens) == 50 for tokens, _, _ in alone)

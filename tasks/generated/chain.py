@@ -2,9 +2,10 @@
 longer than the prompt and a decode-time method's cache grows while it writes. Checked exactly, line by line.
 
 Each sample starts from a number and lists `units` operations (add or subtract a one-digit number, values kept
-between 0 and 99); the answer is `step k: x = VALUE` after each operation, then `final: x = VALUE`. The score
-(`chain_steps`, tasks/metrics/chain.py) is the fraction of steps whose line states the right value; lines are read by their step number,
-so a skipped line costs that step only.
+between 0 and 99); the answer is `step k: OPERATION, x = VALUE` per operation, then `final: x = VALUE`. Two exact
+scores (tasks/metrics/chain.py): `chain_steps`, the fraction of steps whose line states the right value, and
+`chain_operations`, the fraction that restate their operation (a copy from the context, which a cache that
+dropped it loses); lines are read by their step number, so a skipped line costs that step only.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from kvbench.tasks.generated.fitting import Draft, Setup, UnitPlan
 
 INTRO = (
     "Keep track of a number x through a list of operations. Example: start with x = 4; operations: 1. add 3, "
-    "2. subtract 5. Answer:\nstep 1: x = 7\nstep 2: x = 2\nfinal: x = 2\n"
+    "2. subtract 5. Answer:\nstep 1: add 3, x = 7\nstep 2: subtract 5, x = 2\nfinal: x = 2\n"
 )
 QUESTION = (
-    "Apply the {count} operations in order. Write one line per operation, `step N: x = VALUE`, with x after that "
-    "operation, from step 1 to step {count}, then `final: x = VALUE`."
+    "Apply the {count} operations in order. Write one line per operation, `step N: OPERATION, x = VALUE`, with x "
+    "after that operation, from step 1 to step {count}, then `final: x = VALUE`."
 )
-ANSWER_PREFIX = "\n"
+ANSWER_PREFIX = "\nstep 1:"
 
 
 def operations(rng: Random, units: int) -> tuple[int, list[tuple[str, int]], list[int]]:
@@ -39,8 +40,8 @@ def operations(rng: Random, units: int) -> tuple[int, list[tuple[str, int]], lis
     return start, ops, values
 
 
-def answer_text(values: Sequence[int]) -> str:
-    lines = [f"step {k}: x = {value}" for k, value in enumerate(values, start=1)]
+def answer_text(ops: Sequence[tuple[str, int]], values: Sequence[int]) -> str:
+    lines = [f"step {k}: {verb} {amount}, x = {value}" for k, ((verb, amount), value) in enumerate(zip(ops, values), 1)]
     return "\n".join([*lines, f"final: x = {values[-1]}"])
 
 
@@ -51,9 +52,11 @@ def render(rng: Random, units: int) -> Draft:
         context=f"{INTRO}\nStart with x = {start}. Operations:\n{listed}\n",
         question=QUESTION.format(count=units),
         answer_prefix=ANSWER_PREFIX,
-        references=[f"step {k}: x = {value}" for k, value in enumerate(values, start=1)],
+        references=[
+            f"step {k}: {verb} {amount}, x = {value}" for k, ((verb, amount), value) in enumerate(zip(ops, values), 1)
+        ],
         metadata={"steps": units, "start": start},
-        answer=answer_text(values),
+        answer=answer_text(ops, values),
     )
 
 

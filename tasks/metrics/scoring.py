@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.metrics.chain import chain_steps
+from kvbench.tasks.metrics.chain import chain_operations, chain_steps
 from kvbench.tasks.metrics.quality import bertscore_f1, rouge1, rouge2, rougeL
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
@@ -69,4 +69,5 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "bertscore_f1": bertscore_f1,
     "perplexity": perplexity,
     "chain_steps": chain_steps,
+    "chain_operations": chain_operations,
 }
