@@ -49,7 +49,7 @@ def test_passkey_exact_needs_the_whole_number():
 def test_score_dispatches_on_the_sample_metric():
     assert set(METRICS) == {
         "string_match_all", "string_match_part", "passkey_exact", "rouge1", "rouge2", "rougeL", "bertscore_f1",
-        "perplexity",
+        "perplexity", "chain_steps", "chain_operations",
     }  # fmt: skip
     assert score(make_sample("string_match_all", ["a1", "b2"]), "b2") == 0.5
     assert score(make_sample("string_match_part", ["a1", "b2"]), "b2") == 1.0
