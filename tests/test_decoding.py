@@ -238,3 +238,36 @@ def test_a_decode_batch_answers_as_each_row_alone(loaded):
 
     alone, together = answers(1), answers(3)
     assert together == alone and all(len(tokens) == 50 for tokens, _, _ in alone)
+
+
+def test_sweep_rows_record_token_budgets_and_resume(chat_model_dir, tmp_path, monkeypatch, capsys):
+    """A sweep at 0.25 and 128t: token rows say budget 128 with budget_tokens, and an achieved ratio of 128 tokens
+    over the context; fractional rows carry no budget_tokens; every row has its generation measurements; a rerun
+    finds every cell done."""
+    import json
+
+    from kvbench.harness.cli.commands import main
+
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["run", "--model", chat_model_dir, "--methods", "snapkv,decoding:base=knorm:interval=8"]
+    args += ["--budgets", "0.25,128t", "--tasks", "passkey", "--lengths", "600", "--samples", "1"]
+    args += ["--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["method_label"], r["budget"], r.get("budget_tokens")) for r in rows) == [
+        ("decoding:base=knorm:interval=8", 0.25, None),
+        ("decoding:base=knorm:interval=8", 128.0, 128),
+        ("snapkv", 0.25, None),
+        ("snapkv", 128.0, 128),
+    ]
+    for row in rows:
+        assert row["kv_bytes_final"] <= row["kv_bytes_peak"] and row["kv_trace"][0][0] == 0
+        assert row["decode_tokens_per_s"] == pytest.approx(row["new_tokens"] / row["decode_s"], rel=0.01)
+        if row["method"] == "snapkv" and row.get("budget_tokens"):
+            assert row["kv_ratio"] == pytest.approx(128 / row["context_tokens"], abs=1e-6)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr()
+    assert "4 finished cells found" in said.out + said.err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
