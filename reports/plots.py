@@ -240,6 +240,10 @@ def score_vs_kv_bytes(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | 
     )
 
 
+# One line style per budget in the cache-while-generating plot (colours are the methods').
+BUDGET_LINES = ({"linestyle": "-"}, {"linestyle": "--"}, {"linestyle": ":"}, {"linestyle": "-."})
+
+
 def cache_vs_generated(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | None:
     """Bytes the cache held against tokens generated, per (method, budget): the mean over a cell's rows of each
     row's `kv_trace`, interpolated onto a common grid of generated tokens, one panel per task and length."""
@@ -251,8 +255,10 @@ def cache_vs_generated(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot |
     labels = []
     for ax, (task, length) in zip(axes, panels):
         panel = traces[(traces["task"] == task) & (traces["length"] == length)]
+        budgets = sorted(panel["budget_label"].unique(), key=lambda text: (text.endswith("t"), float(text.rstrip("t"))))
         for (label, budget), series in panel.groupby(["method_label", "budget_label"], sort=True):
-            style = dict(REFERENCE_LINE) if tables.is_reference(label) else {"color": styles.colors[label]}
+            dashes = BUDGET_LINES[budgets.index(budget) % len(BUDGET_LINES)]
+            style = dict(REFERENCE_LINE) if tables.is_reference(label) else {"color": styles.colors[label], **dashes}
             ax.plot(series["tokens"], series["kv_mib"], label=f"{label} @ {budget}", linewidth=1.2, **style)
             labels.append(label)
         ax.set_xlim(left=0)
@@ -265,7 +271,8 @@ def cache_vs_generated(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot |
     return Plot(
         title="Cache size while generating",
         caption="What the cache held (compressed context, decode state and the raw tail) after each generated "
-        "token, mean over each (method, budget)'s rows; a decode-time method's saw-tooth is its compressions.",
+        "token, mean over each (method, budget)'s rows (colour: method, line style: budget); a decode-time "
+        "method's saw-tooth is its compressions.",
         path=path,
     )
 

@@ -21,6 +21,7 @@ REFERENCES = ["step 1: add 8, x = 21", "step 2: subtract 4, x = 17", "step 3: ad
         ("STEP 2 : Subtract 4 , x = 17", 1 / 3, 1 / 3),
         ("the answer is 22", 0.0, 0.0),
         (" add 8, x = 210", 0.0, 1 / 3),  # 210 is not 21
+        (" add 8\nstep 2: subtract 4\nstep 3: add 5, x = 22", 1 / 3, 1.0),  # operations without values
     ],
 )
 def test_chain_checks_are_exact_per_step(answer, steps, operations):

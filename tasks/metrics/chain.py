@@ -6,19 +6,21 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-LINE = re.compile(r"step\s+(\d+)\s*:\s*(add|subtract)\s+(\d+)\s*,\s*x\s*=\s*(-?\d+)", re.IGNORECASE)
+# The value part is optional: a line that restates its operation without a value still counts for chain_operations.
+LINE = re.compile(r"step\s+(\d+)\s*:\s*(add|subtract)\s+(\d+)(?:\s*,\s*x\s*=\s*(-?\d+))?", re.IGNORECASE)
 # The answer prefix ends with `step 1:`, so an answer opens with step 1's operation and value.
-OPENING = re.compile(r"\s*(add|subtract)\s+(\d+)\s*,\s*x\s*=\s*(-?\d+)", re.IGNORECASE)
+OPENING = re.compile(r"\s*(add|subtract)\s+(\d+)(?:\s*,\s*x\s*=\s*(-?\d+))?", re.IGNORECASE)
 
 
-def _lines(text: str, opens: bool) -> dict[int, tuple[str, int, int]]:
-    """Step number -> (operation, amount, value), the first line of each step."""
-    found: dict[int, tuple[str, int, int]] = {}
+def _lines(text: str, opens: bool) -> dict[int, tuple[str, int, int | None]]:
+    """Step number -> (operation, amount, value or None), the first line of each step."""
+    found: dict[int, tuple[str, int, int | None]] = {}
     opening = OPENING.match(text) if opens else None
     if opening:
-        found[1] = (opening.group(1).lower(), int(opening.group(2)), int(opening.group(3)))
+        verb, amount, value = opening.groups()
+        found[1] = (verb.lower(), int(amount), int(value) if value else None)
     for step, verb, amount, value in LINE.findall(text):
-        found.setdefault(int(step), (verb.lower(), int(amount), int(value)))
+        found.setdefault(int(step), (verb.lower(), int(amount), int(value) if value else None))
     return found
 
 
