@@ -63,6 +63,8 @@ COLUMNS = {
     "decode_ms_per_token": ("decode ms/token", ".2f"),
     "kv_mib": ("KV MiB", ".2f"),
     "kv_peak_mib": ("KV peak MiB", ".2f"),
+    "kv_final_mib": ("KV final MiB", ".2f"),
+    "decode_tokens_per_s": ("decode tokens/s", ".1f"),
     "kv_full_mib": ("full KV MiB", ".2f"),
     "prefill_peak_mib": ("prefill peak MiB", ".1f"),
     "decode_peak_mib": ("decode peak MiB", ".1f"),
@@ -173,6 +175,14 @@ def build_report(run: Run, plots_dir: Path) -> Report:
             "cache held while decoding. Device peaks (prefill, decode; maximum over rows) are shown where the "
             f"device tracks them, {MISSING} for rows without one.",
             _tables([("Latency and memory", tables.latency(rows))]),
+        ),
+        Section(
+            "Cache while generating",
+            "What the cache held after each generated token (compressed context, decode state and the raw tail), "
+            "mean over each method and budget's rows: a method that compresses only the context grows with the "
+            "answer, a decode-time one (`decoding`, h2o/tova with decode_evict) stays bounded. Per row the store "
+            "also has kv_bytes_peak, kv_bytes_final and decode_tokens_per_s (the latency table's medians).",
+            plots=_pick(plots, "cache_vs_generated"),
         ),
         Section(
             "Needle depth × length",

@@ -79,6 +79,7 @@ def draw_all(rows: pd.DataFrame, plots_dir: Path) -> list[Plot]:
         score_vs_budget(rows, styles, plots_dir / "score_vs_budget.png"),
         quality_vs_budget(rows, styles, plots_dir / "quality_vs_budget.png"),
         score_vs_kv_bytes(rows, styles, plots_dir / "score_vs_kv_bytes.png"),
+        cache_vs_generated(rows, styles, plots_dir / "cache_vs_generated.png"),
     ]
     needles = tables.needle_depths(rows)
     for metric, group in needles.groupby("metric", sort=True):
@@ -235,6 +236,43 @@ def score_vs_kv_bytes(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | 
         caption="Mean over tasks against mean stored KV cache per (method, budget) and context length, labelled "
         "with the budget, with 95% bootstrap intervals; up and to the left is better (down and to the left for "
         "perplexity). The star is the uncompressed full cache.",
+        path=path,
+    )
+
+
+# One line style per budget in the cache-while-generating plot (colours are the methods').
+BUDGET_LINES = ({"linestyle": "-"}, {"linestyle": "--"}, {"linestyle": ":"}, {"linestyle": "-."})
+
+
+def cache_vs_generated(rows: pd.DataFrame, styles: Styles, path: Path) -> Plot | None:
+    """Bytes the cache held against tokens generated, per (method, budget): the mean over a cell's rows of each
+    row's `kv_trace`, interpolated onto a common grid of generated tokens, one panel per task and length."""
+    traces = tables.cache_traces(rows)
+    if traces.empty:
+        return None
+    panels = sorted(traces.groupby(["task", "length"]).groups)
+    figure, axes = _figure(len(panels), 2, 5.5, 4.0)
+    labels = []
+    for ax, (task, length) in zip(axes, panels):
+        panel = traces[(traces["task"] == task) & (traces["length"] == length)]
+        budgets = sorted(panel["budget_label"].unique(), key=lambda text: (text.endswith("t"), float(text.rstrip("t"))))
+        for (label, budget), series in panel.groupby(["method_label", "budget_label"], sort=True):
+            dashes = BUDGET_LINES[budgets.index(budget) % len(BUDGET_LINES)]
+            style = dict(REFERENCE_LINE) if tables.is_reference(label) else {"color": styles.colors[label], **dashes}
+            ax.plot(series["tokens"], series["kv_mib"], label=f"{label} @ {budget}", linewidth=1.2, **style)
+            labels.append(label)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{task} @ {length:g} tokens", fontsize=10)
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel("KV cache held (MiB)")
+        ax.legend(fontsize=7, frameon=False)
+    figure.savefig(path)
+    return Plot(
+        title="Cache size while generating",
+        caption="What the cache held (compressed context, decode state and the raw tail) after each generated "
+        "token, mean over each (method, budget)'s rows (colour: method, line style: budget); a decode-time "
+        "method's saw-tooth is its compressions.",
         path=path,
     )
 

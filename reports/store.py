@@ -40,6 +40,10 @@ OPTIONAL_COLUMNS = (
     "decode_peak_memory_bytes",
     "method_label",
     "error",
+    "kv_bytes_final",
+    "decode_tokens_per_s",
+    "budget_tokens",
+    "kv_trace",
 )
 NUMERIC_COLUMNS = (
     "length",
@@ -58,6 +62,9 @@ NUMERIC_COLUMNS = (
     "kv_bytes_peak",
     "prefill_peak_memory_bytes",
     "decode_peak_memory_bytes",
+    "kv_bytes_final",
+    "decode_tokens_per_s",
+    "budget_tokens",
 )
 
 # A note names this many line numbers at most, then how many there are in all (as the store's writer says them).

@@ -202,6 +202,48 @@ def pareto_points(rows: pd.DataFrame) -> pd.DataFrame:
     return points.dropna(subset=["kv_mib", MEAN_OVER_TASKS])
 
 
+def budget_labels(rows: pd.DataFrame) -> pd.Series:
+    """How each row's budget is written: `256t` for a token budget (rows with `budget_tokens`), `0.25` otherwise."""
+    tokens = rows["budget_tokens"] if "budget_tokens" in rows.columns else pd.Series(None, index=rows.index)
+    return pd.Series(
+        [f"{int(t)}t" if pd.notna(t) else f"{b:g}" for t, b in zip(tokens, rows["budget"])], index=rows.index
+    )
+
+
+def cache_traces(rows: pd.DataFrame, points: int = 64) -> pd.DataFrame:
+    """Per (task, length, method, budget): the mean over its rows of the bytes held against tokens generated (each
+    row's `kv_trace`, interpolated onto `points` evenly spaced token counts up to the cell's longest answer; a row
+    counts only up to its own last token). Empty when no row carries a trace of more than one point."""
+    if "kv_trace" not in rows.columns:
+        return pd.DataFrame()
+    traced = rows[~rows["refused"]].copy()
+    traced = traced[traced["kv_trace"].map(lambda trace: isinstance(trace, list) and len(trace) > 1)]
+    if traced.empty:
+        return pd.DataFrame()
+    traced["budget_label"] = budget_labels(traced)
+    frames = []
+    for (task, length, label, budget), cell in traced.groupby(["task", "length", "method_label", "budget_label"]):
+        traces = [np.asarray(trace, dtype=float) for trace in cell["kv_trace"]]
+        grid = np.linspace(0, max(trace[-1, 0] for trace in traces), points)
+        held = np.full((len(traces), points), np.nan)
+        for i, trace in enumerate(traces):
+            inside = grid <= trace[-1, 0]
+            held[i, inside] = np.interp(grid[inside], trace[:, 0], trace[:, 1])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "task": task,
+                    "length": length,
+                    "method_label": label,
+                    "budget_label": budget,
+                    "tokens": grid,
+                    "kv_mib": np.nanmean(held, axis=0) / MIB,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
 def latency(rows: pd.DataFrame) -> pd.DataFrame:
     """Medians of timings and means of KV sizes per (length, cell), with the device peaks where tracked.
 
@@ -216,6 +258,7 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
     mib = {
         "kv_mib": "kv_bytes",
         "kv_peak_mib": "kv_bytes_peak",
+        "kv_final_mib": "kv_bytes_final",
         "kv_full_mib": "kv_bytes_full",
         "prefill_peak_mib": "prefill_peak_memory_bytes",
         "decode_peak_mib": "decode_peak_memory_bytes",
@@ -230,8 +273,10 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
             compress_s=("compress_s", "median"),
             decode_s=("decode_s", "median"),
             decode_ms_per_token=("decode_ms_per_token", "median"),
+            decode_tokens_per_s=("decode_tokens_per_s", "median"),
             kv_mib=("kv_mib", "mean"),
             kv_peak_mib=("kv_peak_mib", "mean"),
+            kv_final_mib=("kv_final_mib", "mean"),
             kv_full_mib=("kv_full_mib", "mean"),
             prefill_peak_mib=("prefill_peak_mib", "max"),
             decode_peak_mib=("decode_peak_mib", "max"),
@@ -240,7 +285,7 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
         .dropna(how="all", subset=["prefill_s", "compress_s", "decode_s", *mib])
     )
-    optional = ["kv_peak_mib", "prefill_peak_mib", "decode_peak_mib", "peak_mib"]
+    optional = ["kv_peak_mib", "kv_final_mib", "decode_tokens_per_s", "prefill_peak_mib", "decode_peak_mib", "peak_mib"]
     table = table.drop(columns=[name for name in optional if table[name].isna().all()])
     return sort_cells(table, leading=["length"])
 

@@ -16,7 +16,7 @@ from typing import Any
 from kvbench.tasks.datasets import catalog
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.fingerprint import chat_template_sha256, derive_seed, tokenizer_id, vocab_sha256
-from kvbench.tasks.generated import cwe, fwe, niah, passkey, perplexity, reconstruction, vt
+from kvbench.tasks.generated import chain, cwe, fwe, niah, passkey, perplexity, reconstruction, vt
 from kvbench.tasks.generated import sample_cache as cache
 from kvbench.tasks.generated.fitting import Fitter, Setup, UnitPlan
 from kvbench.tasks.generated.haystacks import haystack_sha256
@@ -120,6 +120,15 @@ TASKS: dict[str, TaskSpec] = {
             extra_metrics=("rouge1", "rouge2", "bertscore_f1"),
         ),
         TaskSpec(
+            name="chain",
+            description="track a number through a list of additions and subtractions, one answer line per step",
+            max_new_tokens=0,  # per sample: the answer's own length (`Fitter.allowance`)
+            metric="chain_steps",
+            haystack="arithmetic",
+            plan=chain.plan,
+            extra_metrics=("chain_operations",),
+        ),
+        TaskSpec(
             name="perplexity",
             description="perplexity of the next 256 tokens of an essay text after the compressed context",
             max_new_tokens=perplexity.CONTINUATION_TOKENS,
@@ -132,7 +141,9 @@ TASKS: dict[str, TaskSpec] = {
 
 # Report averages over a named set (tasks.md §11.5); qa_1/qa_2 need downloads and are omitted.
 TASK_SETS: dict[str, tuple[str, ...]] = {
-    "RULER-11 offline": tuple(name for name in TASKS if name not in ("passkey", "reconstruction", "perplexity")),
+    "RULER-11 offline": tuple(
+        name for name in TASKS if name not in ("passkey", "reconstruction", "perplexity", "chain")
+    ),
 }
 
 
@@ -246,7 +257,7 @@ def generate_samples(
                 question=draft.question,
                 answer_prefix=draft.answer_prefix,
                 references=list(draft.references),
-                max_new_tokens=spec.max_new_tokens,
+                max_new_tokens=fitter.allowance(draft),
                 metric=spec.metric,
                 metadata=metadata,
             )

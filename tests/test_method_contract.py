@@ -105,7 +105,13 @@ def compressed(loaded, shared, context, method, budget):
 
 
 # Methods whose options add a decode state to what they keep: checked beside every registered method's defaults.
-DECODE_STATE_SPECS = ["h2o:decode_evict=true", "h2o:decode_evict=true:normalize=false", "tova:decode_evict=true"]
+DECODE_STATE_SPECS = [
+    "h2o:decode_evict=true",
+    "h2o:decode_evict=true:normalize=false",
+    "tova:decode_evict=true",
+    "decoding:base=tova",
+    "decoding:base=knorm",
+]
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"full"}) + DECODE_STATE_SPECS)

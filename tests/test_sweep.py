@@ -13,7 +13,7 @@ from browser import CHROMIUM, decoded_image_widths
 
 from kvbench.harness.cli.commands import main
 
-TIMING_FIELDS = {"prefill_s", "compress_s", "decode_s", "peak_memory_bytes"}
+TIMING_FIELDS = {"prefill_s", "compress_s", "decode_s", "peak_memory_bytes", "decode_tokens_per_s"}
 ROW_FIELDS = {
     "task", "length", "sample_id", "method", "budget", "score", "kv_bytes", "kv_bytes_full", "prefill_s",
     "compress_s", "decode_s", "new_tokens", "output", "references",

@@ -65,6 +65,7 @@ def test_registry_lists_the_offline_suite():
         "fwe",
         "passkey",
         "reconstruction",
+        "chain",
         "perplexity",
     ]
     assert all(description and "\n" not in description for _, description in list_tasks())

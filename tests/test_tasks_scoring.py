@@ -52,7 +52,7 @@ def test_score_dispatches_on_the_sample_metric():
     # the data sets' own metrics (tests/test_datasets_metrics.py) come on top of the generated tasks' ones
     assert set(METRICS) - set(BENCHMARK_METRICS) == {
         "string_match_all", "string_match_part", "passkey_exact", "rouge1", "rouge2", "rougeL", "bertscore_f1",
-        "perplexity",
+        "perplexity", "chain_steps", "chain_operations",
     }  # fmt: skip
     assert all(name.startswith(("longbench", "infbench", "needle")) for name in BENCHMARK_METRICS)
     assert score(make_sample("string_match_all", ["a1", "b2"]), "b2") == 0.5

@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="sweep tasks x lengths x methods x budgets into a result store and report")
     _add_model_options(run)
     run.add_argument("--methods", required=True, help="comma-separated methods, e.g. full,snapkv,streaming_llm")
-    run.add_argument("--budgets", required=True, help="comma-separated budgets in (0, 1], e.g. 0.1,0.25,0.5")
+    run.add_argument(
+        "--budgets",
+        required=True,
+        help="comma-separated budgets: fractions in (0, 1] and/or tokens per KV head, e.g. 0.1,0.25,256t",
+    )
     run.add_argument("--tasks", required=True, help="comma-separated tasks (kvbench list tasks)")
     run.add_argument(
         "--lengths",
@@ -395,7 +399,7 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     spec = SweepSpec(
         model=args.model,
         methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
-        budgets=parse_budgets(args.budgets),
+        budgets=parse_budgets(args.budgets, tokens=True),
         tasks=parse_list(args.tasks, "tasks"),
         lengths=parse_lengths(args.lengths) if args.lengths is not None else [],
         samples=args.samples,

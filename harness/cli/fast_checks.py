@@ -35,6 +35,7 @@ from kvbench.harness.method_spec import (
 from kvbench.harness.models import DEVICES, DTYPE_NAMES
 from kvbench.harness.plugins import method_entry_points
 from kvbench.harness.runner.lists import check_lengths, split_list
+from kvbench.harness.token_budget import parse_budget
 
 # A field default that is no literal (the index cannot type the option's text: the registry does).
 NOT_LITERAL = object()
@@ -416,7 +417,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         for method in split_list(args.methods, "methods"):
             check_method(method)
         for budget in split_list(args.budgets, "budgets"):
-            check_budget(budget)
+            (parse_budget if command == "run" else check_budget)(budget)
     if command in ("calibrate", "train"):
         check_method(args.method)
     if command == "generate":

@@ -17,6 +17,7 @@ from kvbench.harness.engine.prefill import Observation, ObservationNeeds, prefil
 from kvbench.harness.errors import BudgetError, Unsupported
 from kvbench.harness.models.families import kept_positions
 from kvbench.harness.models.loading import LoadedModel, head_dim, kv_heads
+from kvbench.harness.token_budget import for_context
 from kvbench.methods.base import Method
 
 T = TypeVar("T")
@@ -38,6 +39,9 @@ class CellResult:
     compress_s: float
     decode_s: float
     kv_bytes_peak: int = 0
+    # Bytes held once the answer is written, and (tokens generated, bytes held) over the decode (`PeakBytes`).
+    kv_bytes_final: int = 0
+    kv_trace: list[list[int]] = field(default_factory=list, repr=False)
     prefill_peak_memory_bytes: int | None = None
     decode_peak_memory_bytes: int | None = None
     head_spread: dict[str, float] | None = None
@@ -125,6 +129,7 @@ def compress_context(
     context_ids: Sequence[int],
     seed: int = 0,
 ) -> CompressedContext:
+    budget = for_context(budget, len(context_ids))  # a token budget: the fraction of this context it allows
     if method.prefills_itself(loaded.model.config, len(context_ids), budget):
         if min(kept_positions(loaded.model.config, len(context_ids))) < len(context_ids):
             raise Unsupported(
@@ -154,22 +159,40 @@ def compress_context(
     )
 
 
+# Points of a row's `kv_trace` (held bytes against generated tokens), at most: a long answer is thinned evenly.
+TRACE_POINTS = 64
+
+
 class PeakBytes:
     """The most bytes a cache held over a decode (`KVBenchCache.held_bytes`: compressed prefix, method state and
-    the raw tail), read after the compression and after every decode step, once its hook has run."""
+    the raw tail), read after the compression and after every decode step, once its hook has run; with the bytes
+    held at the end (`final`) and after each step (`trace`, as (tokens generated, bytes held))."""
 
     def __init__(self, cache: KVBenchCache, step_hook=None):
         self.peak = cache.held_bytes()
         self._step_hook = step_hook
+        self.held: list[tuple[int, int]] = [(0, self.peak)]
+        self.final = self.peak
 
     def step(self, cache: KVBenchCache, step: int) -> None:
         if self._step_hook is not None:
             self._step_hook(cache, step)
-        self.peak = max(self.peak, cache.held_bytes())
+        held = cache.held_bytes()
+        self.peak = max(self.peak, held)
+        self.held.append((step + 1, held))
 
     def read(self, cache: KVBenchCache) -> int:
-        self.peak = max(self.peak, cache.held_bytes())
+        self.final = cache.held_bytes()
+        self.peak = max(self.peak, self.final)
         return self.peak
+
+    def trace(self) -> list[list[int]]:
+        """At most TRACE_POINTS of (tokens generated, bytes held), evenly spaced, the first and last included."""
+        points = self.held
+        if len(points) > TRACE_POINTS:
+            last = len(points) - 1
+            points = [points[round(i * last / (TRACE_POINTS - 1))] for i in range(TRACE_POINTS)]
+        return [list(point) for point in points]
 
 
 def run_cell(
@@ -222,6 +245,7 @@ def run_cell(
         decode_watch.seconds,
         peak.read(compressed.cache),
         peak_memory_bytes(loaded.device),
+        peak=peak,
     )
 
 
@@ -236,6 +260,7 @@ def _cell_result(
     kv_bytes_peak: int,
     decode_peak_memory_bytes: int | None,
     decode_batch: int = 1,
+    peak: PeakBytes | None = None,
 ) -> CellResult:
     return CellResult(
         method=method.name,
@@ -250,6 +275,8 @@ def _cell_result(
         compress_s=compressed.compress_s,
         decode_s=decode_s,
         kv_bytes_peak=kv_bytes_peak,
+        kv_bytes_final=peak.final if peak is not None else 0,
+        kv_trace=peak.trace() if peak is not None else [],
         prefill_peak_memory_bytes=compressed.prefill_peak_memory_bytes,
         decode_peak_memory_bytes=decode_peak_memory_bytes,
         head_spread=spread,
@@ -266,7 +293,9 @@ def _prefill_plan(
     own: list[bool | BudgetError] = []
     for method, budget in cells:
         try:
-            own.append(method.prefills_itself(loaded.model.config, len(context_ids), budget))
+            own.append(
+                method.prefills_itself(loaded.model.config, len(context_ids), for_context(budget, len(context_ids)))
+            )
         except BudgetError as refusal:
             own.append(refusal)
     shared = None
@@ -342,6 +371,7 @@ def run_batch(
             peak.read(entry.cache),
             device_peak,
             row.batch,
+            peak=peak,
         )
         for (method, budget, entry), row, kv, spread, peak in zip(compressed, decoded, kv_bytes, spreads, peaks)
     ]

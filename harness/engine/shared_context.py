@@ -73,6 +73,7 @@ def iter_shared_context_cells(
                     watch.seconds,
                     peak.read(cache),
                     peak_memory_bytes(loaded.device),
+                    peak=peak,
                 )
             )
         compressed.cache = pristine

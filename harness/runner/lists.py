@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
 from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.token_budget import budget_label, parse_budget
 
 T = TypeVar("T")
 
@@ -49,8 +50,9 @@ def parse_list(text: str, what: str) -> list[str]:
     return distinct(split_list(text, what), what, str)
 
 
-def parse_budgets(text: str) -> list[float]:
-    return distinct(split_list(text, "budgets"), "budgets", check_budget)
+def parse_budgets(text: str, tokens: bool = False) -> list[float]:
+    """Fractions in (0, 1]; with `tokens`, also token budgets per KV head (`256t`, see `harness/token_budget.py`)."""
+    return distinct(split_list(text, "budgets"), "budgets", parse_budget if tokens else check_budget, key=budget_label)
 
 
 def parse_length(item: str) -> int:

@@ -34,7 +34,7 @@ LOCK = ".kvbench.lock"
 SHOWN_LINE_NUMBERS = 10  # a message names this many line numbers at most, then how many there are in all
 ROW_FIELDS = ("task", "length", "sample_id", "method", "budget", "score", "metric")  # in every row kvbench writes
 # (task, length, sample id, budget, metric, identity hash): a row is done only for its whole identity.
-CellKey = tuple[str, int, int, float, str, str | None]
+CellKey = tuple[str, int, int, float, str, str | None, int | None]
 # Fields of the run identity that stores written before identities existed kept at the top of run.json.
 LEGACY_IDENTITY = ("model", "dtype", "device", "seed", "query_aware", "runner")
 
@@ -79,6 +79,7 @@ def cell_key(row: dict[str, Any]) -> CellKey:
         round(float(row["budget"]), 6),
         row["metric"],
         row.get("identity_hash"),
+        row.get("budget_tokens"),  # token budgets (`256t`); None in fractional rows, and in every older store
     )
 
 

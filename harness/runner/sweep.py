@@ -21,7 +21,7 @@ from kvbench.harness.engine.batched_settings import DEFAULT_BATCH_SIZE, check_ba
 from kvbench.harness.engine.pipeline import CellResult, iter_context_cells
 from kvbench.harness.engine.scoring_cells import ScoredCell, iter_scoring_cells
 from kvbench.harness.engine.shared_context import iter_shared_context_cells
-from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.errors import KVBenchError
 from kvbench.harness.files import now
 from kvbench.harness.models.loading import LoadedModel, load_model, model_max_length, resolve_device, resolve_dtype
 from kvbench.harness.models.loading import _locate as locate_model
@@ -38,6 +38,7 @@ from kvbench.harness.requirements import installed_version
 from kvbench.harness.runner.lists import distinct
 from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
 from kvbench.harness.runner.store import ResultStore, cell_key
+from kvbench.harness.token_budget import budget_label, budget_tokens, parse_budget
 from kvbench.methods import Method, get_method
 from kvbench.tasks import (
     GENERATOR_VERSION,
@@ -92,7 +93,7 @@ def validate(spec: SweepSpec) -> list[Method]:
     specs of one configuration are one cell: said on stderr)."""
     methods = distinct(spec.methods, "methods", get_method, key=lambda method: method.label)
     for budget in spec.budgets:
-        check_budget(budget)
+        parse_budget(budget)
     for task in spec.tasks:
         check_task(task)
         if not spec.lengths and not is_dataset_task(task):
@@ -252,6 +253,25 @@ def sample_seed(spec: SweepSpec, sample: Sample, length: int) -> int:
     return derive_seed(spec.seed, sample.task, length, sample.sample_id) & (2**63 - 1)
 
 
+def _token_fields(budget: float) -> dict[str, Any]:
+    """A token budget's rows say so (`budget` is then its token count): `budget_tokens` is part of the cell's
+    identity, so `0.25` and `256t` never share a cell. Fractional rows carry nothing new, so older stores resume."""
+    tokens = budget_tokens(budget)
+    return {} if tokens is None else {"budget": float(tokens), "budget_tokens": tokens}
+
+
+def _generation_fields(outcome: CellResult) -> dict[str, Any]:
+    """What the cache held over the answer: at the end and (tokens generated, bytes held) along the way, and the
+    decode speed (generated tokens over the decode's seconds: the question's forward included, and in a decode
+    batch the row's share of the batch's time)."""
+    speed = outcome.new_tokens / outcome.decode_s if outcome.decode_s > 0 else None
+    return {
+        "kv_bytes_final": outcome.kv_bytes_final,
+        "kv_trace": outcome.kv_trace,
+        "decode_tokens_per_s": round(speed, 3) if speed is not None else None,
+    }
+
+
 def _measured(outcome: CellResult | ScoredCell) -> dict[str, Any]:
     return {
         "kv_bytes": outcome.kv_bytes,
@@ -297,6 +317,7 @@ def _row(
         "sample_id": sample.sample_id,
         **context.method_fields(method),
         "budget": budget,
+        **_token_fields(budget),
         "metric": metric,
         "references": sample.references,
         "context_tokens": len(parts.context_ids),
@@ -317,6 +338,7 @@ def _row(
         "decode_batch": outcome.decode_batch,
         "new_tokens": outcome.new_tokens,
         "stopped_by": outcome.stopped_by,
+        **_generation_fields(outcome),
     }
 
 
@@ -338,6 +360,7 @@ def _perplexity_row(
         "sample_id": sample.sample_id,
         **context.method_fields(method),
         "budget": budget,
+        **_token_fields(budget),
         "metric": sample.metric,
         "references": sample.references,
         "context_tokens": len(context_ids),
@@ -511,7 +534,7 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
     cache_dir = spec.sample_cache or default_sample_cache()
 
     def key(task: str, length: int, sample_id: int, method: Method, budget: float, metric: str):
-        return (task, length, sample_id, round(budget, 6), metric, identities[method.label][1])
+        return (task, length, sample_id, round(budget, 6), metric, identities[method.label][1], budget_tokens(budget))
 
     plan = []
     all_cells = 0
@@ -574,6 +597,6 @@ def _sweep_into(store: ResultStore, spec: SweepSpec, methods: list[Method], prog
                 first = sample[0] if isinstance(sample, list) else sample
                 count = len(sample) if isinstance(sample, list) else 1
                 for method, budget, rows in _cell_rows(loaded, sample, length, todo, context):
-                    record(rows, f"{first.task}@{length} {method.label}@{budget:g}", count)
+                    record(rows, f"{first.task}@{length} {method.label}@{budget_label(budget)}", count)
     meta["finished_at"] = invocation["finished_at"] = now()
     store.write_meta(meta)

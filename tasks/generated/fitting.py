@@ -30,6 +30,9 @@ class Draft:
     answer_prefix: str
     references: list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The whole expected answer, for tasks whose answer grows with the sample (the arithmetic chain): its generation
+    # allowance is then measured from it (`Fitter.allowance`) instead of the task's fixed max_new_tokens.
+    answer: str | None = None
 
 
 Render = Callable[[Random, int], Draft]
@@ -85,7 +88,15 @@ class Fitter:
         parts = split_prompt(
             self.setup.tokenizer, draft.context, draft.question, draft.answer_prefix, self.setup.query_aware
         )
-        return len(parts.context_ids) + len(parts.question_ids) + self.setup.max_new_tokens
+        return len(parts.context_ids) + len(parts.question_ids) + self.allowance(draft)
+
+    def allowance(self, draft: Draft) -> int:
+        """Tokens the sample may generate: the task's max_new_tokens, or for a draft that carries its whole answer,
+        that answer's tokens plus a quarter (room for another wording) and 16."""
+        if draft.answer is None:
+            return self.setup.max_new_tokens
+        answer = len(self.setup.tokenizer(draft.answer, add_special_tokens=False)["input_ids"])
+        return answer + answer // 4 + 16
 
     def _attempt(self, plan: UnitPlan, seed: int, units: int) -> tuple[Draft, int]:
         draft = plan.render(Random(seed), units)

@@ -45,6 +45,13 @@ def essay_text(num_words: int) -> str:
 
 
 @cache
+def _arithmetic_sha256() -> str:
+    """The arithmetic chain has no haystack: its prompt's fixed text stands for one."""
+    from kvbench.tasks.generated import chain
+
+    return sha256_text(chain.INTRO + chain.QUESTION + chain.ANSWER_PREFIX)
+
+
 def haystack_sha256(haystack: str) -> str:
     """Hash of what a haystack is made from (for fwe's random coded words: their alphabet)."""
     sources = {
@@ -53,6 +60,7 @@ def haystack_sha256(haystack: str) -> str:
         "needle": wonderwords_sha256,
         "word_list": wonderwords_sha256,
         "coded_words": lambda: sha256_text(string.ascii_lowercase),
+        "arithmetic": _arithmetic_sha256,
     }
     if haystack not in sources:
         raise KeyError(haystack)

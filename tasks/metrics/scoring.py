@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.metrics import infinitebench as infbench
 from kvbench.tasks.metrics import longbench
+from kvbench.tasks.metrics.chain import chain_operations, chain_steps
 from kvbench.tasks.metrics.quality import bertscore_f1, rouge1, rouge2, rougeL
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
@@ -92,5 +93,7 @@ METRICS: dict[str, Callable[..., float]] = {
     "rougeL": rougeL,
     "bertscore_f1": bertscore_f1,
     "perplexity": perplexity,
+    "chain_steps": chain_steps,
+    "chain_operations": chain_operations,
     **BENCHMARK_METRICS,
 }
