@@ -40,7 +40,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kvbench.tasks.datasets.loaders import RULER_DEFAULTS, split_ruler_input, task_family
+from kvbench.tasks.datasets.loaders import (  # LongBench's dataset2maxlen.json lives there
+    LONGBENCH_MAX_NEW_TOKENS,
+    RULER_DEFAULTS,
+    split_ruler_input,
+    task_family,
+)
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.metrics.longbench import FIRST_LINE_SUBSETS
 from kvbench.tasks.sample import Sample
@@ -63,25 +68,6 @@ LONGBENCH_PROMPTS: dict[str, str] = {
     "passage_retrieval_en": 'Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the abstract is from. The answer format must be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: ',
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
-}
-# LongBench config/dataset2maxlen.json.
-LONGBENCH_MAX_NEW_TOKENS: dict[str, int] = {
-    "narrativeqa": 128,
-    "qasper": 128,
-    "multifieldqa_en": 64,
-    "hotpotqa": 32,
-    "2wikimqa": 32,
-    "musique": 32,
-    "gov_report": 512,
-    "qmsum": 512,
-    "multi_news": 512,
-    "trec": 64,
-    "triviaqa": 32,
-    "samsum": 128,
-    "passage_count": 32,
-    "passage_retrieval_en": 32,
-    "lcc": 64,
-    "repobench-p": 64,
 }
 # LongBench eval.py dataset2metric (English subsets).
 LONGBENCH_METRICS: dict[str, str] = {
