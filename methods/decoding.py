@@ -182,11 +182,17 @@ class Decoding(Method):
                 f"no token once its window of queries ({fixed:,} bytes) is paid; the lowest reachable budget is "
                 f"{lowest}"
             )
-        if self.config.interval > target:
+        interval = self.config.interval
+        if interval > target:
+            lowest = (
+                f"{interval + math.ceil(fixed / cost.kv)}t"
+                if tokens is not None
+                else f"{cost.lowest_budget(n, interval):g}"
+            )
             raise BudgetError(
-                f"{self.label}: interval {self.config.interval} is more than the {target} tokens per head that budget "
-                f"{tokens if tokens is not None else fraction:g}{'t' if tokens else ''} allows on this context; use "
-                f"interval <= {target} or a larger budget"
+                f"{self.label}: interval {interval} is more than the {target} tokens per head that budget "
+                f"{tokens if tokens is not None else fraction:g}{'t' if tokens else ''} allows on this context; the "
+                f"lowest reachable budget at this interval is {lowest} (or use interval <= {target})"
             )
         kept = min(n, target)
         scorer = self.scorer

@@ -223,6 +223,23 @@ def test_a_budget_below_the_window_of_queries_is_refused_naming_the_lowest(loade
         compress_context(loaded, None, get_method("decoding"), TokenBudget(32), context)
 
 
+@pytest.mark.parametrize("budget, step", [(0.1, 0.001), (TokenBudget(20), 1)])
+def test_an_interval_longer_than_the_budget_is_refused_naming_the_lowest(loaded, budget, step):
+    """knorm keeps no decode state: the lowest reachable budget at interval 64 is the one keeping 64 tokens per
+    head; it runs there, and one step below it is refused."""
+    context = random_ids(200, seed=9)
+    method = get_method("decoding:base=knorm:interval=64")
+    with pytest.raises(BudgetError, match="lowest reachable budget at this interval is") as refused:
+        compress_context(loaded, None, method, budget, context)
+    text = str(refused.value).split("at this interval is ")[1].split(" ")[0]
+    lowest = parse_budget(text)
+    assert lowest == (TokenBudget(64) if isinstance(budget, TokenBudget) else 0.32)
+    compress_context(loaded, None, method, lowest, context)
+    below = TokenBudget(63) if isinstance(budget, TokenBudget) else round(lowest - step, 3)
+    with pytest.raises(BudgetError):
+        compress_context(loaded, None, method, below, context)
+
+
 def test_a_decode_batch_answers_as_each_row_alone(loaded):
     """The wrapper's compressions happen on each row's own cache in a decode batch: the same tokens as alone."""
     from kvbench.harness.engine.pipeline import iter_context_cells

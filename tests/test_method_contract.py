@@ -109,8 +109,9 @@ DECODE_STATE_SPECS = [
     "h2o:decode_evict=true",
     "h2o:decode_evict=true:normalize=false",
     "tova:decode_evict=true",
-    "decoding:base=tova",
-    "decoding:base=knorm",
+    "decoding:base=tova:interval=16",
+    "decoding:base=knorm:interval=16",
+    "decoding:base=snapkv:base_options=window=8:interval=16",
 ]
 
 

@@ -7,16 +7,19 @@ of its attention function (`LayerAttention`: the scaling, a sliding window measu
 logit soft-capping, attention sinks), so `full` through kvbench is the model's own attention.
 
 With no prefix (a fresh prefill) and nothing beyond a causal softmax it is transformers' SDPA path, so the
-prefill is bit-identical to plain transformers. Over a prefix, every layout (equal-length heads, a logit bias,
-ragged heads, a window, soft-capping, sinks) takes one fp32 softmax over prefix and tail per layer, query heads
-grouped per KV head (never expanded), the prefix and the tail read where they lie: nothing is concatenated, so a
-decode step copies no part of the context. Ragged heads stay packed ([Σ n_h, d] + lengths): one masked product
+prefill is bit-identical to plain transformers. Over a prefix of equal-length heads under a plain softmax with
+no bias (`full`, and every uniform eviction) it is the SDPA call transformers makes over its own cache, prefix and
+tail concatenated (`CONCATENATE_BELOW`: the copy-free join drifts past the 1e-5 `full` promises). Every other
+layout (a logit bias, ragged heads, soft-capping, sinks) takes one fp32 softmax over prefix and tail per layer,
+query heads grouped per KV head (never expanded), the prefix and the tail read where they lie: nothing is
+concatenated, so such a decode step copies no part of the context. Ragged heads stay packed ([Σ n_h, d] + lengths): one masked product
 over all heads on CUDA, one product per head on the CPU (`set_ragged_mode`; benchmarks/ragged_decode.py measures
 both).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,10 +161,12 @@ def _sink_rows(attention: LayerAttention, h_kv: int, group: int, length: int) ->
 RAGGED_MODES = ("auto", "packed", "loop")
 _ragged_mode = "auto"
 # Keys (prefix + tail) below which a plain softmax over an unbiased equal-length prefix is one SDPA call over their
-# concatenation, as transformers makes it (bit-identical to a plain cache; the copy is small): the CPU's fused kernel
-# takes keys in blocks of 512 itself, so only above that does joining two calls by log-sum-exp add the kind of
-# rounding the kernel's own blocks add. (Joined, a 40-token gemma3 context drifts 1.0e-5 from transformers.)
-CONCATENATE_BELOW = 512
+# concatenation, as transformers makes it over its own cache (DynamicCache concatenates every step too): `full`
+# through kvbench then equals transformers within the 1e-5 it promises. Above it the prefix is read where it lies
+# and the two fused calls are joined by their log-sum-exps, which saves the copy but drifts from transformers
+# (2.6e-5 in SmolLM2-135M's logits at ~1k tokens, 1.0e-5 on a 40-token gemma3): so no cache is above it by default.
+# Tests lower it to 0 to cover the copy-free path.
+CONCATENATE_BELOW = math.inf
 # Query rows × stored keys above which a call is split into chunks of query positions (fp32 logits of ~64 MB).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -417,8 +422,9 @@ def _attend_row(
 ) -> tuple[torch.Tensor, None]:
     """One sequence: query [1, Hq, L, d] over its cache's prefix and its tail key/value [1, Hkv, t, d].
 
-    A fresh prefill (no prefix, a causal softmax) is transformers' own SDPA call; everything else reads the
-    layer's prefix (decompressed for this layer only, dropped on return) and tail where they lie."""
+    A fresh prefill (no prefix, a causal softmax) is transformers' own SDPA call, and so is a plain softmax over an
+    unbiased equal-length prefix (joined to the tail: `CONCATENATE_BELOW`); everything else reads the layer's
+    prefix (decompressed for this layer only, dropped on return) and tail where they lie."""
     index = module.layer_idx
     layer = cache.layers[index]
     fresh_prefill = layer.prefix is None and key.shape[2] == query.shape[2] and layer.prefix_length == 0
