@@ -43,6 +43,7 @@ from typing import Any
 from kvbench.tasks.datasets.loaders import (  # LongBench's dataset2maxlen.json lives there
     LONGBENCH_MAX_NEW_TOKENS,
     RULER_DEFAULTS,
+    read_jsonl,
     split_ruler_input,
     task_family,
 )
@@ -344,27 +345,15 @@ def read_records(located: Located) -> list[dict[str, Any]]:
         return rows
     assert located.path is not None
     path = located.path
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
-            records = json.loads(text)
+            records = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise TaskError(f"{path}: not valid JSON") from None
         if not isinstance(records, list):
             raise TaskError(f"{path}: expected a JSON list of records")
         return records
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise TaskError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{path}:{number}: expected a JSON object per line")
-        records.append(record)
-    return records
+    return list(read_jsonl(path))
 
 
 def _cut_template(template: str, context: str, **fields: str) -> tuple[str, str]:

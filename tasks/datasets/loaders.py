@@ -182,7 +182,8 @@ def records_to_samples(
     return samples
 
 
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    """The records of a JSONL file, one JSON object per non-blank line; a bad line is one TaskError naming it."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -208,7 +209,7 @@ def load_jsonl_samples(
     file = Path(path)
     if not file.is_file():
         raise TaskError(f"no such file: {file}")
-    return records_to_samples(_read_jsonl(file), format, str(file), task, max_new_tokens, metric)
+    return records_to_samples(read_jsonl(file), format, str(file), task, max_new_tokens, metric)
 
 
 def load_hf_samples(

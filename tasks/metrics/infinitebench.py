@@ -53,6 +53,25 @@ def _words(prediction: str, separators: Sequence[str]) -> list[str]:
     return prediction.split()
 
 
+def _spaced(text: str, separators: Sequence[str]) -> str:
+    """Each separator replaced by a space, then runs of spaces collapsed to one (the official scripts' cleaning)."""
+    for separator in separators:
+        text = text.replace(separator, " ")
+    while "  " in text:
+        text = text.replace("  ", " ")
+    return text
+
+
+def _after_first(text: str, prefixes: Sequence[str]) -> str | None:
+    """What follows the first of `prefixes` (tried in order) found in `text`, past one character (the space the
+    official scripts skip); empty when nothing follows; None when no prefix is found."""
+    for prefix in prefixes:
+        at = text.find(prefix)
+        if at != -1:
+            return text[at + len(prefix) + 1 :]
+    return None
+
+
 def infbench_first_int(prediction: str, references: Sequence[str], **_) -> float:
     """passkey, number_string."""
     _require(references)
@@ -75,18 +94,9 @@ def infbench_choice(prediction: str, references: Sequence[str], **_) -> float:
     _require(references)
     if prediction[:1] and prediction[0] in "ABCD":
         return float(prediction[0] in references)
-    text = prediction
-    for char in ("\n", '"', "'", ".", ",", "?", "!", "{", "}"):
-        text = text.replace(char, " ")
-    while "  " in text:
-        text = text.replace("  ", " ")
-    for prefix in ("answer is:", "answer:", "answer is", "option is"):
-        at = text.find(prefix)
-        if at == -1:
-            continue
-        if len(text) < at + len(prefix) + 1:
-            return 0.0
-        after = text[at + len(prefix) + 1 :]
+    text = _spaced(prediction, ("\n", '"', "'", ".", ",", "?", "!", "{", "}"))
+    after = _after_first(text, ("answer is:", "answer:", "answer is", "option is"))
+    if after is not None:
         return float(any(after.startswith(answer) for answer in references))
     for word in text.split():
         if word in "ABCD":
@@ -101,18 +111,9 @@ def infbench_code_debug(prediction: str, references: Sequence[str], **_) -> floa
     name, letter = references[0], references[1]
     if prediction[:2] in (f"{letter}.", f"{letter}:"):
         return 1.0
-    text = prediction.strip()
-    for char in ("\n", "`", "'", '"', "-", "*", "Option", "option"):
-        text = text.replace(char, " ")
-    while "  " in text:
-        text = text.replace("  ", " ")
-    for prefix in ("answer is:", "is:", "answer:"):
-        at = text.find(prefix)
-        if at == -1:
-            continue
-        if len(text) < at + len(prefix) + 1:
-            return 0.0
-        after = text[at + len(prefix) + 1 :]
+    text = _spaced(prediction.strip(), ("\n", "`", "'", '"', "-", "*", "Option", "option"))
+    after = _after_first(text, ("answer is:", "is:", "answer:"))
+    if after is not None:
         return float(after.startswith(letter) or after.startswith(name))
     return 0.0
 
