@@ -56,6 +56,7 @@ def ragged_mode(request):
 class _Layer(torch.nn.Module):
     layer_idx = 0
     is_causal = True
+    num_key_value_groups = H_Q // H_KV  # what transformers' SDPA call reads from a real attention module
 
 
 def reference(query, heads, tail_k, tail_v, tail_positions, scaling, window=None, softcap=None, sinks=None):
@@ -239,9 +240,9 @@ def test_packed_and_loop_modes_are_both_exercised(monkeypatch):
 
 def test_the_tail_grows_in_place_and_the_prefix_is_never_copied():
     """A decode step writes its key into reserved room (the tail's storage stays put) and attention reads the
-    prefix's own storage: no step allocates anything the size of the context."""
+    prefix's own storage: no step allocates anything the size of the context (ragged heads: the compressed path)."""
     generator = torch.Generator().manual_seed(5)
-    cache, _ = _row(generator, (40, 40), False, 0, context=40)
+    cache, _ = _row(generator, (40, 39), False, 0, context=40)
     layer = cache.layers[0]
     cache.reserve(6)
     seen = []
@@ -262,9 +263,55 @@ def test_the_tail_grows_in_place_and_the_prefix_is_never_copied():
                 assert torch.equal(layer.keys[:, :, step], new[:, :, 0]) and layer.tail_length == step + 1
     finally:
         kv_attention.attend_compressed = original
-    assert {prefix for prefix, _ in seen} == {layer.prefix.keys.data_ptr()}
+    assert len(seen) == 6 and {prefix for prefix, _ in seen} == {layer.prefix.keys.data_ptr()}
     assert len({tail for _, tail in seen}) == 1  # one room for all six steps
     assert cache.held_bytes() == cache.kv_bytes() + 2 * H_KV * 6 * DIM * 4  # the tokens held, not the room
+
+
+def test_a_joined_prefix_is_copied_once_and_read_with_its_tail_where_they_lie():
+    """Equal-length unbiased heads (`full`, uniform evictions): the first update copies the prefix into the head of
+    the tail's room, once; every step's single SDPA call then reads prefix and tail as one view of that room (the
+    same storage at every step, never a concatenation), and the output equals the float64 reference. kv_bytes
+    counts the prefix's own tokens, not the room; the tokens decoded are counted in held_bytes only."""
+    generator = torch.Generator().manual_seed(6)
+    cache, heads = _row(generator, (40, 40), False, 0, context=40)
+    layer = cache.layers[0]
+    prefix_bytes = cache.kv_bytes()
+    assert prefix_bytes == 2 * H_KV * 40 * DIM * 4
+    cache.reserve(6)
+    seen = []
+    original = kv_attention._sdpa_over_prefix
+
+    def spy(module, query, key, value, prefix_length, *args):
+        seen.append((key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr(), key.shape[2]))
+        return original(module, query, key, value, prefix_length, *args)
+
+    kv_attention._sdpa_over_prefix = spy
+    tail_k, tail_v = [], []
+    try:
+        with torch.inference_mode():
+            for step in range(6):
+                new_k, new_v = torch.randn(2, 1, H_KV, 1, DIM, generator=generator)
+                tail_k.append(new_k)
+                tail_v.append(new_v)
+                keys, values = cache.update(new_k, new_v, 0)
+                query = torch.randn(1, H_Q, 1, DIM, generator=generator)
+                out, _ = kvbench_attention(_Layer(), query, keys, values, None, 0.5, kvbench_cache=cache)
+                expected = reference(
+                    query[0], heads, torch.cat(tail_k, 2)[0], torch.cat(tail_v, 2)[0], torch.arange(40, 41 + step), 0.5
+                )
+                assert torch.allclose(out[0].transpose(0, 1).double(), expected, atol=ATOL, rtol=0)
+    finally:
+        kv_attention._sdpa_over_prefix = original
+    assert layer.joined == 40 and [length for _, _, length in seen] == list(range(41, 47))
+    assert {(k, v) for k, v, _ in seen} == {
+        (layer.prefix.keys.untyped_storage().data_ptr(), layer.prefix.values.untyped_storage().data_ptr())
+    }
+    assert cache.kv_bytes() == prefix_bytes  # the room's spare and the tail are not the prefix's bytes
+    assert cache.held_bytes() == prefix_bytes + 2 * H_KV * 6 * DIM * 4
+    cache.reset_tail()  # another question from the same context: the prefix stays, the room stays
+    assert layer.joined == 40 and layer.tail_length == 0 and cache.kv_bytes() == prefix_bytes
+    assert torch.equal(layer.prefix.keys, torch.stack([h[0] for h in heads]))
 
 
 def test_the_tail_without_a_reservation_doubles_and_keeps_its_tokens():

@@ -7,9 +7,13 @@ of its attention function (`LayerAttention`: the scaling, a sliding window measu
 logit soft-capping, attention sinks), so `full` through kvbench is the model's own attention.
 
 With no prefix (a fresh prefill) and nothing beyond a causal softmax it is transformers' SDPA path, so the
-prefill is bit-identical to plain transformers. Over a prefix of equal-length heads under a plain softmax with
-no bias (`full`, and every uniform eviction) it is the SDPA call transformers makes over its own cache, prefix and
-tail concatenated (`CONCATENATE_BELOW`: the copy-free join drifts past the 1e-5 `full` promises). Every other
+prefill is bit-identical to plain transformers. Over a token prefix of equal-length heads under a plain softmax
+with no bias (`full`, and every uniform eviction) it is the SDPA call transformers makes over its own cache, over
+one view of the layer's room, where the prefix was copied once ahead of the tail (`CompressedLayer.joint`): no
+per-step copy (transformers' DynamicCache concatenates the whole cache every step). A decompressed uniform prefix
+(kivi, low rank, the autoencoder's latents: a fresh tensor every step anyway) is concatenated with its tail for that
+SDPA call (`CONCATENATE_BELOW`: the copy-free log-sum-exp join drifts past the 1e-5 that b = 1 = `full`
+promises). Every other
 layout (a logit bias, ragged heads, soft-capping, sinks) takes one fp32 softmax over prefix and tail per layer,
 query heads grouped per KV head (never expanded), the prefix and the tail read where they lie: nothing is
 concatenated, so such a decode step copies no part of the context. Ragged heads stay packed ([Σ n_h, d] + lengths): one masked product
@@ -160,12 +164,12 @@ def _sink_rows(attention: LayerAttention, h_kv: int, group: int, length: int) ->
 # few heads, see benchmarks/ragged_decode.py). "auto" picks packed on CUDA and the loop elsewhere.
 RAGGED_MODES = ("auto", "packed", "loop")
 _ragged_mode = "auto"
-# Keys (prefix + tail) below which a plain softmax over an unbiased equal-length prefix is one SDPA call over their
-# concatenation, as transformers makes it over its own cache (DynamicCache concatenates every step too): `full`
-# through kvbench then equals transformers within the 1e-5 it promises. Above it the prefix is read where it lies
-# and the two fused calls are joined by their log-sum-exps, which saves the copy but drifts from transformers
-# (2.6e-5 in SmolLM2-135M's logits at ~1k tokens, 1.0e-5 on a 40-token gemma3): so no cache is above it by default.
-# Tests lower it to 0 to cover the copy-free path.
+# Keys (prefix + tail) below which a plain softmax over an unbiased equal-length prefix that is not joined to its
+# tail's room (a decompressed one) is one SDPA call over their concatenation, as transformers makes it over its own
+# cache: b = 1 then equals `full` within 1e-5. Above it the prefix is read where it lies and the two fused calls
+# are joined by their log-sum-exps, which saves the copy but drifts from transformers (2.6e-5 in SmolLM2-135M's
+# logits at ~1k tokens, 1.0e-5 on a 40-token gemma3): so no cache is above it by default. (Token prefixes are
+# joined instead, `CompressedLayer.joint`: exact and copy-free.) Tests lower it to 0 to cover the fused path.
 CONCATENATE_BELOW = math.inf
 # Query rows × stored keys above which a call is split into chunks of query positions (fp32 logits of ~64 MB).
 _CHUNK_ELEMENTS = 1 << 24
@@ -423,7 +427,8 @@ def _attend_row(
     """One sequence: query [1, Hq, L, d] over its cache's prefix and its tail key/value [1, Hkv, t, d].
 
     A fresh prefill (no prefix, a causal softmax) is transformers' own SDPA call, and so is a plain softmax over an
-    unbiased equal-length prefix (joined to the tail: `CONCATENATE_BELOW`); everything else reads the layer's
+    unbiased equal-length prefix (a token prefix joined to the tail in its room, read as one view; a decompressed
+    one concatenated: `CONCATENATE_BELOW`); everything else reads the layer's
     prefix (decompressed for this layer only, dropped on return) and tail where they lie."""
     index = module.layer_idx
     layer = cache.layers[index]
@@ -436,6 +441,9 @@ def _attend_row(
     positions = _row_positions(layer, query.shape[2], prefix, query.device)
     if prefix is None and attention.plain_softmax:
         return _sdpa_over_prefix(module, query, key, value, 0, attention, positions)
+    joint = layer.joint()
+    if joint is not None and attention.plain_softmax:  # prefix and tail in one room: one SDPA call, no copy
+        return _sdpa_over_prefix(module, query, *joint, layer.joined, attention, positions)
     if (
         attention.plain_softmax
         and prefix.uniform

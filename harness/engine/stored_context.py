@@ -56,6 +56,8 @@ _CLASSES: dict[str, str] = {
     "kvbench.methods.h2o:H2ODecodeState": "kvbench.methods.h2o:H2ODecodeState",
     "kvbench.methods.tova:TOVADecodeState": "kvbench.methods.tova:TOVADecodeState",
     "kvbench.methods.uncomp:DecodeState": "kvbench.methods.uncomp:DecodeState",
+    "kvbench.methods.kivi:KIVIStream": "kvbench.methods.kivi:KIVIStream",
+    "kvbench.methods.autoencoder.method:LatentStream": "kvbench.methods.autoencoder.method:LatentStream",
 }
 _FILE_NAMES = {where: name for name, where in _CLASSES.items()}
 
@@ -77,6 +79,8 @@ def _decoder_ref(decoder: LatentDecoder, layer: int, field: str) -> dict:
 
 def _encode(obj: Any, layer: int, field: str = "") -> Any:
     """`obj` as plain data; `layer` and `field` say where a decoder reference points."""
+    if isinstance(obj, torch.Tensor) and obj.untyped_storage().nbytes() != obj.numel() * obj.element_size():
+        return obj.clone()  # a view (a prefix joined to its tail's room): its own tokens, not the whole storage
     if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
         return obj
     if isinstance(obj, torch.dtype):
