@@ -13,7 +13,7 @@ with defaults that do nothing, so a method overrides only what it uses:
     Calibration            per-model artifacts and training: needs_calibration, learns, calibrate,
                            load_calibration, calibration_key, method_bytes, train (fine-tunes the model)
     DecodeTime             acting while the answer is generated: on_decode_start, on_decode_step,
-                           changes_cache_within
+                           changes_cache_within, leaves_windows
     OwnPrefill             compressing while prefilling: prefills_itself, prefill_and_compress
 
 and two class flags: `uses_budget = False` for methods that keep everything (run once, at b = 1), and
@@ -87,6 +87,11 @@ class Calibration:
 
 class DecodeTime:
     """Acting while the answer is generated: the cache changes after the context (per-step eviction, merging)."""
+
+    # True for a decode-time method that leaves a model's sliding-window layers as they are (kivi quantizes only its
+    # own layers): such a method runs on models whose windows are shorter than the context; the others are refused
+    # there, since rewriting a window layer would lose its positions.
+    leaves_windows: ClassVar[bool] = False
 
     def on_decode_start(self, cache: KVBenchCache) -> None:
         """Once per answer, before anything after the context (question or first token) is fed: decode-time

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvbench.harness.cache.prefix import LayerPrefix
+from kvbench.harness.cache.kv_cache import KVBenchCache
+from kvbench.harness.cache.prefix import LayerPrefix, Prefixes
 from kvbench.harness.cache.quantized_prefix import BITS, QuantizedPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
@@ -39,8 +40,11 @@ class KIVIConfig:
     cost with the paper's window is refused, naming the lowest reachable budget (all of a context shorter than
     R stays raw: only b = 1 is reachable there).
 
-    Tokens decoded after the context are not quantized (the cache seam keeps them in the raw tail), unlike the
-    paper's streaming residual; on answers of tens of tokens this differs from the paper by at most R tokens.
+    While decoding, the question and generated tokens stream into the quantized cache as they age, as the paper's
+    decoding does (`QuantizedPrefix.with_tail`): keys in blocks of R tokens once R of them are raw beyond the key
+    window the budget chose (the paper's window: none, so N mod R keys stay raw), values once G of them are raw
+    beyond the value window (the paper quantizes each value as it leaves the last R; kvbench does it G tokens at a
+    time, so up to G − 1 more values stay raw). At b = 1 nothing is quantized, before or while decoding.
     """
 
     key_bits: int = option(0, choices=(0, 2, 4, 8))  # 0 or one of the quantized prefix's BITS
@@ -55,6 +59,18 @@ class KIVIConfig:
                 f"options residual={self.residual} and group_size={self.group_size} do not fit; residual must be a "
                 "multiple of group_size (keys are quantized in blocks of residual tokens, groups of group_size)"
             )
+
+
+@dataclass(frozen=True)
+class KIVIStream:
+    """One sequence's streaming windows while decoding (in its cache's `method_state`; plain integers, no bytes):
+    raw keys past `key_window` are quantized `block` (R) tokens at a time, raw values past `value_window` once
+    `chunk` (G) of them have aged."""
+
+    key_window: int
+    block: int
+    value_window: int
+    chunk: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,8 @@ class KIVI(Method):
         "Keys per channel, values per token, asymmetric 2/4/8-bit codes packed, a full-precision recent window"
     )
     Config = KIVIConfig
+    # 2: tokens decoded after the context stream into the quantized cache as they age (1 kept them raw).
+    version = 2
 
     def _widths(self) -> list[tuple[int, int]]:
         key, value = self.config.key_bits, self.config.value_bits
@@ -143,8 +161,13 @@ class KIVI(Method):
                 f"kivi's value groups of {value_group} channels do not divide head_dim {dim}; pick a group_size that does"
             )
         element = observation.keys[0].element_size()
-        plan = self.plan(observation.context_length, heads, dim, element, observation.num_layers, budget)
-        return [
+        n = observation.context_length
+        plan = self.plan(n, heads, dim, element, observation.num_layers, budget)
+        block = config.residual or config.group_size
+        stream = None
+        if budget < 1.0:  # b = 1 is the full cache, also while decoding
+            stream = KIVIStream((n - plan.key_quantized) // block * block, block, n - plan.value_quantized, value_group)
+        prefixes = [
             QuantizedPrefix(
                 keys,
                 values,
@@ -157,3 +180,33 @@ class KIVI(Method):
             )
             for keys, values in zip(observation.keys, observation.values, strict=True)
         ]
+        return Prefixes(prefixes, decode_state=stream)
+
+    # A model's sliding-window layers keep their windows (TokenPrefix); only the quantized layers stream.
+    leaves_windows = True
+
+    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        stream = cache.method_state
+        return isinstance(stream, KIVIStream) and any(
+            self._due(stream, layer, new_tokens) for layer in cache.layers if isinstance(layer.prefix, QuantizedPrefix)
+        )
+
+    @staticmethod
+    def _due(stream: KIVIStream, layer, new_tokens: int = 0) -> bool:
+        raw = layer.tail_length + new_tokens
+        return (
+            layer.prefix.key_residual.shape[1] + raw >= stream.key_window + stream.block
+            or layer.prefix.value_residual.shape[1] + raw >= stream.value_window + stream.chunk
+        )
+
+    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
+        """Quantize what aged past the windows: every quantized layer whose raw keys or values reached a block."""
+        stream = cache.method_state
+        if not isinstance(stream, KIVIStream):
+            return
+        for layer in cache.layers:
+            if isinstance(layer.prefix, QuantizedPrefix) and self._due(stream, layer):
+                prefix = layer.prefix.with_tail(
+                    layer.keys[0], layer.values[0], stream.key_window, stream.block, stream.value_window, stream.chunk
+                )
+                layer.absorb_tail(prefix)

@@ -239,3 +239,50 @@ def test_relu_per_head_attention_loss_trains(loaded):
     prefix = method.compress(observation, 0.25)[0]
     assert float(prefix.key_latents.min()) >= 0  # relu latents
     assert len(trained.losses["m=4"]["heldout"]["attention_mse"]) == 2
+
+
+def test_decoded_tokens_are_encoded_once_as_they_age_past_the_raw_window(loaded, trained):
+    """While decoding, every step leaves fewer than decode_window + 32 raw tokens; each chunk encoded holds exactly
+    the oldest raw keys and values of that moment, as latents x·W + b of the trained encoder (computed here from
+    the weights), never re-encoded later; the context's latents never change and every fed token stays covered."""
+    method, _, _ = trained
+    streaming = get_method("autoencoder", **OPTIONS, decode_window=40)
+    streaming.load_calibration(method.weights)
+    context = random_ids(300, seed=2)
+    observation = prefill(loaded.model, context, ObservationNeeds())
+    prefixes = streaming.compress(observation, 0.3)
+    assert (prefixes.decode_state.window, prefixes.decode_state.chunk) == (40, 32)
+    context_latents = [p.key_latents.clone() if isinstance(p.key_latents, torch.Tensor) else None for p in prefixes]
+    cache = KVBenchCache(2, prefixes, len(context))
+    m = OPTIONS["latent_dim"]
+    weight, bias = method.weights[f"m{m}.encoder_weight"], method.weights[f"m{m}.encoder_bias"]
+    chunks = []
+
+    def step(cache, index):
+        before = [
+            (torch.cat([layer.prefix.key_residual, layer.keys[0]], 1), len(layer.prefix.key_blocks))
+            for layer in cache.layers
+        ]
+        streaming.on_decode_step(cache, index)
+        for number, (layer, (raw_keys, blocks)) in enumerate(zip(cache.layers, before, strict=True)):
+            prefix = layer.prefix
+            assert prefix.key_residual.shape[1] + layer.tail_length < 40 + 32
+            assert prefix.head_lengths()[0] + layer.tail_length == len(context) + 3 + index + 1
+            if len(prefix.key_blocks) > blocks:
+                aged = raw_keys.shape[1] - 40
+                expected = raw_keys[:, :aged].float() @ weight[0, number] + bias[0, number]
+                stored = prefix.key_blocks[-1]
+                stored = stored if isinstance(stored, torch.Tensor) else stored.dequantize()
+                assert stored.shape[1] == aged
+                assert torch.allclose(stored.float().reshape(expected.shape), expected, atol=2e-2, rtol=1e-2)
+                assert torch.equal(prefix.key_residual, raw_keys[:, aged:])
+                chunks.append(aged)
+
+    greedy_decode(
+        loaded.model, cache, random_ids(3, seed=3), 120, [], first_logits=observation.last_logits, step_hook=step
+    )
+    assert chunks == [32, 32, 32, 32]  # 72 raw tokens at step 68, then 104: one chunk per layer each
+    for layer, latents in zip(cache.layers, context_latents, strict=True):
+        if latents is not None:
+            assert torch.equal(layer.prefix.key_latents, latents)
+    assert all(len(layer.prefix.key_blocks) == 2 for layer in cache.layers)

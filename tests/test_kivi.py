@@ -170,3 +170,61 @@ def test_decoding_never_requantizes_the_context():
         )  # fmt: skip
         errors.append((cell.step_logits[0] - full.step_logits[0]).abs().max().item())
     assert errors[1] < errors[0]
+
+
+def _within_half_a_step_per_channel(raw: torch.Tensor, restored: torch.Tensor, bits: int, group: int) -> bool:
+    """Independent check of keys quantized per channel in groups of `group` tokens: every element within half a
+    step, s = (max − min)/(2^bits − 1), of its group's range (plus fp16 rounding of s and min)."""
+    h, n, d = raw.shape
+    grouped = raw.float().reshape(h, n // group, group, d)
+    step = (grouped.amax(dim=2, keepdim=True) - grouped.amin(dim=2, keepdim=True)) / ((1 << bits) - 1)
+    error = (restored.float().reshape(h, n // group, group, d) - grouped).abs()
+    return bool((error <= step / 2 * 1.01 + 1e-3).all())
+
+
+def test_decoded_tokens_stream_into_the_quantized_cache_as_they_age():
+    """KIVI's decoding: after every step the raw keys are fewer than the key window + R and the raw values fewer
+    than the value window + G; each block quantized while decoding holds exactly the oldest raw tokens of that
+    moment (within half a step of each, per channel for keys), the raw rest is kept exactly, the context's codes
+    never change, and every fed token stays covered (positions continue)."""
+    from kvbench.harness.engine.decode import greedy_decode
+
+    model = tiny_model("llama-gqa", layers=2)
+    context = random_ids(300, seed=3)
+    observed = prefill(model, context, ObservationNeeds())
+    method = get_method("kivi", key_bits=4, value_bits=4, residual=32, group_size=16, fill_budget=False)
+    prefixes = method.compress(observed, 0.5)
+    stream = prefixes.decode_state
+    assert (stream.key_window, stream.block, stream.value_window, stream.chunk) == (0, 32, 32, 16)
+    context_codes = [p.key_codes.codes.clone() for p in prefixes]
+    cache = KVBenchCache(len(prefixes), prefixes, len(context))
+    blocks_seen = []
+
+    def step(cache, index):
+        before = [
+            (torch.cat([layer.prefix.key_residual, layer.keys[0]], 1), len(layer.prefix.key_blocks))
+            for layer in cache.layers
+        ]
+        method.on_decode_step(cache, index)
+        for layer, (raw_keys, blocks) in zip(cache.layers, before, strict=True):
+            prefix = layer.prefix
+            raw_now = prefix.key_residual.shape[1] + layer.tail_length
+            assert raw_now < stream.key_window + stream.block
+            assert prefix.value_residual.shape[1] + layer.tail_length < stream.value_window + stream.chunk
+            assert prefix.head_lengths()[0] + layer.tail_length == len(context) + 3 + index + 1
+            if len(prefix.key_blocks) > blocks:
+                block = dequantize_per_channel(prefix.key_blocks[-1])
+                assert block.shape[1] == 32
+                assert _within_half_a_step_per_channel(raw_keys[:, :32], block, 4, 16)
+                assert torch.equal(prefix.key_residual, raw_keys[:, 32:])
+                blocks_seen.append(index)
+
+    greedy_decode(model, cache, random_ids(3, seed=4), 80, [], first_logits=observed.last_logits, step_hook=step)
+    assert len(blocks_seen) == 2 * 2  # 300 mod 32 = 12 raw keys + 83 fed: two blocks per layer
+    for layer, codes in zip(cache.layers, context_codes, strict=True):
+        assert torch.equal(layer.prefix.key_codes.codes, codes)
+
+
+def test_budget_one_never_quantizes_while_decoding():
+    obs = observation(n=300, dtype=torch.float32)
+    assert get_method("kivi").compress(obs, 1.0).decode_state is None

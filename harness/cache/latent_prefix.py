@@ -42,8 +42,9 @@ class LatentPrefix(LayerPrefix):
     """One layer's context as latents: [H, N, m] per K and V, encoded once from the cached (post-RoPE) keys and
     values and never re-encoded; `materialize` decodes them for attention and keeps nothing it decoded.
 
-    Tokens decoded after the context are not encoded: they stay in the cache's uncompressed tail, as for every
-    method (the cache seam).
+    Tokens decoded after the context join it through `with_tail` as they age past a raw window, encoded once by the
+    method's encoder (the streaming form of KIVI's window): `key_blocks`/`value_blocks` hold their latents, after the
+    context's, and `key_residual`/`value_residual` the raw tokens not yet encoded ([H, r, d], empty at compression).
     """
 
     first_position = 0  # every context token, in order
@@ -64,13 +65,22 @@ class LatentPrefix(LayerPrefix):
         self.key_decoder, self.value_decoder = key_decoder, value_decoder
         self.dtype = dtype
         self._shape = (int(key_latents.shape[0]), int(key_latents.shape[1]))
+        self.bits, self.group, self.latent_dtype = bits, group, latent_dtype
+        self.key_blocks: list[torch.Tensor | QuantizedTensor] = []
+        self.value_blocks: list[torch.Tensor | QuantizedTensor] = []
+        empty = (self._shape[0], 0, int(key_decoder.weight.shape[-1]))
+        self.key_residual = torch.empty(empty, dtype=dtype, device=key_latents.device)
+        self.value_residual = torch.empty(
+            (*empty[:2], int(value_decoder.weight.shape[-1])), dtype=dtype, device=value_latents.device
+        )
 
     @property
     def num_heads(self) -> int:
         return self._shape[0]
 
     def head_lengths(self) -> list[int]:
-        return [self._shape[1]] * self._shape[0]
+        encoded = self._shape[1] + sum(_length(block) for block in self.key_blocks)
+        return [encoded + int(self.key_residual.shape[1])] * self._shape[0]
 
     @staticmethod
     def _latents(stored: torch.Tensor | QuantizedTensor) -> torch.Tensor:
@@ -80,6 +90,34 @@ class LatentPrefix(LayerPrefix):
         return stored.float()
 
     def materialize(self) -> PrefixKV:
-        keys = self.key_decoder(self._latents(self.key_latents)).to(self.dtype)
-        values = self.value_decoder(self._latents(self.value_latents)).to(self.dtype)
+        keys = self._decoded(self.key_decoder, [self.key_latents, *self.key_blocks], self.key_residual)
+        values = self._decoded(self.value_decoder, [self.value_latents, *self.value_blocks], self.value_residual)
         return PrefixKV(keys, values)
+
+    def _decoded(self, decoder: LatentDecoder, stored: list, residual: torch.Tensor) -> torch.Tensor:
+        latents = [self._latents(block) for block in stored]
+        decoded = decoder(latents[0] if len(latents) == 1 else torch.cat(latents, dim=1)).to(self.dtype)
+        return torch.cat([decoded, residual], dim=1) if residual.shape[1] else decoded
+
+    def with_tail(self, keys: torch.Tensor, values: torch.Tensor, encode, window: int, chunk: int) -> LatentPrefix:
+        """This prefix followed by `keys`/`values` [H, t, d], tokens decoded after it: once `window` + `chunk` tokens
+        or more are raw, all but the newest `window` are encoded (`encode(which, x)` → latents [H, r, m], which = 0
+        for keys, 1 for values) and stored like the context's latents; the rest stays raw. Latents already stored
+        are kept as they are (never re-encoded)."""
+        raw_keys = torch.cat([self.key_residual, keys.to(self.dtype)], dim=1)
+        raw_values = torch.cat([self.value_residual, values.to(self.dtype)], dim=1)
+        aged = raw_keys.shape[1] - window
+        out = object.__new__(LatentPrefix)
+        vars(out).update(vars(self))
+        out.key_blocks, out.value_blocks = list(self.key_blocks), list(self.value_blocks)
+        if aged < chunk:
+            aged = 0
+        else:
+            for which, raw, blocks in ((0, raw_keys, out.key_blocks), (1, raw_values, out.value_blocks)):
+                blocks.append(_store(encode(which, raw[:, :aged].float()), self.bits, self.group, self.latent_dtype))
+        out.key_residual, out.value_residual = _own(raw_keys[:, aged:]), _own(raw_values[:, aged:])
+        return out
+
+
+def _length(stored: torch.Tensor | QuantizedTensor) -> int:
+    return int(stored.shape[1])

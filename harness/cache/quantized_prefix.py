@@ -6,7 +6,8 @@ measures the true size. Codes are computed against the scale and minimum as stor
 down and the scale up), so every element of a group dequantizes within half a step, s/2, of its value.
 
 `QuantizedPrefix` is KIVI's layout (arXiv 2402.02750): keys per channel, values per token, and a window of the
-most recent context tokens kept in full precision.
+most recent tokens kept in full precision; `with_tail` streams tokens decoded after the context into it as they age
+past the window, as KIVI's decoding does.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ class QuantizedPrefix(LayerPrefix):
     Keys [H, N, d]: the first `key_quantized` tokens (a multiple of `group`) quantized per channel in groups of
     `group` tokens; the rest raw. Values: the first `value_quantized` tokens quantized per token in groups of
     `value_group` channels; the rest raw. Either count may be 0 (nothing quantized: the raw cache exactly).
-    Tokens decoded after the context are not quantized: they stay in the cache's uncompressed tail, as for
-    every method (the cache seam), so this prefix covers the context only.
+    Tokens decoded after the context join it through `with_tail` (KIVI's streaming): then `key_blocks` and
+    `value_blocks` hold the codes of tokens quantized while decoding, after the context's, in order.
     """
 
     first_position = 0  # every context token, in order
@@ -130,19 +131,48 @@ class QuantizedPrefix(LayerPrefix):
             quantize_per_token(values[:, :value_quantized], value_bits, value_group) if value_quantized else None
         )
         self.value_residual = _own(values[:, value_quantized:])
+        self.key_bits, self.value_bits, self.group, self.value_group = key_bits, value_bits, group, value_group
+        self.key_blocks: list[QuantizedTensor] = []
+        self.value_blocks: list[QuantizedTensor] = []
 
     @property
     def num_heads(self) -> int:
         return int(self.key_residual.shape[0])
 
     def head_lengths(self) -> list[int]:
-        quantized = 0 if self.key_codes is None else self.key_codes.shape[1] * self.key_codes.shape[3]
+        codes = ([self.key_codes] if self.key_codes is not None else []) + self.key_blocks
+        quantized = sum(c.shape[1] * c.shape[3] for c in codes)
         return [quantized + int(self.key_residual.shape[1])] * self.num_heads
 
     def materialize(self) -> PrefixKV:
-        keys, values = self.key_residual, self.value_residual
-        if self.key_codes is not None:
-            keys = torch.cat([dequantize_per_channel(self.key_codes), keys], dim=1)
-        if self.value_codes is not None:
-            values = torch.cat([dequantize_per_token(self.value_codes), values], dim=1)
+        keys = [dequantize_per_channel(c) for c in [self.key_codes, *self.key_blocks] if c is not None]
+        values = [dequantize_per_token(c) for c in [self.value_codes, *self.value_blocks] if c is not None]
+        keys = torch.cat([*keys, self.key_residual], dim=1) if keys else self.key_residual
+        values = torch.cat([*values, self.value_residual], dim=1) if values else self.value_residual
         return PrefixKV(keys, values)
+
+    def with_tail(
+        self, keys: torch.Tensor, values: torch.Tensor, key_window: int, block: int, value_window: int, chunk: int
+    ) -> QuantizedPrefix:
+        """This prefix followed by `keys`/`values` [H, t, d], tokens decoded after it, with the raw tokens that aged
+        past the full-precision windows quantized, as KIVI streams them: once `key_window` + `block` keys or more are
+        raw, the oldest whole blocks of `block` tokens beyond the window are quantized per channel (groups of
+        `group` tokens); once `value_window` + `chunk` values or more are raw, all but the newest `value_window` are
+        quantized per token. Codes already stored are kept as they are (never requantized); the raw rest is copied."""
+        raw_keys = torch.cat([self.key_residual, keys.to(self.key_residual.dtype)], dim=1)
+        raw_values = torch.cat([self.value_residual, values.to(self.value_residual.dtype)], dim=1)
+        aged_keys = raw_keys.shape[1] - key_window
+        quantized_keys = block * (aged_keys // block) if aged_keys >= block else 0
+        aged_values = raw_values.shape[1] - value_window
+        quantized_values = aged_values if aged_values >= chunk else 0
+        out = object.__new__(QuantizedPrefix)
+        vars(out).update(vars(self))
+        out.key_blocks, out.value_blocks = list(self.key_blocks), list(self.value_blocks)
+        if quantized_keys:
+            out.key_blocks.append(quantize_per_channel(raw_keys[:, :quantized_keys], self.key_bits, self.group))
+        if quantized_values:
+            quantized = quantize_per_token(raw_values[:, :quantized_values], self.value_bits, self.value_group)
+            out.value_blocks.append(quantized)
+        out.key_residual = _own(raw_keys[:, quantized_keys:])
+        out.value_residual = _own(raw_values[:, quantized_values:])
+        return out

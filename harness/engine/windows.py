@@ -68,7 +68,7 @@ def with_windows(observation: Observation, prefixes: list[LayerPrefix | None]) -
 def refuse_what_windows_break(method: Method, observation: Observation) -> None:
     """A method that rewrites the cache while decoding would rewrite the windows too (and lose their positions):
     refused in one line on models whose windows are shorter than the context, until it learns to leave them."""
-    if observation.windowed_layers() and method.acts_while_decoding:
+    if observation.windowed_layers() and method.acts_while_decoding and not method.leaves_windows:
         raise Unsupported(
             f"{method.label} evicts while decoding, which would rewrite this model's sliding-window layers; "
             "kvbench does not run it on models whose windows are shorter than the context yet"

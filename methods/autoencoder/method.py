@@ -4,7 +4,8 @@ Per layer, separate autoencoders for K and V (option: one per KV head), Linear(d
 Linear(m→d), trained on exactly what the cache stores (post-RoPE keys, values) of the frozen model. Each
 context entry is encoded once, at compression, from the cached vector; the latents are decoded at attention
 time and never re-encoded (the seed re-encoded its whole cache every step and its perplexity went from 78 to
-thousands). Tokens decoded after the context stay raw in the cache's tail, as for every method.
+thousands). Tokens decoded after the context are encoded the same way once they age past a raw window of the
+newest `decode_window` tokens (`decode_window=0`: they stay raw, as kvbench's version 1 kept them).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 
 from kvbench.harness.artifacts.training import Trained, train_text
+from kvbench.harness.cache.kv_cache import KVBenchCache
 from kvbench.harness.cache.latent_prefix import LatentDecoder, LatentPrefix
-from kvbench.harness.cache.prefix import LayerPrefix, TokenPrefix
+from kvbench.harness.cache.prefix import LayerPrefix, Prefixes, TokenPrefix
 from kvbench.harness.engine.prefill import Observation
 from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.method_spec import OptionError, option
@@ -58,6 +60,10 @@ class AutoencoderConfig:
     whose stored bytes are closest to it from below: b ≈ (m·bits + 32 per group)/(d·bits_cache). b = 1 stores
     the context raw (no reduction, no quantization: the full cache). Decoder weights are reported in
     `method_bytes`, never in the cache's bytes.
+
+    While decoding (not in the seed, which re-encoded everything every step): the newest `decode_window` tokens
+    stay raw, as KIVI's full-precision window (R = 128 there); once `STREAM_CHUNK` more have aged past it they are
+    encoded at the compression's latent size and width and kept as latents. 0 keeps every decoded token raw.
     """
 
     latent_dim: int = option(0, at_least=0)  # 0: d/8, d/4 and d/2
@@ -77,6 +83,7 @@ class AutoencoderConfig:
     seed: int = option(0, at_least=0)
     text_file: tuple[str, ...] = ()
     checkpoint: str = ""
+    decode_window: int = option(128, at_least=0)  # 0: decoded tokens stay raw
 
     def __post_init__(self) -> None:
         if self.tokens < self.window:
@@ -115,6 +122,20 @@ class LatentPlan:
     bits: int
 
 
+# Decoded tokens are encoded this many at a time once they age past the raw window (KIVI's G).
+STREAM_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class LatentStream:
+    """One sequence's streaming while decoding (its cache's `method_state`; plain integers, no bytes): the latent
+    size the compression chose, the raw window and the chunk."""
+
+    latent: int
+    window: int
+    chunk: int
+
+
 def latent_sizes(config: AutoencoderConfig, dim: int) -> list[int]:
     if config.latent_dim:
         if config.latent_dim >= dim:
@@ -142,6 +163,10 @@ class Autoencoder(Method):
     Config = AutoencoderConfig
     needs_calibration = True
     learns = True
+    # 2: tokens decoded after the context are encoded as they age past `decode_window` (1 kept them raw).
+    version = 2
+    # A model's sliding-window layers keep their windows (TokenPrefix); only the latent layers stream.
+    leaves_windows = True
 
     def __init__(self, config: AutoencoderConfig | None = None, **overrides: Any):
         super().__init__(config, **overrides)
@@ -261,4 +286,35 @@ class Autoencoder(Method):
             prefixes.append(
                 LatentPrefix(*latents, *decoders, plan.bits, self.config.latent_group_size, latent_dtype, dtype)
             )
-        return prefixes
+        stream = (
+            LatentStream(plan.latent, self.config.decode_window, STREAM_CHUNK) if self.config.decode_window else None
+        )
+        return Prefixes(prefixes, decode_state=stream)
+
+    def changes_cache_within(self, cache: KVBenchCache, new_tokens: int) -> bool:
+        stream = cache.method_state
+        return isinstance(stream, LatentStream) and any(
+            self._due(stream, layer, new_tokens) for layer in cache.layers if isinstance(layer.prefix, LatentPrefix)
+        )
+
+    @staticmethod
+    def _due(stream: LatentStream, layer, new_tokens: int = 0) -> bool:
+        return layer.prefix.key_residual.shape[1] + layer.tail_length + new_tokens >= stream.window + stream.chunk
+
+    def on_decode_step(self, cache: KVBenchCache, step: int) -> None:
+        """Encode what aged past the raw window, with the compression's encoders, in every latent layer due."""
+        stream = cache.method_state
+        if not isinstance(stream, LatentStream):
+            return
+        weight, bias = (self.weights[f"m{stream.latent}.{name}"] for name in ("encoder_weight", "encoder_bias"))
+        activation = self.config.activation
+        for index, layer in enumerate(cache.layers):
+            if not (isinstance(layer.prefix, LatentPrefix) and self._due(stream, layer)):
+                continue
+
+            def encoder(which: int, x: torch.Tensor, layer_index: int = index) -> torch.Tensor:
+                w, b = weight[which, layer_index].to(x.device), bias[which, layer_index].to(x.device)
+                return encode(x, w, b, activation)
+
+            prefix = layer.prefix.with_tail(layer.keys[0], layer.values[0], encoder, stream.window, stream.chunk)
+            layer.absorb_tail(prefix)
