@@ -123,6 +123,15 @@ class Decoding(Method):
     version = 2
 
     @property
+    def label(self) -> str:
+        """The base is always named (`decoding:base=snapkv:...`), default or not: a report line says which scorer
+        it wraps."""
+        label = super().label
+        if self.config.base != type(self.config)().base:  # non-default: named already
+            return label
+        return label.replace(self.name, f"{self.name}:base={self.config.base}", 1)
+
+    @property
     def scorer(self) -> Scorer:
         return get_scorer(self.config.base, self.config.base_options)
 

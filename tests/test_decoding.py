@@ -287,3 +287,16 @@ def test_sweep_rows_record_token_budgets_and_resume(chat_model_dir, tmp_path, mo
     said = capsys.readouterr()
     assert "4 finished cells found" in said.out + said.err
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_label_names_the_base_even_when_it_is_the_default():
+    """A report line must say which scorer the wrapper runs: `decoding:interval=32` is snapkv's, and says so; the
+    label parses back to the same method."""
+    from kvbench.methods.base import get_method
+
+    assert get_method("decoding:interval=32").label == "decoding:base=snapkv:interval=32"
+    assert get_method("decoding").label == "decoding:base=snapkv"
+    assert get_method("decoding:base=tova:interval=32").label == "decoding:base=tova:interval=32"
+    spec = "decoding:base_options=window=16:interval=32"
+    assert get_method(spec).label == "decoding:base=snapkv:base_options=window=16:interval=32"
+    assert get_method(get_method(spec).label).config == get_method(spec).config
