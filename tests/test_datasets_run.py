@@ -316,6 +316,39 @@ def test_one_context_three_questions_compressed_once_and_equal_to_separate_runs(
         assert len(calls) == 1
 
 
+def test_one_contexts_questions_decode_in_one_batch_with_the_answers_they_get_alone(
+    chat_model_dir, tmp_path, monkeypatch
+):
+    """--batch-size 3: the three questions of one context decode as one batch of three rows per cell (each row its
+    own copy of the compressed cache, `decode_batch` 3), the context still compressed once per cell, and every
+    answer equals the unbatched run's; a decode-time method (tova evicting while decoding) among them."""
+    from kvbench.methods import get_method
+
+    snapkv = type(get_method("snapkv"))
+    calls = []
+    original = snapkv.compress
+
+    def counting(self, observation, budget):
+        calls.append(observation.context_length)
+        return original(self, observation, budget)
+
+    monkeypatch.setattr(snapkv, "compress", counting)
+    questions = ["Who designed the tower?", "Where is the tower?", "When was it built?"]
+    data = tmp_path / "data"
+    write_jsonl(data / "kvpress" / "shared.jsonl", kvpress_rows(questions))
+    outputs = {}
+    for batch in ("1", "3"):
+        out = tmp_path / f"batch{batch}"
+        argv = run_args(chat_model_dir, out, "kvpress:shared", samples="3", methods="snapkv,tova", batch=batch)
+        calls.clear()
+        assert main([*argv, "--data", f"kvpress={data / 'kvpress'}"]) == 0
+        assert len(calls) == 1  # snapkv compressed the shared context once for its three questions
+        rows = rows_of(out)
+        assert {row["decode_batch"] for row in rows} == {int(batch)}
+        outputs[batch] = {(r["method"], r["sample_id"]): (r["output"], r["kv_bytes"], r["new_tokens"]) for r in rows}
+    assert len(outputs["1"]) == 6 and outputs["3"] == outputs["1"]
+
+
 def test_the_hugging_face_cache_is_read_offline_after_local_copies(tmp_path, monkeypatch):
     from kvbench.tasks.datasets import catalog
 

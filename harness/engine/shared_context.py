@@ -5,17 +5,22 @@ cell gives.
 
 Restoring is a copy: each question decodes on a deep copy of the cache as compression left it, so whatever a
 question and its answer add (the raw tail, a decode-time method's evictions and state) never reaches the next.
+With `batch_size` > 1 the questions of one cell decode that many at a time in one batch (`batched_greedy_decode`,
+each row its own copy), each answer the one it gets alone.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator, Sequence
 
+from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_decode
 from kvbench.harness.engine.decode import greedy_decode
 from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.engine.pipeline import (
     CellResult,
+    CompressedContext,
     PeakBytes,
     TimedObservation,
     _cell_result,
@@ -34,13 +39,20 @@ def iter_shared_context_cells(
     questions: Sequence[tuple[Sequence[int], int]],
     cells: Sequence[tuple[Method, float]],
     seed: int = 0,
+    batch_size: int = 1,
 ) -> Iterator[tuple[Method, float, list[CellResult] | BudgetError]]:
     """Per cell, the answers to every `(question_ids, max_new_tokens)` after one compression of the context (or
-    the cell's BudgetError). Prefill as `iter_cells`: one shared, plus a private one per method that needs it."""
+    the cell's BudgetError). Prefill as `iter_cells`: one shared, plus a private one per method that needs it.
+    `batch_size` > 1 decodes a cell's questions that many at a time, in one batch."""
 
     def answer_all(observed: TimedObservation | None, method: Method, budget: float) -> list[CellResult]:
         effective = budget if method.uses_budget else 1.0
         compressed = compress_context(loaded, observed, method, effective, context_ids, seed)
+        if batch_size > 1 and len(questions) > 1:
+            results = []
+            for start in range(0, len(questions), batch_size):
+                results += _answer_batch(loaded, method, effective, compressed, questions[start : start + batch_size])
+            return results
         pristine = compressed.cache
         results = []
         for question_ids, max_new_tokens in questions:
@@ -80,3 +92,47 @@ def iter_shared_context_cells(
         return results
 
     return iter_cells(loaded, context_ids, cells, answer_all, seed)
+
+
+def _answer_batch(
+    loaded: LoadedModel,
+    method: Method,
+    budget: float,
+    compressed: CompressedContext,
+    questions: Sequence[tuple[Sequence[int], int]],
+) -> list[CellResult]:
+    """Questions of one compressed context in one decode batch, each row on its own copy of the compressed cache."""
+    entries = [dataclasses.replace(compressed, cache=copy.deepcopy(compressed.cache)) for _ in questions]
+    kv_bytes = [entry.cache.kv_bytes() for entry in entries]
+    spreads = [head_spread(entry.cache) for entry in entries]
+    peaks = [PeakBytes(entry.cache, method.on_decode_step) for entry in entries]
+    rows = [
+        DecodeRow(
+            entry.cache,
+            list(question_ids),
+            max_new_tokens,
+            first_logits=entry.last_logits,
+            step_hook=peak.step,
+            start_hook=method.on_decode_start,
+        )
+        for entry, peak, (question_ids, max_new_tokens) in zip(entries, peaks, questions)
+    ]
+    reset_peak_memory(loaded.device)
+    decoded = batched_greedy_decode(loaded.model, rows, loaded.eos_token_ids, loaded.tokenizer)
+    device_peak = peak_memory_bytes(loaded.device)
+    return [
+        _cell_result(
+            method,
+            budget,
+            entry,
+            row.generation,
+            kv,
+            spread,
+            row.decode_s,
+            peak.read(entry.cache),
+            device_peak,
+            row.batch,
+            peak=peak,
+        )
+        for entry, row, kv, spread, peak in zip(entries, decoded, kv_bytes, spreads, peaks)
+    ]

@@ -406,7 +406,10 @@ def _group_rows(loaded: LoadedModel, group: list[Sample], length: int, todo, con
     if any(p.context_ids != parts[0].context_ids for p in parts):
         raise KVBenchError(f"{group[0].task}: questions grouped under one context render different contexts")
     questions = [(p.question_ids, s.max_new_tokens) for p, s in zip(parts, group)]
-    for method, budget, outcomes in iter_shared_context_cells(loaded, parts[0].context_ids, questions, todo, seed):
+    grouped = iter_shared_context_cells(
+        loaded, parts[0].context_ids, questions, todo, seed, batch_size=context.spec.batch_size
+    )
+    for method, budget, outcomes in grouped:
         each = outcomes if isinstance(outcomes, list) else [outcomes] * len(group)
         rows = [
             _row(s, length, method, budget, outcome, p, context, m)
