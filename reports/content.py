@@ -80,7 +80,7 @@ COLUMNS = {
     "own_median": ("sample tokens, median", ".0f"),
     "own_max": ("longest sample", "d"),
 }
-TEXT_COLUMNS = {"method_label": "method", "metric": "metric"}
+TEXT_COLUMNS = {"method_label": "method", "metric": "metric", "task": "task"}
 INTERVAL_NOTE = (
     f"Every mean is shown as mean [lo, hi]: a {LEVEL:.0%} percentile bootstrap interval over {RESAMPLES} "
     "resamples of the sample ids (drawn within each task, the same draws for every cell of a table, fixed seed)."
