@@ -318,7 +318,7 @@ def _depth_table(metric: str, grid: pd.DataFrame, lengths: LengthAxis) -> Table:
     for length in wide.columns:
         frame[lengths.name(length)] = wide[length].fillna(MISSING).to_numpy()
     title = f"Depth × length — {tables.metric_label(metric)}: mean score (n) per method, budget and depth"
-    return Table(title, frame, frozenset(frame.columns[2:]))
+    return Table(title, frame, frozenset(frame.columns[1:]))
 
 
 def _with_interval(mean: Any, lo: Any, hi: Any, spec: str) -> str:

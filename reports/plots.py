@@ -117,6 +117,17 @@ LEGEND_CHAR_IN = 0.085
 LEGEND_ENTRY_IN = 0.75
 
 
+def wrap_label(text: str, width: int) -> str:
+    """A method label on lines of at most about `width` characters, broken after its `:` separators (never inside
+    an option), so a long label (`decoding:base_options=window=16:interval=32`) stays inside its panel's title."""
+    lines = [""]
+    for part in text.replace(":", ":\n").split("\n"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
 def _legend_columns(figure: Figure, labels: list[str]) -> int:
     """As many legend columns as fit the figure's width at the longest label, at most six: long method labels
     (`decoding:base=...:interval=32`) wrap to more rows instead of running off the figure."""
@@ -200,7 +211,7 @@ def score_vs_budget(rows: pd.DataFrame, styles: Styles, path: Path, lengths: Len
     panels = budget_panels(means, ["task", "metric", "length"])
     figure, axes = _figure(len(panels), 3, 4.2, 3.1)
     for ax, ((task, metric, length), tokens, panel) in zip(axes, panels):
-        title = f"{task} @ {lengths.title(length)} ({tables.metric_label(metric)}{_kind(tokens)})"
+        title = f"{task} @ {lengths.title(length)}\n({tables.metric_label(metric)}{_kind(tokens)})"
         _budget_panel(ax, panel, styles, metric, title, tokens)
     _legend(figure, tables.method_order(means["method_label"]), styles, REFERENCE_LINE)
     figure.savefig(path)
@@ -229,7 +240,7 @@ def quality_vs_budget(rows: pd.DataFrame, styles: Styles, path: Path, lengths: L
         return None
     figure, axes = _figure(len(panels), 3, 4.2, 3.1)
     for ax, ((metric, length), tokens, panel) in zip(axes, panels):
-        title = f"{tables.metric_label(metric)} @ {lengths.title(length)}{_kind(tokens)}"
+        title = f"{tables.metric_label(metric)} @ {lengths.title(length)}\n{_kind(tokens).lstrip(', ')}".strip()
         _budget_panel(ax, panel, styles, metric, title, tokens)
         if metric in tables.LOWER_IS_BETTER:
             ax.set_ylabel("mean (lower is better)")
@@ -349,7 +360,8 @@ def needle_heatmaps(needles: pd.DataFrame, metric: str, path: Path, lengths: Len
     cols = max(len(values) for values in budgets.values())
     columns = sorted(needles["length"].unique())
     levels = tables.depth_rows(needles)
-    width = (0.55 * len(columns) + 2.0) * cols + 1.0
+    panel_width = 0.55 * len(columns) + 2.0
+    width = panel_width * cols + 1.0
     figure = Figure(figsize=(width, 3.0 * len(methods) + 0.3), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     grid = figure.subplots(len(methods), cols, squeeze=False)
@@ -378,7 +390,7 @@ def needle_heatmaps(needles: pd.DataFrame, metric: str, path: Path, lengths: Len
             )
             ax.set_facecolor("#ececec")
             image = ax.collections[0]
-            ax.set_title(f"{method} @ {budget}", fontsize=9)
+            ax.set_title(wrap_label(f"{method} @ {budget}", int(panel_width * 12)), fontsize=9)
             ax.set_xlabel("context length (tokens)" if row == len(methods) - 1 else "")
             ax.set_ylabel("needle depth" if col == 0 else "")
             ax.tick_params(labelsize=7)

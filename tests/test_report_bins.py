@@ -298,3 +298,38 @@ def test_the_depth_grid_has_each_cells_mean_and_n(needle_run):
     assert "chain" not in markdown.split("## Needle depth × length", 1)[1].split("## ", 1)[0]
     assert (needle_run / "plots" / "needle_depth_needle_rougeL.png").is_file()
     assert (needle_run / "plots" / "needle_depth_exact.png").is_file()
+
+
+def test_run_renders_its_report_and_summary_with_the_length_bins(tmp_path, monkeypatch, capsys):
+    """`kvbench run --length-bins` hands the bins to the report and the terminal summary; the sweep itself is
+    replaced by one that writes the hand-built data-set store (the sweep is not what is tested here)."""
+    import kvbench.harness.runner.sweep as sweep
+
+    model = tmp_path / "config-only"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
+
+    def fake_sweep(spec, progress=True):
+        write_run(spec.out, dataset_rows())
+        return type("Store", (), {"directory": spec.out, "results_path": spec.out / "results.jsonl"})()
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(model), "--methods", "full", "--budgets", "0.5", "--tasks", "passkey"]
+    assert main([*argv, "--lengths", "1024", "--out", str(out), "--no-progress", "--length-bins", "0,4k,inf"]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[1] for line in printed.splitlines() if line.startswith("exact")] == [
+        "0–4k",
+        "0–4k",
+        "4k+",
+        "4k+",
+    ]
+    summary = markdown_table((out / "report.md").read_text(), SUMMARY)
+    assert list(summary["length"]) == ["0–4k", "0–4k", "4k+", "4k+"]
+
+
+def test_long_method_labels_wrap_after_their_separators():
+    assert plots.wrap_label("decoding:base_options=window=16:interval=32 @ 128t", 24) == (
+        "decoding:\nbase_options=window=16:\ninterval=32 @ 128t"
+    )
+    assert plots.wrap_label("full @ 1", 24) == "full @ 1"
