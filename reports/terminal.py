@@ -37,7 +37,7 @@ def summary_text(run_dir: str | Path | Run, length_bins: tuple[float, ...] | Non
     shown = [_display(column) for column in SHOWN]
     body = formatted.frame[shown].rename(columns={_display(MEAN_OVER_TASKS): "score [95% CI]"})
     lines = [TITLE, *_align(body, numeric=formatted.numeric | {"score [95% CI]"})]
-    return "\n".join(lines + ([lengths.note] if lengths.note else []))
+    return "\n".join(lines + (["", lengths.note] if lengths.note else []))  # the table ends at the blank line
 
 
 def _align(frame, numeric: frozenset[str] | set[str]) -> list[str]:
