@@ -17,6 +17,7 @@ import pandas as pd
 from kvbench.reports import intervals
 from kvbench.reports.content import Table, _with_interval
 from kvbench.reports.errors import ReportError
+from kvbench.reports.lengths import length_axis
 from kvbench.reports.markdown_writer import _table as markdown_table
 from kvbench.reports.store import Run, as_run
 from kvbench.reports.tables import LOWER_IS_BETTER, SAMPLE, metric_label, score_matrix
@@ -90,11 +91,14 @@ def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[Budget
     return [(budget, shared[budget[1]]) for budget in ours if budget[1] in shared]
 
 
-def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) -> str:
+def compare_markdown(
+    run_dir: str | Path | Run, pairs: list[tuple[str, str]], length_bins: tuple[float, ...] | None = None
+) -> str:
     """Markdown tables of each pair's paired differences, read from the run's store only; cells are formatted and
-    written by the report's own code, so a number reads the same here as in report.md."""
+    written by the report's own code, so a number reads the same here as in report.md. Lengths are named as the
+    report names them (a data set's cap, or with `length_bins` the bins of the samples' own lengths)."""
     run = as_run(run_dir)
-    rows, run_dir = run.rows, run.run_dir
+    (rows, lengths), run_dir = length_axis(run.rows, length_bins), run.run_dir
     labels = sorted(set(rows["method_label"]))
     out = []
     for first, second in pairs:
@@ -131,10 +135,10 @@ def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) ->
                 }
             )
             out += [
-                f"{first} − {second}: {metric_label(metric)} @ {length} ({len(samples)} samples; "
+                f"{first} − {second}: {metric_label(metric)} @ {lengths.title(length)} ({len(samples)} samples; "
                 "95% bootstrap intervals, the difference paired by sample)",
                 "",
                 *markdown_table(Table("", frame, frozenset(frame.columns[2:]))),
                 "",
             ]
-    return "\n".join(out)
+    return "\n".join(out + ([lengths.note] if lengths.note else []))

@@ -55,6 +55,7 @@ def bad_inputs(model_dir: str, scratch: Path) -> list[tuple[list[str], str]]:
         (run + ["--length-bins", "0,4k,x"], "--length-bins edge 'x' is not a token count"),
         (run + ["--length-bins", "4k"], "gives 1 edge; give at least two"),
         (run + ["--length-bins", "0,inf,8k"], "only the last edge may be inf"),
+        (["compare", str(scratch / "no-such-run"), "--pair", "a", "b", "--length-bins", "0"], "gives 1 edge"),
     ] + ([(run + ["--device", "cuda"], "--device cuda was asked for but")] if fast_checks.cuda_absence() else [])
 
 

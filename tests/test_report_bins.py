@@ -225,6 +225,19 @@ def test_bins_reach_the_terminal_summary_and_an_open_last_bin(dataset_run):
     assert "0–4k, 4k+ tokens" in text
 
 
+def test_compare_names_the_cap_and_takes_the_bins(dataset_run, capsys):
+    text = compare_markdown(dataset_run, [("snapkv", "full")])
+    # the five scored samples: snapkv 0, 0, 100, 0, 0 against full 100, 0, 100, 100, 0 -> -40 over 5
+    assert "snapkv − full: exact @ 8192-token cap (6 samples;" in text
+    assert "| ruler:vt | 0.5 vs 1 | 20.0 [0.0, 60.0] | 60.0 [" in text and "| -40.0 [" in text
+    assert main(["compare", str(dataset_run), "--pair", "snapkv", "full", "--length-bins", "0,4k,8k"]) == 0
+    binned = capsys.readouterr().out
+    # 4k–8k: samples of 5000 and 8100 tokens: snapkv 0, 0 against full 100, 0 -> -50
+    block = binned.split("snapkv − full: exact @ 4k–8k tokens", 1)[1].split("\n\n", 2)[1]
+    assert "| ruler:vt | 0.5 vs 1 | 0.0 [0.0, 0.0] | 50.0 [0.0, 100.0] | -50.0 [" in block
+    assert "0–4k, 4k–8k tokens" in binned
+
+
 def test_a_generated_task_is_binned_by_its_own_length():
     rows = pd.DataFrame(
         [row("passkey", 0, "full", 1.0, 100.0, length=1024), row("passkey", 1, "full", 1.0, 0.0, length=4096)]

@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--pair", nargs=2, action="append", required=True, metavar=("A", "B"), help="compare A with B (repeatable)"
     )
+    compare.add_argument(
+        "--length-bins",
+        metavar="EDGES",
+        help="compare by the bin of the samples' own lengths, as `kvbench report --length-bins` (e.g. 0,4k,8k)",
+    )
 
     generate = commands.add_parser(
         "generate", help="compress one prompt, answer it, print output, kv bytes and timings"
@@ -617,7 +622,8 @@ def _compare(args: argparse.Namespace) -> None:
     from kvbench.reports.compare import compare_markdown
 
     try:
-        print(compare_markdown(_read_run(Path(args.run_dir)), [tuple(pair) for pair in args.pair]))
+        pairs = [tuple(pair) for pair in args.pair]
+        print(compare_markdown(_read_run(Path(args.run_dir)), pairs, _length_bins(args)))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
 

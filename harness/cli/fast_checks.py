@@ -412,7 +412,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     command = args.command
     writes: list[str] = []
     loads_model = command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train")
-    if command in ("run", "report") and args.length_bins is not None:
+    if command in ("run", "report", "compare") and args.length_bins is not None:
         parse_length_bins(args.length_bins)
     if loads_model:
         check_device_and_dtype(args.device, args.dtype)
