@@ -219,7 +219,7 @@ def build_report(run: Run, plots_dir: Path, length_bins: tuple[float, ...] | Non
             _tables(
                 [
                     (
-                        "Samples over the length cap",
+                        "Samples, truncated and skipped per length cap",
                         tables.sample_lengths(run.rows).rename(columns={"length": "length_cap"}),
                     )
                 ]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from kvbench.reports.errors import ReportError
 
-K = 1024
+K = 1024  # tokens in a `k`, as `kvbench.harness.cli.length_bins` parses it (restated: reports import no harness)
 
 
 def edge_text(edge: float) -> str:

@@ -170,7 +170,7 @@ def test_without_bins_the_cap_is_named_a_cap_and_over_length_samples_are_counted
     assert summary["mean over tasks [95% CI]"][0].startswith("60.00") and summary["refused"][0] == "1"
     # median own length of a cell's rows: 900, 1024, 3000, 5000, 8100, 9000 -> (3000 + 5000) / 2
     assert list(summary["sample tokens (median)"]) == ["4000", "4000"]
-    counted = markdown_table(markdown, "Samples over the length cap")
+    counted = markdown_table(markdown, "Samples, truncated and skipped per length cap")
     # six samples, each once however many cells ran it; own lengths before any cut: 900, 1024, 3000, 5000,
     # 12000, 9000 -> median 4000, longest 12000
     assert counted.to_dict("records") == [
