@@ -52,6 +52,8 @@ def cases(scratch: Path) -> list[tuple[str, list[str]]]:
         ("lm-eval: unknown task", _set(LM_EVAL, "--tasks", "no_such_lm_eval_task") + out),
         ("lm-eval: bad device", LM_EVAL + ["--device", "tpu"] + out),
         ("report: missing run dir", ["report", str(scratch / "no-such-run")]),
+        ("report: bad --length-bins", ["report", str(scratch / "no-such-run"), "--length-bins", "0,8k,4k"]),
+        ("run: bad --length-bins", RUN + ["--length-bins", "0,4k,x"] + out),
         *[(name, argv + ["--samples", "1"]) for name, argv in value_cases(scratch)],
     ]
 

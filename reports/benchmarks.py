@@ -43,6 +43,7 @@ def breakdown(rows: pd.DataFrame, parts: list[tuple[str, pd.Series]], headline: 
     """Per (length, method, budget): the mean of each named part of the rows with its interval; `headline` (one
     of the parts) also gets its paired difference to full and its n. Skipped rows are counted in `skipped`."""
     frames = []
+    rows = tables.with_budget_labels(rows)
     for length, at_length in rows.groupby("length", sort=True):
         merged = None
         for name, mask in parts:

@@ -17,6 +17,7 @@ import pandas as pd
 from kvbench.reports import intervals
 from kvbench.reports.content import Table, _with_interval
 from kvbench.reports.errors import ReportError
+from kvbench.reports.lengths import length_axis
 from kvbench.reports.markdown_writer import _table as markdown_table
 from kvbench.reports.store import Run, as_run
 from kvbench.reports.tables import LOWER_IS_BETTER, SAMPLE, metric_label, score_matrix
@@ -39,16 +40,24 @@ def paired_differences(rows: pd.DataFrame, first: str, second: str) -> pd.DataFr
             continue
         matrix = score_matrix(group)
         tasks = matrix.index.get_level_values("task").to_numpy()
-        for budget, other in _budget_pairs(matrix.columns, first, second):
-            a = matrix[(first, budget)].to_numpy(dtype=float)
-            b = matrix[(second, other)].to_numpy(dtype=float)
+        for ours, theirs in _budget_pairs(matrix.columns, first, second):
+            a = matrix[(first, *ours)].to_numpy(dtype=float)
+            b = matrix[(second, *theirs)].to_numpy(dtype=float)
             values = np.column_stack([a, b, a - b])
             scopes = [(task, tasks == task) for task in sorted(set(tasks))]
             if len(scopes) > 1:
                 scopes.append((ALL_TASKS, np.ones(len(tasks), dtype=bool)))
             for task, inside in scopes:
                 estimate = intervals.bootstrap(values[inside], tasks[inside])
-                line = {"metric": metric, "length": length, "task": task, "budget": budget, "second_budget": other}
+                line = {
+                    "metric": metric,
+                    "length": length,
+                    "task": task,
+                    "budget": ours[0],
+                    "budget_label": ours[1],
+                    "second_budget": theirs[0],
+                    "second_budget_label": theirs[1],
+                }
                 for column, side in enumerate(SIDES):
                     line.update(
                         {
@@ -62,21 +71,34 @@ def paired_differences(rows: pd.DataFrame, first: str, second: str) -> pd.DataFr
     return pd.DataFrame(parts)
 
 
-def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[float, float]]:
-    ours = sorted(budget for label, budget in cells if label == first)
-    theirs = sorted(budget for label, budget in cells if label == second)
+Budget = tuple[float, str]  # (budget, its label): `128t` is 128 tokens per head, never the fraction 0.128 or 1
+
+
+def _budget_pairs(cells: pd.Index, first: str, second: str) -> list[tuple[Budget, Budget]]:
+    """Each budget of `first` with the same budget of `second` (the same label: a token budget pairs only with the
+    same token budget), or with `second`'s only budget where it has one (`full`), and the other way round."""
+
+    def order(budget: Budget) -> tuple:
+        return (budget[1].endswith("t"), budget[0])
+
+    ours = sorted(((budget, label) for name, budget, label in cells if name == first), key=order)
+    theirs = sorted(((budget, label) for name, budget, label in cells if name == second), key=order)
     if len(theirs) == 1:
         return [(budget, theirs[0]) for budget in ours]
     if len(ours) == 1:
         return [(ours[0], budget) for budget in theirs]
-    return [(budget, budget) for budget in ours if budget in theirs]
+    shared = {budget[1]: budget for budget in theirs}
+    return [(budget, shared[budget[1]]) for budget in ours if budget[1] in shared]
 
 
-def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) -> str:
+def compare_markdown(
+    run_dir: str | Path | Run, pairs: list[tuple[str, str]], length_bins: tuple[float, ...] | None = None
+) -> str:
     """Markdown tables of each pair's paired differences, read from the run's store only; cells are formatted and
-    written by the report's own code, so a number reads the same here as in report.md."""
+    written by the report's own code, so a number reads the same here as in report.md. Lengths are named as the
+    report names them (a data set's cap, or with `length_bins` the bins of the samples' own lengths)."""
     run = as_run(run_dir)
-    rows, run_dir = run.rows, run.run_dir
+    (rows, lengths), run_dir = length_axis(run.rows, length_bins), run.run_dir
     labels = sorted(set(rows["method_label"]))
     out = []
     for first, second in pairs:
@@ -95,8 +117,8 @@ def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) ->
                 {
                     "task": block["task"],
                     "budget": [
-                        f"{ours:g}" + ("" if theirs == ours else f" vs {theirs:g}")
-                        for ours, theirs in zip(block["budget"], block["second_budget"])
+                        ours + ("" if theirs == ours else f" vs {theirs}")
+                        for ours, theirs in zip(block["budget_label"], block["second_budget_label"])
                     ],
                     **{
                         column: [
@@ -113,10 +135,10 @@ def compare_markdown(run_dir: str | Path | Run, pairs: list[tuple[str, str]]) ->
                 }
             )
             out += [
-                f"{first} − {second}: {metric_label(metric)} @ {length} ({len(samples)} samples; "
+                f"{first} − {second}: {metric_label(metric)} @ {lengths.title(length)} ({len(samples)} samples; "
                 "95% bootstrap intervals, the difference paired by sample)",
                 "",
                 *markdown_table(Table("", frame, frozenset(frame.columns[2:]))),
                 "",
             ]
-    return "\n".join(out)
+    return "\n".join(out + ([lengths.note] if lengths.note else []))

@@ -17,6 +17,7 @@ import pandas as pd
 from kvbench.reports import tables
 from kvbench.reports.benchmarks import benchmark_tables
 from kvbench.reports.intervals import LEVEL, RESAMPLES
+from kvbench.reports.lengths import LengthAxis, length_axis
 from kvbench.reports.plots import Plot, draw_all
 from kvbench.reports.store import Run
 from kvbench.reports.tables import DIFF_TO_REFERENCE, HI, LO, MEAN_OVER_TASKS, N_PAIRED, N_SCORED
@@ -48,6 +49,8 @@ META_KEYS = (
 # Display name and format of each numeric column the tables produce.
 COLUMNS = {
     "budget": ("budget", "g"),
+    # A budget as written: `0.25` (fraction of the full cache's bytes) or `128t` (tokens per KV head).
+    "budget_label": ("budget", "s"),
     "length": ("length", "d"),
     MEAN_OVER_TASKS: (f"{MEAN_OVER_TASKS} [95% CI]", ".2f"),
     DIFF_TO_REFERENCE: (f"{DIFF_TO_REFERENCE} [95% CI]", ".2f"),
@@ -70,8 +73,14 @@ COLUMNS = {
     "decode_peak_mib": ("decode peak MiB", ".1f"),
     "peak_mib": ("peak memory MiB", ".1f"),
     "skipped": ("skipped", "d"),
+    "sample_tokens": ("sample tokens (median)", ".0f"),
+    "length_cap": ("length cap", "d"),
+    "samples": ("samples", "d"),
+    "truncated": ("truncated", "d"),
+    "own_median": ("sample tokens, median", ".0f"),
+    "own_max": ("longest sample", "d"),
 }
-TEXT_COLUMNS = {"method_label": "method", "metric": "metric"}
+TEXT_COLUMNS = {"method_label": "method", "metric": "metric", "task": "task"}
 INTERVAL_NOTE = (
     f"Every mean is shown as mean [lo, hi]: a {LEVEL:.0%} percentile bootstrap interval over {RESAMPLES} "
     "resamples of the sample ids (drawn within each task, the same draws for every cell of a table, fixed seed)."
@@ -108,13 +117,19 @@ class Report:
     samples_note: str
 
 
-def build_report(run: Run, plots_dir: Path) -> Report:
+def build_report(run: Run, plots_dir: Path, length_bins: tuple[float, ...] | None = None) -> Report:
     """Compute every table, draw every plot into `plots_dir`, and lay them out in reading order.
 
-    A section with nothing to show (no needle tasks, no timings in lm-eval rows) is left out.
+    With `length_bins` (edges in tokens), rows are grouped by the bin of their sample's own length instead of
+    their length (`lengths.length_axis`). A section with nothing to show (no needle tasks, no timings in lm-eval
+    rows) is left out.
     """
-    rows = run.rows
-    plots = draw_all(rows, plots_dir)
+    rows, lengths = length_axis(run.rows, length_bins)
+    plots = draw_all(rows, plots_dir, lengths)
+
+    def _tables(captioned: list[tuple[str, pd.DataFrame]]) -> list[Table]:
+        return [_format(caption, frame, lengths) for caption, frame in captioned if not frame.empty]
+
     sections = [
         Section(
             "Summary",
@@ -125,7 +140,9 @@ def build_report(run: Run, plots_dir: Path) -> Report:
             f"mean; {N_PAIRED}: those samples. {INTERVAL_NOTE} KV ratio: mean stored KV bytes / full-cache KV "
             "bytes. nulls: empty answers. refused: cells the method declined (e.g. budget unreachable); they count "
             "here and are left out of every mean and every pair, never scored as zero. Scores are "
-            "higher-is-better except perplexity, where lower is better (a positive difference there is a loss).",
+            "higher-is-better except perplexity, where lower is better (a positive difference there is a loss). "
+            "budget: a fraction of the full cache's bytes (0.25) or tokens per KV head (128t); the two never share "
+            "a line. sample tokens: data-set samples' median own length, where their length is a cap or a bin.",
             _tables([("Summary per metric, length, method and budget", tables.summary(rows))]),
         ),
         Section(
@@ -186,27 +203,42 @@ def build_report(run: Run, plots_dir: Path) -> Report:
         ),
         Section(
             "Needle depth × length",
-            "Needle tasks only; depth is the first needle's position in the context, binned to deciles.",
-            plots=_pick(plots, "needle_depth_"),
+            "Tasks whose rows carry a needle depth (needle:essays, niah_*, passkey, ...): mean score and n per "
+            "depth and context length, per method and budget, refused cells left out. Depth is the first needle's "
+            f"position in the context (percent); a metric with at most {tables.MAX_EXACT_DEPTHS} distinct depths "
+            "(an evenly spaced grid, as needle:essays) is shown at each, more (drawn depths) in deciles.",
+            [_depth_table(metric, grid, lengths) for metric, grid in tables.depth_grid(rows).items()],
+            _pick(plots, "needle_depth_"),
+        ),
+        Section(
+            "Sample lengths",
+            "Data-set samples per task and length cap, each counted once: truncated: cut to the cap in the middle "
+            "of the context (--over-length truncate, as LongBench); skipped: over the cap and never run "
+            "(--over-length skip; refused in every table, never scored); sample tokens: their own length before "
+            "any cut, generation allowance included.",
+            _tables(
+                [
+                    (
+                        "Samples, truncated and skipped per length cap",
+                        tables.sample_lengths(run.rows).rename(columns={"length": "length_cap"}),
+                    )
+                ]
+            ),
         ),
         Section("Run metadata", "From run.json.", [_metadata(run)]),
     ]
-    samples = tables.sample_outputs(rows)
+    samples = tables.sample_outputs(run.rows)  # as stored: a data-set row's length is its cap
     shown = samples.head(MAX_SAMPLE_ROWS)
     note = f"{len(samples)} rows."
     if len(shown) < len(samples):
         note = f"First {len(shown)} of {len(samples)} rows (by task, length, sample); all are in results.jsonl."
     return Report(
         title=_title(run.meta),
-        notes=_notes(run),
+        notes=_notes(run, lengths),
         sections=[section for section in sections if section.tables or section.plots],
         samples=_format_samples(shown),
         samples_note=note,
     )
-
-
-def _tables(captioned: list[tuple[str, pd.DataFrame]]) -> list[Table]:
-    return [_format(caption, frame) for caption, frame in captioned if not frame.empty]
 
 
 def _pick(plots: list[Plot], stem_prefix: str) -> list[Plot]:
@@ -218,9 +250,9 @@ def _title(meta: dict[str, Any]) -> str:
     return f"kvbench report — {meta.get('model', 'unknown model')}{setting}"
 
 
-def _notes(run: Run) -> list[str]:
+def _notes(run: Run, lengths: LengthAxis) -> list[str]:
     """Warnings a reader must see before trusting the numbers."""
-    notes = []
+    notes = [lengths.note] if lengths.note else []
     if not run.meta.get("finished_at"):
         notes.append("The run has not finished (killed or still running): cells may be missing.")
     if run.unreadable_lines:
@@ -236,15 +268,22 @@ def _cell(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def _format(caption: str, frame: pd.DataFrame) -> Table:
-    """Numbers to strings with one precision per quantity; unknown columns (task names) are scores."""
+def _format(caption: str, frame: pd.DataFrame, lengths: LengthAxis | None = None) -> Table:
+    """Numbers to strings with one precision per quantity; unknown columns (task names) are scores; `lengths`
+    names the lengths (a cap, a bin)."""
     formatted = pd.DataFrame(index=frame.index)
     numeric = set()
     for column in frame.columns:
+        if column == "length" and lengths is not None:
+            formatted["length"] = [lengths.name(value) for value in frame[column]]
+            numeric.add("length")
+            continue
         name, spec = COLUMNS.get(column, (column, ".2f" if pd.api.types.is_float_dtype(frame[column]) else "d"))
         if column in TEXT_COLUMNS:
             formatted[TEXT_COLUMNS[column]] = frame[column].astype(str)
             continue
+        if column == "budget" and "budget_label" in frame.columns:
+            continue  # the label says it, with its unit
         if column.endswith((LO, HI)) and column[: -len(LO)] in frame.columns:
             continue
         if column + LO in frame.columns and column + HI in frame.columns:
@@ -254,6 +293,32 @@ def _format(caption: str, frame: pd.DataFrame) -> Table:
             formatted[name] = [_cell(value, spec) for value in frame[column]]
         numeric.add(name)
     return Table(caption, formatted, frozenset(numeric))
+
+
+def _depth_table(metric: str, grid: pd.DataFrame, lengths: LengthAxis) -> Table:
+    """One metric's depth × length grid: a line per (method, budget, depth), a column per length, each cell
+    `mean (n)`."""
+    cells = [f"{_cell(score, '.1f')} ({int(n)})" for score, n in zip(grid["score"], grid["n"])]
+    wide = grid.assign(cell=cells).pivot_table(
+        index=["method_label", "budget_label", "depth_bin", "depth_name"],
+        columns="length",
+        values="cell",
+        aggfunc="first",
+        sort=False,
+    )
+    order = grid[["method_label", "budget_label", "depth_bin", "depth_name"]].drop_duplicates()
+    wide = wide.reindex(pd.MultiIndex.from_frame(order)).reindex(columns=sorted(wide.columns))
+    frame = pd.DataFrame(
+        {
+            "method": order["method_label"].astype(str).to_numpy(),
+            "budget": order["budget_label"].astype(str).to_numpy(),
+            "depth": order["depth_name"].astype(str).to_numpy(),
+        }
+    )
+    for length in wide.columns:
+        frame[lengths.name(length)] = wide[length].fillna(MISSING).to_numpy()
+    title = f"Depth × length — {tables.metric_label(metric)}: mean score (n) per method, budget and depth"
+    return Table(title, frame, frozenset(frame.columns[1:]))
 
 
 def _with_interval(mean: Any, lo: Any, hi: Any, spec: str) -> str:
@@ -306,7 +371,7 @@ def _format_samples(samples: pd.DataFrame) -> pd.DataFrame:
             "length": [_cell(value, "d") for value in samples["length"]],
             "sample": [_cell(value, "d") for value in samples["sample_id"]],
             "method": samples["method_label"].astype(str),
-            "budget": [_cell(value, "g") for value in samples["budget"]],
+            "budget": samples["budget_label"].astype(str),
             "metric": samples["metric"].astype(str),
             "score": ["refused" if no else _cell(value, ".2f") for no, value in zip(refused, samples["score"])],
             "output": [

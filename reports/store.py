@@ -44,6 +44,10 @@ OPTIONAL_COLUMNS = (
     "decode_tokens_per_s",
     "budget_tokens",
     "kv_trace",
+    # data-set rows: the sample's own token count, its count before a cut to the cap, and a skip over the cap
+    "sample_tokens",
+    "truncated_from",
+    "skipped",
 )
 NUMERIC_COLUMNS = (
     "length",
@@ -65,6 +69,8 @@ NUMERIC_COLUMNS = (
     "kv_bytes_final",
     "decode_tokens_per_s",
     "budget_tokens",
+    "sample_tokens",
+    "truncated_from",
 )
 
 # A note names this many line numbers at most, then how many there are in all (as the store's writer says them).
@@ -95,7 +101,8 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Load `run.json` and `results.jsonl`, adding the columns every report needs.
 
-    Added columns: `refused` (the method declined the cell, or the row has no score: either way it
+    Added columns: `budget_label` (how the budget is written, `256t` or `0.25`: with the method label it names a
+    cell, so a token budget never shares one with a fraction), `refused` (the method declined the cell, or the row has no score: either way it
     is no zero, and it stays out of every mean and every pairing), `null` (an empty answer after the
     scorer's post-processing, tasks.md §11.4). `method_label` falls back to `method` for stores
     written before rows carried it, so every report can group by it.
@@ -109,6 +116,7 @@ def load_run(run_dir: str | Path) -> Run:
             rows[name] = None
     for name in NUMERIC_COLUMNS:
         rows[name] = pd.to_numeric(rows[name], errors="coerce")
+    rows["budget_label"] = budget_labels(rows)
     rows["method_label"] = [
         label if isinstance(label, str) and label else str(method)
         for label, method in zip(rows["method_label"], rows["method"])
@@ -118,6 +126,16 @@ def load_run(run_dir: str | Path) -> Run:
     rows.loc[rows["refused"], "score"] = float("nan")
     rows["null"] = ~rows["refused"] & rows["output"].map(_is_empty).astype(bool)
     return Run(run_dir=run_dir, meta=meta, rows=rows, unreadable_lines=unreadable)
+
+
+def budget_labels(rows: pd.DataFrame) -> pd.Series:
+    """How each row's budget is written: `256t` for a token budget (rows with `budget_tokens`), `0.25` otherwise."""
+    tokens = rows["budget_tokens"] if "budget_tokens" in rows.columns else pd.Series(None, index=rows.index)
+    return pd.Series(
+        [f"{int(t)}t" if pd.notna(t) else f"{float(b):g}" for t, b in zip(tokens, rows["budget"])],
+        index=rows.index,
+        dtype=object,
+    )
 
 
 def as_run(run: str | Path | Run) -> Run:

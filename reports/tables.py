@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.reports import intervals
+from kvbench.reports.store import budget_labels
 
 MEAN_OVER_TASKS = "mean over tasks"
 DIFF_TO_REFERENCE = "Δ vs full"
@@ -25,8 +26,9 @@ LOWER_IS_BETTER = frozenset({"perplexity"})
 QUALITY_METRICS = ("rouge1", "rouge2", "rougeL", "bertscore_f1", "perplexity")
 REFERENCE_METHOD = "full"
 MIB = 2**20
-# A cell is one configuration at one budget: two configurations of one method are two cells.
-CELL = ["method_label", "budget"]
+# A cell is one configuration at one budget: two configurations of one method are two cells, and a token budget
+# (`budget_label` 128t, `budget` 128) never shares a cell with a fraction (`budget` 1 is both `1` and `1t`).
+CELL = ["method_label", "budget", "budget_label"]
 # Within one (metric, length) a sample is (task, sample_id); lengths are never pooled.
 SAMPLE = ["task", "sample_id"]
 
@@ -41,12 +43,26 @@ def method_order(labels: pd.Series | list[str]) -> list[str]:
     return sorted(set(labels), key=lambda label: (not is_reference(label), label))
 
 
+def with_budget_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with their `budget_label` (the store's loader adds it; rows built in memory may lack it)."""
+    return rows if "budget_label" in rows.columns else rows.assign(budget_label=budget_labels(rows))
+
+
+def is_token_budget(labels: pd.Series) -> pd.Series:
+    """Which budget labels are token budgets (`128t`), as against fractions (`0.25`)."""
+    return labels.astype(str).str.endswith("t")
+
+
 def sort_cells(frame: pd.DataFrame, leading: list[str] | None = None) -> pd.DataFrame:
-    """Sort by `leading` columns, then method label (reference first) and budget."""
+    """Sort by `leading` columns, then method label (reference first), fractions before token budgets, budget."""
     order = {name: rank for rank, name in enumerate(method_order(frame["method_label"]))}
     ranked = frame.assign(_method_rank=frame["method_label"].map(order))
-    ranked = ranked.sort_values([*(leading or []), "_method_rank", "budget"], kind="stable")
-    return ranked.drop(columns="_method_rank").reset_index(drop=True)
+    helpers = ["_method_rank"]
+    if "budget_label" in frame.columns:
+        ranked["_tokens"] = is_token_budget(frame["budget_label"])
+        helpers.append("_tokens")
+    ranked = ranked.sort_values([*(leading or []), *helpers, "budget"], kind="stable")
+    return ranked.drop(columns=helpers).reset_index(drop=True)
 
 
 def metric_label(metric: str) -> str:
@@ -61,7 +77,7 @@ def interval_columns(name: str) -> list[str]:
 
 def score_matrix(group: pd.DataFrame) -> pd.DataFrame:
     """One (metric, length)'s scores as samples × cells; NaN where a cell refused or never ran a sample."""
-    return group.groupby([*SAMPLE, *CELL])["score"].mean().unstack(CELL)
+    return with_budget_labels(group).groupby([*SAMPLE, *CELL])["score"].mean().unstack(CELL)
 
 
 def _reference_cell(group: pd.DataFrame, cells: list[tuple]) -> tuple | None:
@@ -80,7 +96,7 @@ def cell_intervals(group: pd.DataFrame) -> pd.DataFrame:
     matrix = score_matrix(group)
     cells = list(matrix.columns)
     values = matrix.to_numpy(dtype=float)
-    reference = _reference_cell(group, cells)
+    reference = _reference_cell(with_budget_labels(group), cells)
     diffs = values - values[:, [cells.index(reference)]] if reference is not None else np.empty((len(values), 0))
     estimate = intervals.bootstrap(np.hstack([values, diffs]), matrix.index.get_level_values("task").to_numpy())
     frame = pd.DataFrame(cells, columns=CELL)
@@ -156,7 +172,7 @@ def task_scores(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def task_nulls(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per metric: count of empty answers per (length, cell) and task (tasks.md §11.4)."""
     tables: dict[str, pd.DataFrame] = {}
-    for metric, group in rows.groupby("metric", sort=True):
+    for metric, group in with_budget_labels(rows).groupby("metric", sort=True):
         wide = group.groupby(["length", *CELL, "task"])["null"].sum().unstack("task", fill_value=0).astype(int)
         tables[str(metric)] = sort_cells(wide.reindex(columns=sorted(wide.columns)).reset_index(), leading=["length"])
     return tables
@@ -167,6 +183,7 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     to full with its interval and n, achieved KV ratio and row accounting."""
     if rows.empty:
         return pd.DataFrame()
+    rows = with_budget_labels(rows)
     keys = ["metric", "length", *CELL]
     counts = (
         rows.assign(kv_ratio=rows["kv_ratio"].where(~rows["refused"]))
@@ -188,12 +205,18 @@ def summary(rows: pd.DataFrame) -> pd.DataFrame:
     table = counts.merge(means, on=keys, how="left")
     headline = [*interval_columns(MEAN_OVER_TASKS), N_SCORED, *interval_columns(DIFF_TO_REFERENCE), N_PAIRED]
     table = table[[*keys, *headline, "kv_ratio", "rows", "nulls", "refused"]]
+    if "sample_tokens" in rows.columns:
+        # Data-set samples' own lengths: their `length` is a cap (or, with length bins, a bin).
+        own = pd.to_numeric(rows["sample_tokens"], errors="coerce").rename("sample_tokens")
+        if own.notna().any():
+            table = table.merge(own.groupby([rows[key] for key in keys]).median().reset_index(), on=keys, how="left")
     return sort_cells(table, leading=["metric", "length"])
 
 
 def pareto_points(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (metric, length, cell): mean stored KV MiB against the summary's headline score and its interval."""
     keys = ["metric", "length", *CELL]
+    rows = with_budget_labels(rows)
     kv = rows[~rows["refused"]].groupby(keys)["kv_bytes"].mean().div(MIB).rename("kv_mib").reset_index()
     points = summary(rows)
     if points.empty:
@@ -202,25 +225,16 @@ def pareto_points(rows: pd.DataFrame) -> pd.DataFrame:
     return points.dropna(subset=["kv_mib", MEAN_OVER_TASKS])
 
 
-def budget_labels(rows: pd.DataFrame) -> pd.Series:
-    """How each row's budget is written: `256t` for a token budget (rows with `budget_tokens`), `0.25` otherwise."""
-    tokens = rows["budget_tokens"] if "budget_tokens" in rows.columns else pd.Series(None, index=rows.index)
-    return pd.Series(
-        [f"{int(t)}t" if pd.notna(t) else f"{b:g}" for t, b in zip(tokens, rows["budget"])], index=rows.index
-    )
-
-
 def cache_traces(rows: pd.DataFrame, points: int = 64) -> pd.DataFrame:
     """Per (task, length, method, budget): the mean over its rows of the bytes held against tokens generated (each
     row's `kv_trace`, interpolated onto `points` evenly spaced token counts up to the cell's longest answer; a row
     counts only up to its own last token). Empty when no row carries a trace of more than one point."""
     if "kv_trace" not in rows.columns:
         return pd.DataFrame()
-    traced = rows[~rows["refused"]].copy()
+    traced = with_budget_labels(rows[~rows["refused"]])
     traced = traced[traced["kv_trace"].map(lambda trace: isinstance(trace, list) and len(trace) > 1)]
     if traced.empty:
         return pd.DataFrame()
-    traced["budget_label"] = budget_labels(traced)
     frames = []
     for (task, length, label, budget), cell in traced.groupby(["task", "length", "method_label", "budget_label"]):
         traces = [np.asarray(trace, dtype=float) for trace in cell["kv_trace"]]
@@ -252,7 +266,7 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
     memory column no row fills (old stores, CPU runs) is left out. Cells whose rows carry no
     measurements at all (e.g. lm-eval scores) are left out.
     """
-    scored = rows[~rows["refused"]].copy()
+    scored = with_budget_labels(rows[~rows["refused"]].copy())
     tokens = scored["new_tokens"].where(scored["new_tokens"] > 0)
     scored["decode_ms_per_token"] = 1000 * scored["decode_s"] / tokens
     mib = {
@@ -290,22 +304,96 @@ def latency(rows: pd.DataFrame) -> pd.DataFrame:
     return sort_cells(table, leading=["length"])
 
 
-def is_needle_task(task: str) -> bool:
-    """Tasks with a needle depth: the NIAH family and passkey retrieval."""
-    return task.startswith("niah") or task == "passkey"
+def sample_lengths(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, length cap) of data-set rows (those with `sample_tokens`): samples, how many were cut to the cap
+    (middle truncation) or skipped (`--over-length skip`), and the samples' own lengths before any cut (median and
+    longest). Each sample counts once, however many cells ran it."""
+    if "sample_tokens" not in rows.columns:
+        return pd.DataFrame()
+    measured = rows[pd.to_numeric(rows["sample_tokens"], errors="coerce").notna()]
+    if measured.empty:
+        return pd.DataFrame()
+    before = pd.to_numeric(measured.get("truncated_from"), errors="coerce") if "truncated_from" in measured else None
+    own = pd.to_numeric(measured["sample_tokens"], errors="coerce")
+    skipped = measured["skipped"] if "skipped" in measured.columns else pd.Series(False, index=measured.index)
+    per_sample = (
+        measured.assign(
+            _own=own if before is None else before.fillna(own),
+            _truncated=False if before is None else before.notna(),
+            _skipped=skipped.map(lambda value: value is True),
+        )
+        .groupby(["task", "length", "sample_id"])
+        .agg(own=("_own", "max"), truncated=("_truncated", "any"), skipped=("_skipped", "any"))
+        .reset_index()
+    )
+    table = (
+        per_sample.groupby(["task", "length"])
+        .agg(
+            samples=("sample_id", "size"),
+            truncated=("truncated", "sum"),
+            skipped=("skipped", "sum"),
+            own_median=("own", "median"),
+            own_max=("own", "max"),
+        )
+        .reset_index()
+    )
+    return table.sort_values(["task", "length"]).reset_index(drop=True)
 
 
-def needle_depths(rows: pd.DataFrame) -> pd.DataFrame:
-    """Needle rows with their depth decile (0 = 0–10 %, …, 9 = 90–100 %), refused cells left out."""
-    needles = rows[rows["task"].map(is_needle_task) & rows["depth"].notna() & ~rows["refused"]].copy()
-    needles["decile"] = (needles["depth"] // 10).clip(0, 9).astype(int)
-    return needles
+# A metric whose rows hold at most this many distinct depths (needle:essays' evenly spaced grid) is shown at each
+# depth; more (generated needles at drawn depths) are binned to deciles.
+MAX_EXACT_DEPTHS = 11
+
+
+def depth_levels(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows that carry a needle depth (needle:essays, niah_*, passkey, ...), refused cells left out, with
+    `depth_bin` (a number that sorts: the depth itself, or the decile's lower edge) and `depth_name` (`25%`,
+    `20–30%`). Depth is the first needle's position in the context, in percent."""
+    placed = with_budget_labels(rows[rows["depth"].notna() & ~rows["refused"]].copy())
+    # needle:essays rows record their depth as a fraction of the context (tasks/datasets/lengths.py), the
+    # generated needles theirs in percent.
+    fraction = placed["task"].astype(str).str.startswith("needle:") & (placed["depth"] <= 1)
+    placed.loc[fraction, "depth"] = placed.loc[fraction, "depth"] * 100
+    if placed.empty:
+        return placed.assign(depth_bin=pd.Series(dtype=float), depth_name=pd.Series(dtype=object))
+    exact = placed.groupby("metric")["depth"].transform("nunique") <= MAX_EXACT_DEPTHS
+    decile = (placed["depth"] // 10).clip(0, 9) * 10
+    placed["depth_bin"] = placed["depth"].where(exact, decile)
+    placed["depth_name"] = [
+        f"{depth:g}%" if keep else f"{low:g}–{low + 10:g}%" for depth, low, keep in zip(placed["depth"], decile, exact)
+    ]
+    return placed
+
+
+def depth_rows(placed: pd.DataFrame) -> pd.DataFrame:
+    """Every depth level a metric's grid shows, in order: its depths, or all ten deciles."""
+    levels = placed[["depth_bin", "depth_name"]].drop_duplicates().sort_values("depth_bin")
+    if levels["depth_name"].str.contains("–").any():
+        levels = pd.DataFrame(
+            {"depth_bin": [10.0 * d for d in range(10)], "depth_name": [f"{10 * d}–{10 * d + 10}%" for d in range(10)]}
+        )
+    return levels.reset_index(drop=True)
+
+
+def depth_grid(rows: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per metric: the mean score and n per (cell, depth level, length), the needle-in-a-haystack grid."""
+    placed = depth_levels(rows)
+    grids: dict[str, pd.DataFrame] = {}
+    for metric, group in placed.groupby("metric", sort=True):
+        grid = (
+            group.groupby([*CELL, "depth_bin", "depth_name", "length"])["score"]
+            .agg(score="mean", n="size")
+            .reset_index()
+        )
+        # depth and length within each cell: sort_cells is stable
+        grids[str(metric)] = sort_cells(grid.sort_values(["depth_bin", "length"]))
+    return grids
 
 
 def sample_outputs(rows: pd.DataFrame) -> pd.DataFrame:
     """Every row's answer next to its references, ordered so one sample's methods sit together."""
     columns = [
-        "task", "length", "sample_id", "method", "method_label", "budget", "metric", "score", "refused", "error",
-        "output", "references",
+        "task", "length", "sample_id", "method", "method_label", "budget", "budget_label", "metric", "score",
+        "refused", "error", "output", "references",
     ]  # fmt: skip
-    return sort_cells(rows[columns], leading=["task", "length", "sample_id"])
+    return sort_cells(with_budget_labels(rows)[columns], leading=["task", "length", "sample_id"])

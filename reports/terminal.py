@@ -10,11 +10,12 @@ from pathlib import Path
 
 from kvbench.reports import tables
 from kvbench.reports.content import COLUMNS, TEXT_COLUMNS, _format
+from kvbench.reports.lengths import length_axis
 from kvbench.reports.store import Run, as_run
 from kvbench.reports.tables import MEAN_OVER_TASKS, N_SCORED
 
 # Source columns of tables.summary (with the interval columns the score carries), in the order shown.
-SHOWN = ["metric", "length", "method_label", "budget", MEAN_OVER_TASKS, "kv_ratio", N_SCORED, "refused"]
+SHOWN = ["metric", "length", "method_label", "budget_label", MEAN_OVER_TASKS, "kv_ratio", N_SCORED, "refused"]
 TITLE = (
     "Summary (the numbers of report.md): score = mean over tasks [95% CI]; "
     "KV ratio = stored / full-cache KV bytes; n = scored samples"
@@ -25,16 +26,18 @@ def _display(column: str) -> str:
     return TEXT_COLUMNS.get(column) or COLUMNS.get(column, (column, ""))[0]
 
 
-def summary_text(run_dir: str | Path | Run) -> str:
-    """The run's summary table as aligned text lines, read from its result store only."""
-    rows = as_run(run_dir).rows
+def summary_text(run_dir: str | Path | Run, length_bins: tuple[float, ...] | None = None) -> str:
+    """The run's summary table as aligned text lines, read from its result store only; with `length_bins`, by the
+    bins of the samples' own lengths, as the report."""
+    rows, lengths = length_axis(as_run(run_dir).rows, length_bins)
     frame = tables.summary(rows)
     if frame.empty:
         return f"{TITLE}\n(no result rows)"
-    formatted = _format("summary", frame)
+    formatted = _format("summary", frame, lengths)
     shown = [_display(column) for column in SHOWN]
     body = formatted.frame[shown].rename(columns={_display(MEAN_OVER_TASKS): "score [95% CI]"})
-    return "\n".join([TITLE, *_align(body, numeric=formatted.numeric | {"score [95% CI]"})])
+    lines = [TITLE, *_align(body, numeric=formatted.numeric | {"score [95% CI]"})]
+    return "\n".join(lines + (["", lengths.note] if lengths.note else []))  # the table ends at the blank line
 
 
 def _align(frame, numeric: frozenset[str] | set[str]) -> list[str]:

@@ -51,6 +51,11 @@ def bad_inputs(model_dir: str, scratch: Path) -> list[tuple[list[str], str]]:
         (lm_eval + ["--device", "tpu"], "unknown device 'tpu'"),
         (lm_eval + ["--limit", "0"], "--limit 0 must be at least 1"),
         (["report", str(scratch / "no-such-run")], "no run.json in"),
+        (["report", str(scratch / "no-such-run"), "--length-bins", "0,8k,4k"], "edges must increase (4096 follows"),
+        (run + ["--length-bins", "0,4k,x"], "--length-bins edge 'x' is not a token count"),
+        (run + ["--length-bins", "4k"], "gives 1 edge; give at least two"),
+        (run + ["--length-bins", "0,inf,8k"], "only the last edge may be inf"),
+        (["compare", str(scratch / "no-such-run"), "--pair", "a", "b", "--length-bins", "0"], "gives 1 edge"),
     ] + ([(run + ["--device", "cuda"], "--device cuda was asked for but")] if fast_checks.cuda_absence() else [])
 
 

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--query-aware", action="store_true", help="compress the question with the context")
     run.add_argument("--force", action="store_true", help="replace results of another model/seed/setting in --out")
     run.add_argument("--no-report", action="store_true", help="skip rendering the report at the end")
+    run.add_argument(
+        "--length-bins",
+        metavar="EDGES",
+        help="report data-set rows by the bin of their samples' own lengths (sample_tokens) instead of the length "
+        "cap: edges in tokens, k = 1024, e.g. 0,4k,8k,16k,32k (inf: an open last bin); a bin is (lo, hi]",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--batch-size",
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="render report.md and report.html from a run directory")
     report.add_argument("run_dir")
+    report.add_argument(
+        "--length-bins",
+        metavar="EDGES",
+        help="report data-set rows by the bin of their samples' own lengths (sample_tokens) instead of the length "
+        "cap: edges in tokens, k = 1024, e.g. 0,4k,8k,16k,32k (inf: an open last bin); a bin is (lo, hi]",
+    )
 
     compare = commands.add_parser(
         "compare",
@@ -176,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dir")
     compare.add_argument(
         "--pair", nargs=2, action="append", required=True, metavar=("A", "B"), help="compare A with B (repeatable)"
+    )
+    compare.add_argument(
+        "--length-bins",
+        metavar="EDGES",
+        help="compare by the bin of the samples' own lengths, as `kvbench report --length-bins` (e.g. 0,4k,8k)",
     )
 
     generate = commands.add_parser(
@@ -419,10 +436,16 @@ def _cmd_run(args: argparse.Namespace, argv: list[str]) -> None:
     )
     store = run_sweep(spec, progress=not args.no_progress)
     print(f"results: {store.results_path}")
-    _finish_run(store.directory, render=not args.no_report)
+    _finish_run(store.directory, render=not args.no_report, length_bins=_length_bins(args))
 
 
-def _finish_run(run_dir: Path, render: bool) -> None:
+def _length_bins(args: argparse.Namespace) -> tuple[float, ...] | None:
+    from kvbench.harness.cli.length_bins import parse_length_bins
+
+    return parse_length_bins(args.length_bins) if args.length_bins is not None else None
+
+
+def _finish_run(run_dir: Path, render: bool, length_bins: tuple[float, ...] | None = None) -> None:
     """Render the report (unless --no-report), then print its summary table and, last, where the report is.
 
     The table comes from the store through the report's own tables, so it is printed with --no-report too
@@ -433,8 +456,8 @@ def _finish_run(run_dir: Path, render: bool) -> None:
 
     try:
         run = _read_run(run_dir)
-        paths = render_report(run) if render else ()
-        table = summary_text(run)
+        paths = render_report(run, length_bins) if render else ()
+        table = summary_text(run, length_bins)
     except ReportError as error:
         if render:
             raise KVBenchError(str(error)) from None
@@ -584,11 +607,11 @@ def _read_run(run_dir: Path):
     return run
 
 
-def _render(run_dir: Path) -> None:
+def _render(run_dir: Path, length_bins: tuple[float, ...] | None = None) -> None:
     from kvbench.reports import ReportError, render_report
 
     try:
-        markdown, html = render_report(_read_run(run_dir))
+        markdown, html = render_report(_read_run(run_dir), length_bins)
     except ReportError as error:
         raise KVBenchError(str(error)) from None
     print(f"report: {markdown}\nreport: {html}")
@@ -599,7 +622,8 @@ def _compare(args: argparse.Namespace) -> None:
     from kvbench.reports.compare import compare_markdown
 
     try:
-        print(compare_markdown(_read_run(Path(args.run_dir)), [tuple(pair) for pair in args.pair]))
+        pairs = [tuple(pair) for pair in args.pair]
+        print(compare_markdown(_read_run(Path(args.run_dir)), pairs, _length_bins(args)))
     except ReportError as error:
         raise KVBenchError(str(error)) from None
 
@@ -651,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "data":
             _cmd_data(args)
         elif args.command == "report":
-            _render(Path(args.run_dir))
+            _render(Path(args.run_dir), _length_bins(args))
         elif args.command == "compare":
             _compare(args)
         elif args.command == "generate":

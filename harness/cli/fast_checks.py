@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from kvbench.harness.cli.length_bins import parse_length_bins
 from kvbench.harness.errors import KVBenchError, UnknownNameError, check_budget
 from kvbench.harness.method_spec import (
     Allowed,
@@ -411,6 +412,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     command = args.command
     writes: list[str] = []
     loads_model = command in ("run", "lm-eval", "export-lm-eval", "generate", "calibrate", "train")
+    if command in ("run", "report", "compare") and args.length_bins is not None:
+        parse_length_bins(args.length_bins)
     if loads_model:
         check_device_and_dtype(args.device, args.dtype)
     if command in ("run", "lm-eval"):
