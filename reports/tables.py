@@ -350,9 +350,10 @@ def depth_levels(rows: pd.DataFrame) -> pd.DataFrame:
     `depth_bin` (a number that sorts: the depth itself, or the decile's lower edge) and `depth_name` (`25%`,
     `20–30%`). Depth is the first needle's position in the context, in percent."""
     placed = with_budget_labels(rows[rows["depth"].notna() & ~rows["refused"]].copy())
-    # needle:essays rows record their depth as a fraction of the context (tasks/datasets/lengths.py), the
-    # generated needles theirs in percent.
-    fraction = placed["task"].astype(str).str.startswith("needle:") & (placed["depth"] <= 1)
+    # Depths are in percent; stores written before needle:essays recorded percent hold its depths as fractions
+    # (every depth of the task at most 1): those are read as fractions.
+    needle = placed["task"].astype(str).str.startswith("needle:")
+    fraction = needle & (placed.groupby("task")["depth"].transform("max") <= 1)
     placed.loc[fraction, "depth"] = placed.loc[fraction, "depth"] * 100
     if placed.empty:
         return placed.assign(depth_bin=pd.Series(dtype=float), depth_name=pd.Series(dtype=object))
