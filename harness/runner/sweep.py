@@ -305,6 +305,7 @@ def _row(
             "context_id",
             "sample_tokens",
             "truncated_from",
+            "max_new_tokens_from",
             "source_length",
             "difficulty",
             "length_class",
