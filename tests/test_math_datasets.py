@@ -223,13 +223,13 @@ def test_both_schemas_run_end_to_end(chat_model_dir, tmp_path, isolated_caches):
     out = tmp_path / "run"
     argv = [
         "run", "--model", chat_model_dir, "--methods", "full,decoding:base=knorm:interval=8", "--budgets", "32t",
-        "--tasks", "aime25,math500", "--lengths", "120", "--samples", "2", "--out", str(out), "--no-progress",
+        "--tasks", "aime25,math500", "--lengths", "120", "--samples", "1", "--out", str(out), "--no-progress",
         "--no-report", "--batch-size", "2", "--data", f"aime25={data / 'aime25'}", "--data",
         f"math500={data / 'math500'}",
     ]  # fmt: skip
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 8  # 2 tasks x 2 problems x (full, decoding@32t)
+    assert len(rows) == 4  # 2 tasks x 1 problem x (full, decoding@32t)
     for row in rows:
         assert "error" not in row and row["metric"] == "math_boxed"
         assert row["score"] in (0.0, 100.0)
@@ -237,14 +237,13 @@ def test_both_schemas_run_end_to_end(chat_model_dir, tmp_path, isolated_caches):
             assert row["score"] == 0.0  # a random tiny model boxes nothing: no box, no credit
         assert row["sample_tokens"] <= 120 and row["context_tokens"] + row["question_tokens"] < 120
     aime = [row for row in rows if row["task"] == "aime25"]
-    assert {row["references"][0] for row in aime} == {"70", "117"}
+    assert {row["references"][0] for row in aime} == {"70"}
     # 32000 tokens do not fit under 120: the allowance is what the cap leaves after the problem
     assert all(row["max_new_tokens_from"] == 32000 and row["sample_tokens"] == 120 for row in aime)
     for row in aime:
         assert row["new_tokens"] <= 120 - row["context_tokens"] - row["question_tokens"]
     math = [row for row in rows if row["task"] == "math500"]
     assert all("max_new_tokens_from" not in row and row["new_tokens"] <= 24 for row in math)  # the rows' own 24
-    assert {row["context_id"] for row in rows} == {0, 1}
     # the long answer is where the cache grows: the wrapped scorer holds it at its budget, full does not
     peak = {(row["task"], row["sample_id"], row["budget"]): row["kv_bytes_peak"] for row in rows}
     for (task, sample_id, budget), held in peak.items():

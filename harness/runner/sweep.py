@@ -303,6 +303,7 @@ def _row(
             "dataset",
             "source",
             "context_id",
+            "turn",
             "sample_tokens",
             "truncated_from",
             "max_new_tokens_from",

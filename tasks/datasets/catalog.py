@@ -1,7 +1,7 @@
 """The standard long-context data sets as kvbench tasks: names, where their data is looked for, their prompts.
 
 A data-set task is `DATASET:SUBSET` (`ruler:niah_single_1`, `longbench:hotpotqa`, `longbench_e:hotpotqa`,
-`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`) or a data set without subsets (`longbench_v2`,
+`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`, `scbench:kv`) or a data set without subsets (`longbench_v2`,
 `aime25`, `math500`). Its records are read, in this order, from:
 
 1. `--data DATASET=PATH`: a file in the data set's schema, or a directory laid out as `kvbench data fetch` writes;
@@ -21,6 +21,7 @@ Schemas (one JSON object per line; `data.json` as a JSON list for LongBench-v2) 
 | infinitebench | `xinrongzhang2022/InfiniteBench` (-, TASK) | `TASK.jsonl` | `id, context, input, answer, options` |
 | needle | `alessiodevoto/paul_graham_essays` (-, test) | `essays.jsonl` | `context, needle, question, answer_prefix, max_new_tokens` |
 | kvpress | none (any kvpress data set saved as rows) | `NAME.jsonl` | `context, question, answer_prefix, answer, max_new_tokens[, task]` |
+| scbench | `microsoft/SCBench` (scbench_TASK, test) | `scbench_TASK.jsonl` | `id, context, multi_turns: [{input, answer}, ...]` |
 | aime25 | `math-ai/aime25` (-, test); kvpress's `alessiodevoto/aime25` | `aime25.jsonl` | `problem, answer[, id]` or kvpress rows |
 | math500 | `HuggingFaceH4/MATH-500` (-, test); kvpress's `alessiodevoto/math500` | `math500.jsonl` | `problem, answer[, solution, subject, level, unique_id]` or kvpress rows |
 
@@ -29,6 +30,18 @@ Prompts: LongBench's `config/dataset2prompt.json` templates and `dataset2maxlen.
 `eval_utils.py` generation lengths; RULER's inputs split with kvpress's patterns (`loaders.split_ruler_input`).
 Each template is cut at its `{context}`: what comes before it and the context are prefilled (and compressed), the
 rest is the question. Metrics: tasks/metrics/longbench.py, infinitebench.py, math_answer.py, scoring.py (RULER).
+
+SCBench (shared contexts, several turns each): `scbench_kv`, `scbench_prefix_suffix` and `scbench_qa_eng` of
+microsoft/MInference `scbench/eval_utils.py` (English, with clear metrics; the others are not supported). Each turn
+is one question of its row's context, one sample each (`turn` numbers them within the row, `context_id` is the
+row's), so the context is prefilled and compressed once per (method, budget) and every turn is answered from that
+same compressed cache, restored between turns, query-agnostic. Prompt: the task's `multiturn_templates` entry cut
+at its `{context}` (the context part is `multiturn_templates_scdq`'s; the rest, `\n\n{input}` or
+`\n\nQuestion: {question}\nAnswer:`, is the question); generation lengths `DATA_NAME_TO_MAX_NEW_TOKENS` (150, 150,
+40). This is SCBench's multi-request mode (`--same_context_different_query`), not its default multi-turn mode: there
+turn k's prompt also holds the earlier turns' questions and their reference answers (the golden `pre_ans`, as
+assistant turns) in one growing conversation whose cache carries over; here no turn sees another. Metrics:
+tasks/metrics/scbench.py.
 
 AIME25 and MATH500 (long generation: a short problem, a long reasoning answer) are laid out as kvpress lays them
 (NVIDIA/kvpress `notebooks/kvpress_decoding_aime25.ipynb` and `evaluation/evaluate_decoding.py` pass `" "` as the
@@ -176,6 +189,23 @@ RULER_TASKS = (
     "qa_2",
 )
 NEEDLE_SUBSETS = ("essays",)
+# SCBench (microsoft/MInference scbench/eval_utils.py): the context part of each task's template (scdq), the rest of
+# its multi-turn template (the question), DATA_NAME_TO_MAX_NEW_TOKENS, and compute_scores.py's scorer.
+SCBENCH_TASKS: dict[str, tuple[str, str, int, str]] = {
+    "kv": (
+        "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}",
+        "\n\n{input}",
+        150,
+        "scbench_retrieval",
+    ),
+    "prefix_suffix": ("{context}", "\n\n{input}", 150, "scbench_retrieval"),
+    "qa_eng": (
+        "Read the book and answer the question. Be very concise in your answer.\n\n{context}",
+        "\n\nQuestion: {input}\nAnswer:",
+        40,
+        "scbench_qa",
+    ),
+}
 # kvpress's generation allowances for its decoding data sets (see the module docstring).
 MATH_MAX_NEW_TOKENS: dict[str, int] = {"aime25": 32000, "math500": 4096}
 # The context kvpress gives a math problem: one space (the problem is the question).
@@ -209,6 +239,8 @@ class DatasetSpec:
             return None, "train"
         if self.name == "infinitebench":
             return None, subset or ""
+        if self.name == "scbench":
+            return f"scbench_{subset}", "test"
         return None, "test"
 
     def files(self, subset: str | None) -> tuple[str, ...]:
@@ -223,6 +255,8 @@ class DatasetSpec:
             return (f"{self.name}.jsonl",)
         if self.name == "needle":
             return (f"{subset}.jsonl",)
+        if self.name == "scbench":
+            return (f"scbench_{subset}.jsonl",)
         return (f"{subset}.jsonl",)
 
 
@@ -248,6 +282,13 @@ DATASETS: dict[str, DatasetSpec] = {
             NEEDLE_SUBSETS,
         ),
         DatasetSpec("kvpress", "kvpress-style rows; rows sharing a context are compressed once", None, None, True),
+        DatasetSpec(
+            "scbench",
+            "SCBench shared contexts, one row per turn, the context compressed once",
+            "microsoft/SCBench",
+            tuple(SCBENCH_TASKS),
+            True,
+        ),
         DatasetSpec(
             "aime25",
             "AIME 2025 I & II, long generation, last \\boxed{} answer",
@@ -571,34 +612,67 @@ def _math(name: str, record: Mapping[str, Any], index: int, where: str) -> Sampl
     )
 
 
+def _scbench(subset: str, record: Mapping[str, Any], index: int, first_id: int, where: str) -> list[Sample]:
+    """One sample per turn of an SCBench row (`context`, `multi_turns: [{input, answer}]`), numbered from
+    `first_id`; every turn shares the row's context text (so its context id)."""
+    context_template, question_template, max_new, metric = SCBENCH_TASKS[subset]
+    context = context_template.replace("{context}", str(_field(record, "context", where)))
+    turns = _field(record, "multi_turns", where)
+    if not isinstance(turns, list) or not turns:
+        raise TaskError(f"{where}: multi_turns must be a non-empty list of {{input, answer}} turns")
+    samples = []
+    for turn_index, turn in enumerate(turns):
+        at = f"{where} turn {turn_index}"
+        if not isinstance(turn, dict):
+            raise TaskError(f"{at}: expected an object with input and answer")
+        answer = _field(turn, "answer", at)
+        samples.append(
+            Sample(
+                task=f"scbench:{subset}",
+                sample_id=first_id + turn_index,
+                context=context,
+                question=question_template.replace("{input}", str(_field(turn, "input", at))),
+                answer_prefix="",
+                references=[str(a) for a in (answer if isinstance(answer, list) else [answer])],
+                max_new_tokens=max_new,
+                metric=metric,
+                metadata={"source_id": record.get("id", index), "turn": turn_index},
+            )
+        )
+    return samples
+
+
 def records_to_samples(task: str, records: list[dict[str, Any]], where: str) -> list[Sample]:
     """The records of a data set as samples, each with its context id (equal contexts share one)."""
     spec, subset = parse_task(task)
     if spec.name == "ruler" and records and "task" in records[0] and "input" not in records[0]:
         records = [r for r in records if r.get("task") == subset]  # kvpress's copy holds every task
-    samples = []
+    samples: list[Sample] = []
     context_ids: dict[Any, int] = {}
     for index, record in enumerate(records):
         at = f"{where} record {index}"
         if not isinstance(record, dict):
             raise TaskError(f"{at}: expected a JSON object")
         if spec.name in ("longbench", "longbench_e"):
-            sample = _longbench(spec, subset or "", record, index, at)
+            built = [_longbench(spec, subset or "", record, index, at)]
         elif spec.name == "longbench_v2":
-            sample = _longbench_v2(record, index, at)
+            built = [_longbench_v2(record, index, at)]
         elif spec.name == "infinitebench":
-            sample = _infinitebench(subset or "", record, index, at)
+            built = [_infinitebench(subset or "", record, index, at)]
         elif spec.name == "ruler":
-            sample = _ruler(subset or "", record, index, at)
+            built = [_ruler(subset or "", record, index, at)]
         elif spec.name == "kvpress":
-            sample = _kvpress(subset or "", record, index, at)
+            built = [_kvpress(subset or "", record, index, at)]
         elif spec.name in MATH_MAX_NEW_TOKENS:
-            sample = _math(spec.name, record, index, at)
+            built = [_math(spec.name, record, index, at)]
+        elif spec.name == "scbench":
+            built = _scbench(subset or "", record, index, len(samples), at)
         else:
             raise TaskError(f"{task}: records are built by the needle grid, not read one by one")
-        # a math problem is its whole prompt: the shared one-space context is no reason to group problems
-        shared = sample.context if spec.name not in MATH_MAX_NEW_TOKENS else (sample.context, index)
-        context_id = context_ids.setdefault(shared, len(context_ids))
-        sample.metadata.update({"dataset": spec.name, "source": where, "context_id": context_id})
-        samples.append(sample)
+        for sample in built:
+            # a math problem is its whole prompt: the shared one-space context is no reason to group problems
+            shared = sample.context if spec.name not in MATH_MAX_NEW_TOKENS else (sample.context, index)
+            context_id = context_ids.setdefault(shared, len(context_ids))
+            sample.metadata.update({"dataset": spec.name, "source": where, "context_id": context_id})
+            samples.append(sample)
     return samples
