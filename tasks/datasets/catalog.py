@@ -1,8 +1,8 @@
 """The standard long-context data sets as kvbench tasks: names, where their data is looked for, their prompts.
 
 A data-set task is `DATASET:SUBSET` (`ruler:niah_single_1`, `longbench:hotpotqa`, `longbench_e:hotpotqa`,
-`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`, `scbench:kv`) or a data set without subsets (`longbench_v2`,
-`aime25`, `math500`). Its records are read, in this order, from:
+`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`, `scbench:kv`) or a data set without subsets
+(`longbench_v2`, `aime25`, `math500`). Its records are read, in this order, from:
 
 1. `--data DATASET=PATH`: a file in the data set's schema, or a directory laid out as `kvbench data fetch` writes;
 2. kvbench's data directory `$KVBENCH_CACHE_DIR/data/DATASET/` (default `~/.cache/kvbench/data/`), where
@@ -36,21 +36,22 @@ microsoft/MInference `scbench/eval_utils.py` (English, with clear metrics; the o
 is one question of its row's context, one sample each (`turn` numbers them within the row, `context_id` is the
 row's), so the context is prefilled and compressed once per (method, budget) and every turn is answered from that
 same compressed cache, restored between turns, query-agnostic. Prompt: the task's `multiturn_templates` entry cut
-at its `{context}` (the context part is `multiturn_templates_scdq`'s; the rest, `\n\n{input}` or
-`\n\nQuestion: {question}\nAnswer:`, is the question); generation lengths `DATA_NAME_TO_MAX_NEW_TOKENS` (150, 150,
+at its `{context}` (the context part is `multiturn_templates_scdq`'s; the rest, `\\n\\n{input}` or
+`\\n\\nQuestion: {question}\\nAnswer:`, is the question); generation lengths `DATA_NAME_TO_MAX_NEW_TOKENS` (150, 150,
 40). This is SCBench's multi-request mode (`--same_context_different_query`), not its default multi-turn mode: there
 turn k's prompt also holds the earlier turns' questions and their reference answers (the golden `pre_ans`, as
-assistant turns) in one growing conversation whose cache carries over; here no turn sees another. Metrics:
+assistant turns) in one growing conversation; here no turn sees another. Metrics:
 tasks/metrics/scbench.py.
 
 AIME25 and MATH500 (long generation: a short problem, a long reasoning answer) are laid out as kvpress lays them
 (NVIDIA/kvpress `notebooks/kvpress_decoding_aime25.ipynb` and `evaluation/evaluate_decoding.py` pass `" "` as the
 context and the problem as the question): the context is a single space, so nothing of the problem is compressed at
 prefill, and the question is the problem, a line break and `BOXED_INSTRUCTION` (the DeepSeekMath / DeepSeek-R1
-model cards' math prompt; kvpress's own copies carry the bare problem and rely on a reasoning model boxing its
-answer unasked; a kvpress row whose question already asks for `\\boxed` gets no second instruction). The
-generation allowance is kvpress's: 32000 tokens for AIME25 (`evaluate_decoding.py`, `kvzap/evaluate_aime.py`) and
-4096 for MATH500 (`evaluation/evaluate.sh` where math500 was added); a kvpress row's own `max_new_tokens` wins.
+model cards' math prompt; kvpress's notebook and `evaluate_decoding.py` pass the bare problem, relying on a
+reasoning model to box its answer unasked; a kvpress row whose question already asks for `\\boxed` gets no second
+instruction). The generation allowance is kvpress's: 32000 tokens for AIME25 (`evaluate_decoding.py`,
+`kvzap/evaluate_aime.py`) and 4096 for MATH500 (`--max_new_tokens 4096` in `evaluation/evaluate.sh` of its
+decoding-evaluation branch, where math500 was added); a kvpress row's own `max_new_tokens` wins.
 Under a length cap (`--lengths`, or the model's window) the allowance shrinks to what the cap leaves after the
 prompt (`metadata["max_new_tokens_from"]` keeps the original); the problem is never cut. Each problem is its own
 unit (its own context id), decoded like a separate kvpress run. Metric: `math_boxed` (tasks/metrics/math_answer.py).

@@ -5,10 +5,10 @@ Definition, per prediction and reference (1 if any reference matches, else 0):
 
 1. **Extraction** (Hendrycks et al.'s MATH `last_boxed_only_string`, hendrycks/math `modeling/dataset/util.py`):
    the last `\\boxed`, or the last `\\fbox` when there is no `\\boxed`. `\\boxed{...}` (spaces before the brace
-   allowed) gives what lies inside its balanced braces, nested braces included; `\\boxed X` (a space, no brace, as
-   lm-eval's minerva-math `remove_boxed` reads it) gives the text up to the next `$` or line end. No box, an empty
-   one, or a last box whose braces never close (a generation cut off inside it) scores 0: an earlier box is not
-   taken instead, and no unboxed text is ever read as the answer.
+   allowed) gives what lies inside its balanced braces, nested braces included; `\\boxed X` (a space, no brace,
+   as lm-eval's minerva-math `last_boxed_only_string` reads it) gives the text up to the next `$` or line end. No
+   box, an empty one, or a last box whose braces never close (a generation cut off inside it) scores 0: an earlier
+   box is not taken instead, and no unboxed text is ever read as the answer.
 2. **Normalised string match**, both sides normalised as MATH's `_strip_string` (hendrycks/math
    `modeling/math_equivalence.py`): line breaks, `\\!`, `\\left`, `\\right`, degree marks, `\\$`, `%` and spaces
    dropped; `\\dfrac`/`\\tfrac` read as `\\frac`; a unit after `\\text{ ` (brace, space) dropped; a left side of
