@@ -102,11 +102,31 @@ def test_off_the_main_thread():
     # math-verify's timeouts use signal.alarm, which only the main thread may set: elsewhere they are off
     import threading
 
+    from kvbench.tasks.metrics import math_answer
+
+    math_answer._check_math_verify.cache_clear()  # its own check runs in the thread too
     scores = []
     worker = threading.Thread(target=lambda: scores.append(math_boxed(r"\boxed{\frac{1}{2}}", ["0.5"])))
     worker.start()
     worker.join()
     assert scores == [1.0]
+
+
+def test_a_math_verify_that_parses_nothing_is_an_error(monkeypatch):
+    # without a working ANTLR runtime math-verify's parse returns nothing and only logs it: every equivalence would
+    # silently score 0, so the first comparison refuses instead
+    import math_verify
+
+    from kvbench.tasks.metrics import math_answer
+
+    math_answer._check_math_verify.cache_clear()
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: [])
+    with pytest.raises(TaskError, match="math-verify cannot parse LaTeX"):
+        math_boxed(r"\boxed{\frac{1}{2}}", ["0.5"])
+    assert math_boxed(r"\boxed{3}", ["3"]) == 1.0  # a normalised string match needs no math-verify
+    monkeypatch.undo()
+    math_answer._check_math_verify.cache_clear()
+    assert math_boxed(r"\boxed{\frac{1}{2}}", ["0.5"]) == 1.0
 
 
 def test_any_reference_counts():

@@ -19,7 +19,8 @@ Definition, per prediction and reference (1 if any reference matches, else 0):
 3. **Equivalence**, where the strings differ: math-verify (`parse` of each side wrapped in `$...$`, then
    `verify(gold, prediction)`), which compares numbers numerically (`0.5` and `\\frac{1}{2}`) and expressions
    symbolically (`\\frac{1}{2}+\\sqrt{2}` and `\\sqrt{2}+\\frac{1}{2}`); its own timeouts (5 s) apply in the main
-   thread, none elsewhere (they use `signal.alarm`). A parse or comparison failure scores 0.
+   thread, none elsewhere (they use `signal.alarm`). A parse or comparison failure scores 0; a math-verify that
+   parses no LaTeX at all (a missing ANTLR runtime, which it only logs) is an error, not a run of zeros.
 
 kvpress's own AIME25/MATH500 scorers (NVIDIA/kvpress `evaluation/benchmarks/{aime25,math500}/calculate_metrics.py`)
 compare the last (AIME25) or first (MATH500) boxed content with the answer as exact strings; the normalisation and
@@ -28,6 +29,7 @@ math-verify here accept what they would count wrong for form alone (`\\frac{1}{2
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -122,13 +124,35 @@ def normalize(answer: str) -> str:
     return text
 
 
+def _timeout() -> int | None:
+    """math-verify's timeouts use `signal.alarm`, which only the main thread may set: off elsewhere."""
+    if threading.current_thread() is threading.main_thread():
+        return MATH_VERIFY_TIMEOUT_S
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that its timeout is off
+    return None
+
+
+@functools.cache
+def _check_math_verify() -> None:
+    """math-verify parses no LaTeX at all where its ANTLR runtime is missing or of the wrong version, and says so
+    only in a log line: every equivalence would then read as 0. One known pair (1/2 = 0.5) must compare equal."""
+    from math_verify import parse, verify
+
+    timeout = _timeout()
+    half = parse("$\\frac{1}{2}$", parsing_timeout=timeout)
+    if not verify(half, parse("$0.5$", parsing_timeout=timeout), timeout_seconds=timeout):
+        raise TaskError(
+            "math-verify cannot parse LaTeX here: check its antlr4-python3-runtime "
+            "(pip install 'math-verify[antlr4_13_2]')"
+        )
+
+
 def _equivalent(reference: str, answer: str) -> bool:
     """math-verify's verdict on `answer` against the reference; False where it cannot parse or compare them."""
     from math_verify import parse, verify
 
-    timeout = MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-    if timeout is None:  # math-verify warns on every call that its timeout is off: said once, in the docstring
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
+    _check_math_verify()
+    timeout = _timeout()
     try:
         gold = parse(f"${reference}$", parsing_timeout=timeout)
         target = parse(f"${answer}$", parsing_timeout=timeout)
