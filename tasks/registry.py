@@ -178,7 +178,7 @@ def list_dataset_tasks(data: Mapping[str, Path] | None = None) -> list[tuple[str
     Hugging Face cache is not consulted here (`kvbench list tasks` stays fast): only --data and kvbench's copies."""
     out = []
     for spec in catalog.DATASETS.values():
-        names = [spec.name] if spec.name == "longbench_v2" else [f"{spec.name}:{s}" for s in spec.subsets or ()]
+        names = [spec.name] if not spec.takes_subset else [f"{spec.name}:{s}" for s in spec.subsets or ()]
         for name in names:
             located, _ = catalog.locate(name, data or {}, None, hub=False)
             out.append((name, spec.description, located.where if located else None))

@@ -49,12 +49,13 @@ def test_passkey_exact_needs_the_whole_number():
 def test_score_dispatches_on_the_sample_metric():
     from kvbench.tasks.metrics.scoring import BENCHMARK_METRICS
 
-    # the data sets' own metrics (tests/test_datasets_metrics.py) come on top of the generated tasks' ones
+    # the data sets' own metrics (tests/test_datasets_metrics.py, test_math_datasets.py, test_scbench.py) come on top
+    # of the generated tasks' ones
     assert set(METRICS) - set(BENCHMARK_METRICS) == {
         "string_match_all", "string_match_part", "passkey_exact", "rouge1", "rouge2", "rougeL", "bertscore_f1",
         "perplexity", "chain_steps", "chain_operations",
     }  # fmt: skip
-    assert all(name.startswith(("longbench", "infbench", "needle")) for name in BENCHMARK_METRICS)
+    assert all(name.startswith(("longbench", "infbench", "needle", "math", "scbench")) for name in BENCHMARK_METRICS)
     assert score(make_sample("string_match_all", ["a1", "b2"]), "b2") == 0.5
     assert score(make_sample("string_match_part", ["a1", "b2"]), "b2") == 1.0
     assert score(make_sample("passkey_exact", ["12345"]), "123456") == 0.0

@@ -1,8 +1,8 @@
 """The standard long-context data sets as kvbench tasks: names, where their data is looked for, their prompts.
 
 A data-set task is `DATASET:SUBSET` (`ruler:niah_single_1`, `longbench:hotpotqa`, `longbench_e:hotpotqa`,
-`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`) or `longbench_v2`. Its records are read, in this
-order, from:
+`infinitebench:kv_retrieval`, `needle:essays`, `kvpress:NAME`, `scbench:kv`) or a data set without subsets
+(`longbench_v2`, `aime25`, `math500`). Its records are read, in this order, from:
 
 1. `--data DATASET=PATH`: a file in the data set's schema, or a directory laid out as `kvbench data fetch` writes;
 2. kvbench's data directory `$KVBENCH_CACHE_DIR/data/DATASET/` (default `~/.cache/kvbench/data/`), where
@@ -21,12 +21,40 @@ Schemas (one JSON object per line; `data.json` as a JSON list for LongBench-v2) 
 | infinitebench | `xinrongzhang2022/InfiniteBench` (-, TASK) | `TASK.jsonl` | `id, context, input, answer, options` |
 | needle | `alessiodevoto/paul_graham_essays` (-, test) | `essays.jsonl` | `context, needle, question, answer_prefix, max_new_tokens` |
 | kvpress | none (any kvpress data set saved as rows) | `NAME.jsonl` | `context, question, answer_prefix, answer, max_new_tokens[, task]` |
+| scbench | `microsoft/SCBench` (scbench_TASK, test) | `scbench_TASK.jsonl` | `id, context, multi_turns: [{input, answer}, ...]` |
+| aime25 | `math-ai/aime25` (-, test); kvpress's `alessiodevoto/aime25` | `aime25.jsonl` | `problem, answer[, id]` or kvpress rows |
+| math500 | `HuggingFaceH4/MATH-500` (-, test); kvpress's `alessiodevoto/math500` | `math500.jsonl` | `problem, answer[, solution, subject, level, unique_id]` or kvpress rows |
 
 Prompts: LongBench's `config/dataset2prompt.json` templates and `dataset2maxlen.json` lengths; LongBench-v2's
 `prompts/0shot.txt`; InfiniteBench's `src/prompt.py` templates for open models (`yarn_mistral_templates`) and
 `eval_utils.py` generation lengths; RULER's inputs split with kvpress's patterns (`loaders.split_ruler_input`).
 Each template is cut at its `{context}`: what comes before it and the context are prefilled (and compressed), the
-rest is the question. Metrics: tasks/metrics/longbench.py, infinitebench.py, scoring.py (RULER).
+rest is the question. Metrics: tasks/metrics/longbench.py, infinitebench.py, math_answer.py, scoring.py (RULER).
+
+SCBench (shared contexts, several turns each): `scbench_kv`, `scbench_prefix_suffix` and `scbench_qa_eng` of
+microsoft/MInference `scbench/eval_utils.py` (English, with clear metrics; the others are not supported). Each turn
+is one question of its row's context, one sample each (`turn` numbers them within the row, `context_id` is the
+row's), so the context is prefilled and compressed once per (method, budget) and every turn is answered from that
+same compressed cache, restored between turns, query-agnostic. Prompt: the task's `multiturn_templates` entry cut
+at its `{context}` (the context part is `multiturn_templates_scdq`'s; the rest, `\\n\\n{input}` or
+`\\n\\nQuestion: {question}\\nAnswer:`, is the question); generation lengths `DATA_NAME_TO_MAX_NEW_TOKENS` (150, 150,
+40). This is SCBench's multi-request mode (`--same_context_different_query`), not its default multi-turn mode: there
+turn k's prompt also holds the earlier turns' questions and their reference answers (the golden `pre_ans`, as
+assistant turns) in one growing conversation; here no turn sees another. Metrics:
+tasks/metrics/scbench.py.
+
+AIME25 and MATH500 (long generation: a short problem, a long reasoning answer) are laid out as kvpress lays them
+(NVIDIA/kvpress `notebooks/kvpress_decoding_aime25.ipynb` and `evaluation/evaluate_decoding.py` pass `" "` as the
+context and the problem as the question): the context is a single space, so nothing of the problem is compressed at
+prefill, and the question is the problem, a line break and `BOXED_INSTRUCTION` (the DeepSeekMath / DeepSeek-R1
+model cards' math prompt; kvpress's notebook and `evaluate_decoding.py` pass the bare problem, relying on a
+reasoning model to box its answer unasked; a kvpress row whose question already asks for `\\boxed` gets no second
+instruction). The generation allowance is kvpress's: 32000 tokens for AIME25 (`evaluate_decoding.py`,
+`kvzap/evaluate_aime.py`) and 4096 for MATH500 (`--max_new_tokens 4096` in `evaluation/evaluate.sh` of its
+decoding-evaluation branch, where math500 was added); a kvpress row's own `max_new_tokens` wins.
+Under a length cap (`--lengths`, or the model's window) the allowance shrinks to what the cap leaves after the
+prompt (`metadata["max_new_tokens_from"]` keeps the original); the problem is never cut. Each problem is its own
+unit (its own context id), decoded like a separate kvpress run. Metric: `math_boxed` (tasks/metrics/math_answer.py).
 """
 
 from __future__ import annotations
@@ -49,6 +77,7 @@ from kvbench.tasks.datasets.loaders import (  # LongBench's dataset2maxlen.json 
 )
 from kvbench.tasks.errors import TaskError
 from kvbench.tasks.metrics.longbench import FIRST_LINE_SUBSETS
+from kvbench.tasks.metrics.math_answer import BOXED_INSTRUCTION
 from kvbench.tasks.sample import Sample
 
 # LongBench config/dataset2prompt.json (English subsets).
@@ -161,6 +190,27 @@ RULER_TASKS = (
     "qa_2",
 )
 NEEDLE_SUBSETS = ("essays",)
+# SCBench (microsoft/MInference scbench/eval_utils.py): the context part of each task's template (scdq), the rest of
+# its multi-turn template (the question), DATA_NAME_TO_MAX_NEW_TOKENS, and compute_scores.py's scorer.
+SCBENCH_TASKS: dict[str, tuple[str, str, int, str]] = {
+    "kv": (
+        "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}",
+        "\n\n{input}",
+        150,
+        "scbench_retrieval",
+    ),
+    "prefix_suffix": ("{context}", "\n\n{input}", 150, "scbench_retrieval"),
+    "qa_eng": (
+        "Read the book and answer the question. Be very concise in your answer.\n\n{context}",
+        "\n\nQuestion: {input}\nAnswer:",
+        40,
+        "scbench_qa",
+    ),
+}
+# kvpress's generation allowances for its decoding data sets (see the module docstring).
+MATH_MAX_NEW_TOKENS: dict[str, int] = {"aime25": 32000, "math500": 4096}
+# The context kvpress gives a math problem: one space (the problem is the question).
+MATH_CONTEXT = " "
 
 
 @dataclass(frozen=True)
@@ -171,6 +221,10 @@ class DatasetSpec:
     subsets: tuple[str, ...] | None  # None: the task takes no subset (longbench_v2) or any name (kvpress)
     # Several questions share one context: prefilled and compressed once per cell (kvpress rows).
     shared_contexts: bool = False
+    # False: the task is the data set's name alone (`longbench_v2`, `aime25`), never `NAME:SUBSET`.
+    takes_subset: bool = True
+    # Other hub copies looked for in the Hugging Face cache after `hub_id` (kvpress's own copies, its schema).
+    other_hub_ids: tuple[str, ...] = ()
 
     def hub_config(self, subset: str | None, length: int | None) -> tuple[str | None, str] | None:
         """(config, split) of the hub copy, None where there is none."""
@@ -186,6 +240,8 @@ class DatasetSpec:
             return None, "train"
         if self.name == "infinitebench":
             return None, subset or ""
+        if self.name == "scbench":
+            return f"scbench_{subset}", "test"
         return None, "test"
 
     def files(self, subset: str | None) -> tuple[str, ...]:
@@ -196,8 +252,12 @@ class DatasetSpec:
             return (f"{subset}_e.jsonl",)
         if self.name == "longbench_v2":
             return ("data.json", "data.jsonl")
+        if not self.takes_subset:
+            return (f"{self.name}.jsonl",)
         if self.name == "needle":
             return (f"{subset}.jsonl",)
+        if self.name == "scbench":
+            return (f"scbench_{subset}.jsonl",)
         return (f"{subset}.jsonl",)
 
 
@@ -209,7 +269,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         DatasetSpec("longbench", "LongBench v1, English subsets", "THUDM/LongBench", tuple(LONGBENCH_PROMPTS)),
         DatasetSpec("longbench_e", "LongBench-E (length-balanced)", "THUDM/LongBench", LONGBENCH_E_SUBSETS),
-        DatasetSpec("longbench_v2", "LongBench-v2 multiple choice", "THUDM/LongBench-v2", None),
+        DatasetSpec("longbench_v2", "LongBench-v2 multiple choice", "THUDM/LongBench-v2", None, takes_subset=False),
         DatasetSpec(
             "infinitebench",
             "InfiniteBench, English tasks",
@@ -223,6 +283,29 @@ DATASETS: dict[str, DatasetSpec] = {
             NEEDLE_SUBSETS,
         ),
         DatasetSpec("kvpress", "kvpress-style rows; rows sharing a context are compressed once", None, None, True),
+        DatasetSpec(
+            "scbench",
+            "SCBench shared contexts, one row per turn, the context compressed once",
+            "microsoft/SCBench",
+            tuple(SCBENCH_TASKS),
+            True,
+        ),
+        DatasetSpec(
+            "aime25",
+            "AIME 2025 I & II, long generation, last \\boxed{} answer",
+            "math-ai/aime25",
+            None,
+            takes_subset=False,
+            other_hub_ids=("alessiodevoto/aime25",),
+        ),
+        DatasetSpec(
+            "math500",
+            "MATH-500, long generation, last \\boxed{} answer",
+            "HuggingFaceH4/MATH-500",
+            None,
+            takes_subset=False,
+            other_hub_ids=("alessiodevoto/math500",),
+        ),
     )
 }
 
@@ -237,9 +320,9 @@ def parse_task(name: str) -> tuple[DatasetSpec, str | None]:
     if dataset not in DATASETS:
         raise TaskError(f"unknown data set {dataset!r} in task {name!r}; data sets: {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
-    if spec.name == "longbench_v2":
+    if not spec.takes_subset:
         if subset:
-            raise TaskError("longbench_v2 takes no subset: use --tasks longbench_v2")
+            raise TaskError(f"{dataset} takes no subset: use --tasks {dataset}")
         return spec, None
     if not subset:
         raise TaskError(f"{dataset} needs a subset, e.g. {dataset}:{(spec.subsets or ('NAME',))[0]}")
@@ -323,9 +406,10 @@ def locate(
     config_split = spec.hub_config(subset, length) if hub else None
     if spec.hub_id is not None and config_split is not None:
         config, split = config_split
-        looked.append(f"the Hugging Face cache ({spec.hub_id}{f' {config}' if config else ''}, split {split})")
-        if _hub_rows(spec.hub_id, config, split) is not None:
-            return Located(looked[-1], hub=(spec.hub_id, config, split)), looked
+        for hub_id in (spec.hub_id, *spec.other_hub_ids):
+            looked.append(f"the Hugging Face cache ({hub_id}{f' {config}' if config else ''}, split {split})")
+            if _hub_rows(hub_id, config, split) is not None:
+                return Located(looked[-1], hub=(hub_id, config, split)), looked
     return None, looked
 
 
@@ -496,30 +580,100 @@ def _kvpress(subset: str, record: Mapping[str, Any], index: int, where: str) -> 
     )
 
 
+def _math(name: str, record: Mapping[str, Any], index: int, where: str) -> Sample:
+    """An AIME25 / MATH500 record in the hub schema (`problem, answer`) or kvpress's (`context, question,
+    answer_prefix, answer, max_new_tokens`), laid out as the module docstring says."""
+    if "problem" in record:
+        context, problem, answer_prefix = MATH_CONTEXT, str(record["problem"]), ""
+        max_new = MATH_MAX_NEW_TOKENS[name]
+    elif "question" in record:
+        context, problem = str(_field(record, "context", where)), str(record["question"])
+        answer_prefix = str(record.get("answer_prefix") or "")
+        max_new = record.get("max_new_tokens", MATH_MAX_NEW_TOKENS[name])
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+            raise TaskError(f"{where}: max_new_tokens must be a positive integer, got {max_new!r}")
+    else:
+        raise TaskError(f"{where}: record has neither 'problem' ({name}'s hub schema) nor 'question' (kvpress rows)")
+    question = problem if "\\boxed" in problem else f"{problem}\n{BOXED_INSTRUCTION}"
+    answer = _field(record, "answer", where)
+    return Sample(
+        task=name,
+        sample_id=index,
+        context=context,
+        question=question,
+        answer_prefix=answer_prefix,
+        references=[str(a) for a in (answer if isinstance(answer, list) else [answer])],
+        max_new_tokens=max_new,
+        metric="math_boxed",
+        metadata={
+            "long_generation": True,
+            "source_id": record.get("id", record.get("unique_id")),
+            **{key: record[key] for key in ("subject", "level") if key in record},
+        },
+    )
+
+
+def _scbench(subset: str, record: Mapping[str, Any], index: int, first_id: int, where: str) -> list[Sample]:
+    """One sample per turn of an SCBench row (`context`, `multi_turns: [{input, answer}]`), numbered from
+    `first_id`; every turn shares the row's context text (so its context id)."""
+    context_template, question_template, max_new, metric = SCBENCH_TASKS[subset]
+    context = context_template.replace("{context}", str(_field(record, "context", where)))
+    turns = _field(record, "multi_turns", where)
+    if not isinstance(turns, list) or not turns:
+        raise TaskError(f"{where}: multi_turns must be a non-empty list of {{input, answer}} turns")
+    samples = []
+    for turn_index, turn in enumerate(turns):
+        at = f"{where} turn {turn_index}"
+        if not isinstance(turn, dict):
+            raise TaskError(f"{at}: expected an object with input and answer")
+        answer = _field(turn, "answer", at)
+        samples.append(
+            Sample(
+                task=f"scbench:{subset}",
+                sample_id=first_id + turn_index,
+                context=context,
+                question=question_template.replace("{input}", str(_field(turn, "input", at))),
+                answer_prefix="",
+                references=[str(a) for a in (answer if isinstance(answer, list) else [answer])],
+                max_new_tokens=max_new,
+                metric=metric,
+                metadata={"source_id": record.get("id", index), "turn": turn_index},
+            )
+        )
+    return samples
+
+
 def records_to_samples(task: str, records: list[dict[str, Any]], where: str) -> list[Sample]:
     """The records of a data set as samples, each with its context id (equal contexts share one)."""
     spec, subset = parse_task(task)
     if spec.name == "ruler" and records and "task" in records[0] and "input" not in records[0]:
         records = [r for r in records if r.get("task") == subset]  # kvpress's copy holds every task
-    samples = []
-    context_ids: dict[str, int] = {}
+    samples: list[Sample] = []
+    context_ids: dict[Any, int] = {}
     for index, record in enumerate(records):
         at = f"{where} record {index}"
         if not isinstance(record, dict):
             raise TaskError(f"{at}: expected a JSON object")
         if spec.name in ("longbench", "longbench_e"):
-            sample = _longbench(spec, subset or "", record, index, at)
+            built = [_longbench(spec, subset or "", record, index, at)]
         elif spec.name == "longbench_v2":
-            sample = _longbench_v2(record, index, at)
+            built = [_longbench_v2(record, index, at)]
         elif spec.name == "infinitebench":
-            sample = _infinitebench(subset or "", record, index, at)
+            built = [_infinitebench(subset or "", record, index, at)]
         elif spec.name == "ruler":
-            sample = _ruler(subset or "", record, index, at)
+            built = [_ruler(subset or "", record, index, at)]
         elif spec.name == "kvpress":
-            sample = _kvpress(subset or "", record, index, at)
+            built = [_kvpress(subset or "", record, index, at)]
+        elif spec.name in MATH_MAX_NEW_TOKENS:
+            built = [_math(spec.name, record, index, at)]
+        elif spec.name == "scbench":
+            built = _scbench(subset or "", record, index, len(samples), at)
         else:
             raise TaskError(f"{task}: records are built by the needle grid, not read one by one")
-        context_id = context_ids.setdefault(sample.context, len(context_ids))
-        sample.metadata.update({"dataset": spec.name, "source": where, "context_id": context_id})
-        samples.append(sample)
+        for sample in built:
+            # a math problem is its whole prompt: the shared one-space context is no reason to group problems
+            shared = sample.context if spec.name not in MATH_MAX_NEW_TOKENS else (sample.context, index)
+            context_id = context_ids.setdefault(shared, len(context_ids))
+            sample.metadata.update({"dataset": spec.name, "source": where, "context_id": context_id})
+            samples.append(sample)
     return samples

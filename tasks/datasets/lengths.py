@@ -3,7 +3,9 @@ context (as LongBench's pred.py truncates an over-long prompt: first half and la
 needle-in-a-haystack grid (depth x length) built over an essay haystack.
 
 A sample's measured length is its prompt as it will be run (chat template, question, answer prefix) plus its
-generation allowance, as RULER counts it; `metadata["sample_tokens"]` records it before any truncation.
+generation allowance, as RULER counts it; `metadata["sample_tokens"]` records it as run (`truncated_from` the
+length before truncation). A long-generation sample (AIME25, MATH500: a short problem, thousands of tokens of
+answer) is fitted by shrinking its generation allowance instead of cutting its prompt (`max_new_tokens_from`).
 """
 
 from __future__ import annotations
@@ -67,11 +69,24 @@ def truncate_middle(tokenizer: Any, sample: Sample, cap: int, query_aware: bool 
     return None
 
 
+def shorten_generation(sample: Sample, metadata: dict[str, Any], tokens: int, cap: int) -> Sample:
+    """A long-generation sample (AIME25, MATH500) over `cap`: its generation allowance shrunk to what the cap leaves
+    after the prompt (`max_new_tokens_from` keeps the original); skipped if the prompt alone does not fit. The
+    prompt (the problem) is never cut."""
+    prompt = tokens - sample.max_new_tokens
+    if prompt >= cap:
+        metadata["skipped"] = f"prompt of {prompt} tokens leaves no room to generate under the {cap}-token cap"
+        return replace(sample, metadata=metadata)
+    metadata.update({"max_new_tokens_from": sample.max_new_tokens, "sample_tokens": cap})
+    return replace(sample, max_new_tokens=cap - prompt, metadata=metadata)
+
+
 def fit_samples(
     samples: list[Sample], tokenizer: Any, cap: int | None, over_length: str = "truncate", query_aware: bool = False
 ) -> list[Sample]:
     """Every sample measured (`sample_tokens`); over `cap`, middle-truncated (`truncated_from`) or marked
-    `skipped` with its reason, per `over_length`."""
+    `skipped` with its reason, per `over_length`; a long-generation sample's allowance shrinks instead
+    (`shorten_generation`)."""
     if over_length not in OVER_LENGTH:
         raise TaskError(f"--over-length {over_length!r}: choose one of {', '.join(OVER_LENGTH)}")
     fitted = []
@@ -80,6 +95,9 @@ def fit_samples(
         metadata = {**sample.metadata, "sample_tokens": tokens}
         if cap is None or tokens <= cap:
             fitted.append(replace(sample, metadata=metadata))
+            continue
+        if sample.metadata.get("long_generation") and over_length == "truncate":
+            fitted.append(shorten_generation(sample, metadata, tokens, cap))
             continue
         cut = truncate_middle(tokenizer, sample, cap, query_aware) if over_length == "truncate" else None
         if cut is None:

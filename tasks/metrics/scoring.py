@@ -13,7 +13,9 @@ from kvbench.tasks.errors import TaskError
 from kvbench.tasks.metrics import infinitebench as infbench
 from kvbench.tasks.metrics import longbench
 from kvbench.tasks.metrics.chain import chain_operations, chain_steps
+from kvbench.tasks.metrics.math_answer import math_boxed
 from kvbench.tasks.metrics.quality import bertscore_f1, rouge1, rouge2, rougeL
+from kvbench.tasks.metrics.scbench import scbench_qa, scbench_retrieval
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f]")
 
@@ -61,7 +63,7 @@ def perplexity(prediction: str, references: Sequence[str]) -> float:
 # Metrics where a lower value is better; every other metric is a score where higher is better.
 LOWER_IS_BETTER = frozenset({"perplexity"})
 
-# The data sets' own metrics (tasks/metrics/longbench.py, infinitebench.py): called with the sample's
+# The data sets' own metrics (tasks/metrics/longbench.py, infinitebench.py, math_answer.py, scbench.py): called with the sample's
 # `metadata["metric_options"]` as keywords (e.g. LongBench's `first_line` rule and trec's `all_classes`).
 BENCHMARK_METRICS: dict[str, Callable[..., float]] = {
     "longbench_qa_f1": longbench.longbench_qa_f1,
@@ -82,6 +84,9 @@ BENCHMARK_METRICS: dict[str, Callable[..., float]] = {
     "infbench_code_run": infbench.infbench_code_run,
     "infbench_math_calc": infbench.infbench_math_calc,
     "infbench_math_find": infbench.infbench_math_find,
+    "math_boxed": math_boxed,
+    "scbench_retrieval": scbench_retrieval,
+    "scbench_qa": scbench_qa,
 }
 
 METRICS: dict[str, Callable[..., float]] = {
