@@ -54,6 +54,7 @@ def cases(scratch: Path) -> list[tuple[str, list[str]]]:
         ("report: missing run dir", ["report", str(scratch / "no-such-run")]),
         ("report: bad --length-bins", ["report", str(scratch / "no-such-run"), "--length-bins", "0,8k,4k"]),
         ("run: bad --length-bins", RUN + ["--length-bins", "0,4k,x"] + out),
+        ("run: missing data set", _set(RUN, "--tasks", "longbench:hotpotqa") + out),
         *[(name, argv + ["--samples", "1"]) for name, argv in value_cases(scratch)],
     ]
 

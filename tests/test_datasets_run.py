@@ -5,6 +5,7 @@ missing data set refused in one line before the model loads; one context with th
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -233,6 +234,54 @@ def test_missing_data_set_is_one_line_before_the_model_loads(chat_model_dir, tmp
     assert "data set longbench:hotpotqa not found" in err
     assert "hotpotqa.jsonl" in err and "THUDM/LongBench hotpotqa" in err
     assert "kvbench data fetch longbench:hotpotqa" in err
+
+
+def test_a_data_set_found_nowhere_is_said_before_torch_or_datasets_is_imported(chat_model_dir, tmp_path):
+    """With no local file and no Hugging Face cache folder for it, the fast checks say the run's own message (every
+    place looked) in one line, exit 2, in a process that never imports torch or `datasets`."""
+    import subprocess
+    import sys
+
+    from kvbench.tasks.datasets import catalog
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "KVBENCH_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HF_HUB_CACHE", None), env.pop("HF_DATASETS_CACHE", None), env.pop("HUGGINGFACE_HUB_CACHE", None)
+    argv = run_args(chat_model_dir, tmp_path / "run", "longbench:hotpotqa")
+    script = (
+        "import sys\nfrom kvbench.harness.cli.commands import main\ncode = main(sys.argv[1:])\n"
+        "print('imported:', sorted(m for m in ('torch', 'datasets') if m in sys.modules))\nsys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "imported: []" in done.stdout
+    (line,) = done.stderr.strip().splitlines()
+    looked = [
+        str(tmp_path / "cache" / "data" / "longbench" / "hotpotqa.jsonl"),
+        "the Hugging Face cache (THUDM/LongBench hotpotqa, split test)",
+    ]
+    assert line == f"kvbench: error: {catalog.missing_message('longbench:hotpotqa', looked)}"
+
+
+def test_a_hugging_face_cache_folder_leaves_the_decision_to_the_run(tmp_path, monkeypatch):
+    """A download-cache folder (datasets--ORG--NAME) or a prepared one (ORG___snake_name) for any hub copy, or a
+    local file, means the data set may be there: the fast check says nothing and `datasets` decides at run time."""
+    from kvbench.tasks.datasets.presence import surely_missing
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    assert "not found" in surely_missing("longbench:hotpotqa", {}, 4096)
+    (tmp_path / "hf" / "datasets" / "THUDM___long_bench").mkdir(parents=True)
+    assert surely_missing("longbench:hotpotqa", {}, 4096) is None
+    assert "not found" in surely_missing("longbench_v2", {}, 4096)  # another data set's folder is not this one's
+    (tmp_path / "hf" / "hub" / "datasets--THUDM--LongBench-v2").mkdir(parents=True)
+    assert surely_missing("longbench_v2", {}, 4096) is None
+    assert "not found" in surely_missing("aime25", {}, 4096)
+    (tmp_path / "hf" / "hub" / "datasets--alessiodevoto--aime25").mkdir(parents=True)  # kvpress's copy counts
+    assert surely_missing("aime25", {}, 4096) is None
+    write_jsonl(tmp_path / "cache" / "data" / "infinitebench" / "kv_retrieval.jsonl", [{"id": 0}])
+    assert surely_missing("infinitebench:kv_retrieval", {}, 4096) is None
+    assert surely_missing("ruler:niah_single_1", {}, None) is None  # its hub copy depends on the length: the run
 
 
 @pytest.mark.parametrize(

@@ -363,6 +363,22 @@ def check_data_run(args) -> None:
             raise KVBenchError(f"task {generated[0]} is generated to a length: give --lengths")
 
 
+def check_data_present(args, lengths: list[int | None]) -> None:
+    """A data-set task that is surely absent (no local file, no Hugging Face cache folder for it) is one line here,
+    in well under a second; one that may be present is left to the run's check before the model loads."""
+    from kvbench.tasks import is_dataset_task
+    from kvbench.tasks.datasets.catalog import parse_data_paths
+    from kvbench.tasks.datasets.presence import surely_missing
+
+    data = parse_data_paths(args.data)
+    for name in split_list(args.tasks, "tasks"):
+        if is_dataset_task(name):
+            for length in lengths:
+                message = surely_missing(name, data, length)
+                if message is not None:
+                    raise KVBenchError(message)
+
+
 def check_writable(directory: str) -> None:
     from kvbench.harness.files import ensure_writable_dir
 
@@ -447,6 +463,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         maximum = check_model(args.model)
         if maximum is not None and lengths and max(lengths) > maximum:
             raise KVBenchError(f"length {max(lengths)} exceeds {args.model}'s maximum of {maximum} tokens")
+        if command == "run":
+            check_data_present(args, lengths or [maximum])
         writes.append(args.out)
     if command == "lm-eval":
         check_at_least(args.limit, "--limit", 1)
