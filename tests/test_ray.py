@@ -39,7 +39,8 @@ def _install_faults() -> None:
 
     def faulty(loaded, length, sample, todo, context):
         faults = Path(os.environ[FAULTS_ENV])
-        name = f"{sample.task}-{sample.sample_id}"
+        first = sample[0] if isinstance(sample, list) else sample  # a list: one context's questions
+        name = f"{first.task}-{first.sample_id}"
         cells = real(loaded, length, sample, todo, context)
         once = faults / f"once-{name}"
         try:
@@ -355,3 +356,41 @@ def test_placement_refuses_what_the_cluster_cannot_hold(nodes, workers, device, 
 
     with pytest.raises(KVBenchError, match=message):
         _placement(FakeCluster(*nodes), workers, device, 10)
+
+
+def test_contexts_with_several_questions_give_the_rows_of_one_process_on_two_workers(
+    cluster, chat_model_dir, tmp_path, capsys
+):
+    """A data set whose rows share contexts (kvpress rows: one context with three questions, one with two): each
+    context is one unit on a worker, compressed once per cell there, and the rows equal one process's."""
+    passage = "The Eiffel Tower was designed by the engineer Gustave Eiffel and stands in Paris. "
+    rows = [
+        {"context": passage * 20, "question": q, "answer_prefix": "Answer:", "answer": ["Eiffel"], "max_new_tokens": 5}
+        for q in ("Who designed the tower?", "Where is the tower?", "When was it built?")
+    ] + [
+        {"context": passage * 25 + "Nothing else.", "question": q, "answer_prefix": "Answer:", "answer": ["Paris"],
+         "max_new_tokens": 5}
+        for q in ("Which city?", "Which engineer?")
+    ]  # fmt: skip
+    data = tmp_path / "kvpress"
+    data.mkdir()
+    (data / "shared.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"workers{workers}"
+        args = [
+            "run", "--model", chat_model_dir, "--methods", "full,snapkv", "--budgets", "0.5", "--tasks",
+            "kvpress:shared", "--samples", "5", "--data", f"kvpress={data}", "--out", str(out), "--no-progress",
+            "--no-report", "--workers", workers,
+        ]  # fmt: skip
+        assert main(args) == 0
+        results[workers] = read_rows(out)
+    capsys.readouterr()
+    assert len(results["2"]) == 2 * 5 and not any("error" in row for row in results["2"])
+    assert sorted(row["context_id"] for row in results["2"] if row["method"] == "full") == [0, 0, 0, 1, 1]
+
+    def by_cell(rows):
+        stripped = [{k: v for k, v in row.items() if not k.endswith(MEASURED)} for row in rows]
+        return sorted(stripped, key=lambda row: (row["sample_id"], row["method"]))
+
+    assert by_cell(results["2"]) == by_cell(results["1"])
