@@ -117,6 +117,26 @@ def test_generate_json_on_a_local_model(capsys, tiny_model_dir):
     assert 1 <= record["new_tokens"] <= 5 and record["context_tokens"] > 300
 
 
+def test_generate_takes_a_token_budget(capsys, tiny_model_dir, tmp_path):
+    """--budget 64t: snapkv keeps exactly 64 tokens per KV head of the context (kv_bytes = 64/N of full), the record
+    says budget_tokens 64 and the text line says @ 64t; with --save-cache the stored context keeps the same 64."""
+    prompt = " ".join(f"w{i}" for i in range(300))
+    args = ["generate", "--model", tiny_model_dir, "--method", "snapkv", "--budget", "64t", "--prompt", prompt]
+    code, out, err = run_cli(capsys, *args, "--question", "w1 w2", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["budget_tokens"] == 64 and record["budget"] == 64.0
+    assert record["kv_bytes"] * record["context_tokens"] == 64 * record["kv_bytes_full"]
+    saved = tmp_path / "ctx.pt"
+    code, out, err = run_cli(capsys, *args, "--max-new-tokens", "3", "--save-cache", str(saved))
+    assert code == 0, err
+    assert "@ 64t]" in err
+    from kvbench.harness.engine.stored_context import read_context
+
+    stored = read_context(saved)
+    assert stored["kv_bytes"] * stored["context_length"] == 64 * stored["kv_bytes_full"]
+
+
 def test_generate_text_output(capsys, tiny_model_dir):
     code, out, err = run_cli(
         capsys,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from kvbench.harness.cli.fast_checks import check_arguments, read_prompt
 from kvbench.harness.engine.batched_settings import DEFAULT_BATCH_SIZE
-from kvbench.harness.errors import KVBenchError, check_budget
+from kvbench.harness.errors import KVBenchError
 from kvbench.harness.runner.ray_runner import CONNECT_TIMEOUT_S
+from kvbench.harness.token_budget import budget_label, budget_tokens, for_context, parse_budget
 
 EXIT_USAGE = 2
 
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument(
         "--budget",
-        help="fraction of the full context cache's bytes to keep, in (0, 1]; with --load-cache, the stored one",
+        help="fraction of the full context cache's bytes to keep, in (0, 1], or tokens per KV head (256t); with "
+        "--load-cache, the stored one",
     )
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the context text (compressed)")
@@ -264,7 +266,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         _generate_from_stored(args)
         return
     method = get_method(args.method)
-    budget = check_budget(args.budget)
+    budget = parse_budget(args.budget)
     prompt = read_prompt(args)
     resolve_dtype(args.dtype, resolve_device(args.device))
 
@@ -289,7 +291,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from kvbench.harness.engine import stored_context
     from kvbench.harness.engine.pipeline import CellResult, compress_context
 
-    effective = budget if method.uses_budget else 1.0
+    # a token budget is stored as what it is on this context (the fraction its tokens take), as rows record it
+    effective = for_context(budget, len(parts.context_ids)) if method.uses_budget else 1.0
     compressed = compress_context(loaded, None, method, effective, parts.context_ids)
     size = stored_context.save_context(
         args.save_cache,
@@ -340,7 +343,7 @@ def _generate_from_stored(args: argparse.Namespace) -> None:
     method = get_method(stored["method"] if args.method is None else args.method)
     asks = f"this kvbench builds {method.label} as" if args.method is None else "--method asks for"
     stored_context.refuse_other_method(where, stored, method.label, method.config_record(), asks)
-    if args.budget is not None and method.uses_budget and check_budget(args.budget) != stored["budget"]:
+    if args.budget is not None and method.uses_budget and parse_budget(args.budget) != stored["budget"]:
         raise KVBenchError(f"--load-cache {where} was compressed at budget {stored['budget']:g}, not {args.budget}")
     dtype = stored["dtype"] if args.dtype == "auto" else args.dtype
     resolve_dtype(dtype, resolve_device(args.device))
@@ -365,7 +368,8 @@ def _print_generation(args, loaded, result, context_tokens: int, question_tokens
     record = {
         "model": args.model,
         "method": result.method,
-        "budget": result.budget,
+        "budget": float(result.budget),
+        **({"budget_tokens": budget_tokens(result.budget)} if budget_tokens(result.budget) else {}),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "context_tokens": context_tokens,
@@ -394,7 +398,7 @@ def _print_generation(args, loaded, result, context_tokens: int, question_tokens
     elif "loaded_cache" in record:
         stored = f" | loaded {record['loaded_cache']} in {record['load_s']:.3f} s, no prefill"
     print(
-        f"\n[{result.method} @ {result.budget:g}] kv_bytes {result.kv_bytes:,} of {result.kv_bytes_full:,} "
+        f"\n[{result.method} @ {budget_label(result.budget)}] kv_bytes {result.kv_bytes:,} of {result.kv_bytes_full:,} "
         f"({result.kv_ratio:.3f}) | {context_tokens} context tokens | prefill {result.prefill_s:.2f} s | "
         f"compress {result.compress_s:.3f} s | decode {result.decode_s:.2f} s for {result.new_tokens} tokens "
         f"({record['decode_ms_per_token']} ms/token){stored}",

@@ -444,7 +444,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         if args.method is not None:
             check_method(args.method)
         if args.budget is not None:
-            check_budget(args.budget)
+            parse_budget(args.budget)  # a fraction, or tokens per KV head (256t)
         check_at_least(args.max_new_tokens, "--max-new-tokens", 1)
         if args.load_cache is None:
             read_prompt(args)
