@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from dataset_fixtures import isolate_caches, snapkv_compressions, write_jsonl
 
 from kvbench.harness.cli.commands import main
 
@@ -20,18 +21,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path, monkeypatch):
-    """No local copy and an empty Hugging Face cache, offline: only what a test writes exists."""
-    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "kvbench-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return isolate_caches(tmp_path, monkeypatch)
 
 
 def longbench_records(subset, n=2, words=60):
@@ -331,17 +321,7 @@ def kvpress_rows(questions):
 
 
 def test_one_context_three_questions_compressed_once_and_equal_to_separate_runs(chat_model_dir, tmp_path, monkeypatch):
-    from kvbench.methods import get_method
-
-    snapkv = type(get_method("snapkv"))
-    calls = []
-    original = snapkv.compress
-
-    def counting(self, observation, budget):
-        calls.append(observation.context_length)
-        return original(self, observation, budget)
-
-    monkeypatch.setattr(snapkv, "compress", counting)
+    calls = snapkv_compressions(monkeypatch)
     questions = ["Who designed the tower?", "Where is the tower?", "When was it built?"]
     data = tmp_path / "data"
     write_jsonl(data / "kvpress" / "shared.jsonl", kvpress_rows(questions))
@@ -371,17 +351,7 @@ def test_one_contexts_questions_decode_in_one_batch_with_the_answers_they_get_al
     """--batch-size 3: the three questions of one context decode as one batch of three rows per cell (each row its
     own copy of the compressed cache, `decode_batch` 3), the context still compressed once per cell, and every
     answer equals the unbatched run's; a decode-time method (tova evicting while decoding) among them."""
-    from kvbench.methods import get_method
-
-    snapkv = type(get_method("snapkv"))
-    calls = []
-    original = snapkv.compress
-
-    def counting(self, observation, budget):
-        calls.append(observation.context_length)
-        return original(self, observation, budget)
-
-    monkeypatch.setattr(snapkv, "compress", counting)
+    calls = snapkv_compressions(monkeypatch)
     questions = ["Who designed the tower?", "Where is the tower?", "When was it built?"]
     data = tmp_path / "data"
     write_jsonl(data / "kvpress" / "shared.jsonl", kvpress_rows(questions))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dataset_fixtures import isolate_caches, write_jsonl
 
 from kvbench.harness.cli.commands import main
 from kvbench.tasks.errors import TaskError
@@ -221,19 +222,7 @@ def test_a_length_cap_shrinks_the_allowance_not_the_problem(tasks_chat_tokenizer
 
 @pytest.fixture
 def isolated_caches(tmp_path, monkeypatch):
-    """No local copy and an empty Hugging Face cache, offline: only what a test writes exists."""
-    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "kvbench-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "kvbench-cache" / "data"
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+    return isolate_caches(tmp_path, monkeypatch)
 
 
 def test_both_schemas_run_end_to_end(chat_model_dir, tmp_path, isolated_caches):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dataset_fixtures import isolate_caches, snapkv_compressions, write_jsonl
 
 from kvbench.harness.cli.commands import main
 from kvbench.tasks.errors import TaskError
@@ -87,16 +88,7 @@ def test_bad_rows_are_one_line(record, message):
 
 @pytest.fixture
 def isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "kvbench-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return isolate_caches(tmp_path, monkeypatch)
 
 
 def run(model, out, data, samples, methods="snapkv"):
@@ -111,27 +103,12 @@ def run(model, out, data, samples, methods="snapkv"):
     )
 
 
-def counted_snapkv(monkeypatch):
-    from kvbench.methods import get_method
-
-    snapkv = type(get_method("snapkv"))
-    calls = []
-    original = snapkv.compress
-
-    def counting(self, observation, budget):
-        calls.append(observation.context_length)
-        return original(self, observation, budget)
-
-    monkeypatch.setattr(snapkv, "compress", counting)
-    return calls
-
-
 QA = {"id": 0, "context": BOOK, "multi_turns": [{"input": "Who designed it?", "answer": "Gustave Eiffel"},
                                                 {"input": "Where is it?", "answer": "Paris"}]}  # fmt: skip
 
 
 def test_turns_share_one_compression(chat_model_dir, tmp_path, monkeypatch, isolated_caches):
-    calls = counted_snapkv(monkeypatch)
+    calls = snapkv_compressions(monkeypatch)
     data = tmp_path / "data"
     write_jsonl(data / "scbench_kv.jsonl", [kv_row(7, [3, 5])])
     write_jsonl(data / "scbench_qa_eng.jsonl", [QA])
@@ -150,7 +127,7 @@ def test_turns_share_one_compression(chat_model_dir, tmp_path, monkeypatch, isol
 
 @pytest.mark.slow
 def test_each_turn_equals_a_run_of_that_turn_alone(chat_model_dir, tmp_path, monkeypatch, isolated_caches):
-    calls = counted_snapkv(monkeypatch)
+    calls = snapkv_compressions(monkeypatch)
     data = tmp_path / "data"
     write_jsonl(data / "scbench_kv.jsonl", [kv_row(7, [3, 5, 9])])
     write_jsonl(data / "scbench_qa_eng.jsonl", [QA])

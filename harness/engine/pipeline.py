@@ -341,10 +341,22 @@ def run_batch(
     each row's tokens, bytes and score are those `run_cell` gives it alone. Per row, `kv_bytes`, `kv_bytes_peak`
     and `head_spread` are its own cache's; `decode_s` its share of the batch's time (see `RowDecode`) and
     `decode_batch` the batch's size; `decode_peak_memory_bytes` is the batch's device peak, shared by its rows."""
-    kv_bytes = [entry.cache.kv_bytes() for _, _, entry in compressed]
-    spreads = [head_spread(entry.cache) for _, _, entry in compressed]
-    peaks = [PeakBytes(entry.cache, method.on_decode_step) for method, _, entry in compressed]
-    rows = [
+    rows = [(method, budget, entry, question_ids, max_new_tokens) for method, budget, entry in compressed]
+    return decode_batch(loaded, rows, stop_strings, keep_logits)
+
+
+def decode_batch(
+    loaded: LoadedModel,
+    rows: Sequence[tuple[Method, float, CompressedContext, Sequence[int], int]],
+    stop_strings: Sequence[str] = (),
+    keep_logits: bool = False,
+) -> list[CellResult]:
+    """`run_batch` with a question and an allowance of its own per row: (method, budget, compressed context,
+    question ids, max new tokens) each, every row decoding on its entry's cache."""
+    kv_bytes = [entry.cache.kv_bytes() for _, _, entry, _, _ in rows]
+    spreads = [head_spread(entry.cache) for _, _, entry, _, _ in rows]
+    peaks = [PeakBytes(entry.cache, method.on_decode_step) for method, _, entry, _, _ in rows]
+    decode_rows = [
         DecodeRow(
             entry.cache,
             list(question_ids),
@@ -354,10 +366,10 @@ def run_batch(
             step_hook=peak.step,
             start_hook=method.on_decode_start,
         )
-        for (method, _, entry), peak in zip(compressed, peaks)
+        for (method, _, entry, question_ids, max_new_tokens), peak in zip(rows, peaks)
     ]
     reset_peak_memory(loaded.device)
-    decoded = batched_greedy_decode(loaded.model, rows, loaded.eos_token_ids, loaded.tokenizer, keep_logits)
+    decoded = batched_greedy_decode(loaded.model, decode_rows, loaded.eos_token_ids, loaded.tokenizer, keep_logits)
     device_peak = peak_memory_bytes(loaded.device)
     return [
         _cell_result(
@@ -373,7 +385,7 @@ def run_batch(
             row.batch,
             peak=peak,
         )
-        for (method, budget, entry), row, kv, spread, peak in zip(compressed, decoded, kv_bytes, spreads, peaks)
+        for (method, budget, entry, _, _), row, kv, spread, peak in zip(rows, decoded, kv_bytes, spreads, peaks)
     ]
 
 

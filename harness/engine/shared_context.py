@@ -15,7 +15,6 @@ import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 
-from kvbench.harness.engine.batched_decode import DecodeRow, batched_greedy_decode
 from kvbench.harness.engine.decode import greedy_decode
 from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.engine.pipeline import (
@@ -25,6 +24,7 @@ from kvbench.harness.engine.pipeline import (
     TimedObservation,
     _cell_result,
     compress_context,
+    decode_batch,
     head_spread,
     iter_cells,
 )
@@ -102,37 +102,8 @@ def _answer_batch(
     questions: Sequence[tuple[Sequence[int], int]],
 ) -> list[CellResult]:
     """Questions of one compressed context in one decode batch, each row on its own copy of the compressed cache."""
-    entries = [dataclasses.replace(compressed, cache=copy.deepcopy(compressed.cache)) for _ in questions]
-    kv_bytes = [entry.cache.kv_bytes() for entry in entries]
-    spreads = [head_spread(entry.cache) for entry in entries]
-    peaks = [PeakBytes(entry.cache, method.on_decode_step) for entry in entries]
     rows = [
-        DecodeRow(
-            entry.cache,
-            list(question_ids),
-            max_new_tokens,
-            first_logits=entry.last_logits,
-            step_hook=peak.step,
-            start_hook=method.on_decode_start,
-        )
-        for entry, peak, (question_ids, max_new_tokens) in zip(entries, peaks, questions)
+        (method, budget, dataclasses.replace(compressed, cache=copy.deepcopy(compressed.cache)), ids, allowance)
+        for ids, allowance in questions
     ]
-    reset_peak_memory(loaded.device)
-    decoded = batched_greedy_decode(loaded.model, rows, loaded.eos_token_ids, loaded.tokenizer)
-    device_peak = peak_memory_bytes(loaded.device)
-    return [
-        _cell_result(
-            method,
-            budget,
-            entry,
-            row.generation,
-            kv,
-            spread,
-            row.decode_s,
-            peak.read(entry.cache),
-            device_peak,
-            row.batch,
-            peak=peak,
-        )
-        for entry, row, kv, spread, peak in zip(entries, decoded, kv_bytes, spreads, peaks)
-    ]
+    return decode_batch(loaded, rows)
