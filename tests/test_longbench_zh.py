@@ -36,6 +36,11 @@ def test_jieba_segments_from_its_bundled_dictionary_without_network(monkeypatch)
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    import jieba
+
+    fresh = jieba.Tokenizer()  # a new one loads its dictionary here, whatever an earlier test loaded
+    fresh.initialize()
+    assert fresh.initialized and list(fresh.cut("预算和计划", cut_all=False)) == ["预算", "和", "计划"]
     # accurate mode: the words a Chinese reader would cut
     assert lb.jieba_words("会议讨论了预算和计划") == ["会议", "讨论", "了", "预算", "和", "计划"]
     assert lb.jieba_words("答案是北京。") == ["答案", "是", "北京", "。"]

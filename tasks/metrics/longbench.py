@@ -64,9 +64,7 @@ from kvbench.tasks.errors import TaskError
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # LongBench metrics.py normalize_zh_answer's cn_punctuation (InfiniteBench's compute_scores.py uses the same list).
-ZH_PUNCTUATION = (
-    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
-)
+ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _ZH_DROPPED = frozenset(string.punctuation + ZH_PUNCTUATION)
 FIRST_LINE_SUBSETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 LONGBENCH_E_BINS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, None))
