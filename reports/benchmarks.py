@@ -2,7 +2,9 @@
 
 - LongBench (and LongBench-E): the score per subset and their average (each subset weighs the same, as
   LongBench's tables average its per-subset scores, whatever their metrics); LongBench-E also per length bin of the
-  record's `length` (0-4k, 4-8k, 8k+, the data set's own unit).
+  record's `length` (0-4k, 4-8k, 8k+, the data set's own unit). When Chinese subsets are present, LongBench's table
+  also has the English and the Chinese average (`average_en`, `average_zh`, each over its own subsets) beside the
+  overall one, as LongBench's paper reports En / Zh / All.
 - RULER: per task and their average, per context length.
 - LongBench-v2: Overall, Easy, Hard, Short, Medium, Long (accuracy x100).
 - InfiniteBench: per task and their average.
@@ -22,6 +24,10 @@ from kvbench.reports.tables import CELL, DIFF_TO_REFERENCE, MEAN_OVER_TASKS, N_S
 AVERAGE = "average"
 # Restated from kvbench.tasks.metrics.longbench (reports read only the store).
 LONGBENCH_E_BINS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, np.inf))
+# Restated from kvbench.tasks.datasets.catalog.LONGBENCH_ZH_SUBSETS.
+LONGBENCH_ZH_TASKS = frozenset(
+    f"longbench:{subset}" for subset in ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
+)
 
 
 def _dataset_rows(rows: pd.DataFrame, *names: str) -> pd.DataFrame:
@@ -80,7 +86,13 @@ def _per_task(rows: pd.DataFrame, prefix: str) -> list[tuple[str, pd.Series]]:
 
 def longbench(rows: pd.DataFrame) -> pd.DataFrame:
     picked = _dataset_rows(rows, "longbench")
-    return breakdown(picked, _per_task(picked, "longbench:"), AVERAGE) if len(picked) else pd.DataFrame()
+    if picked.empty:
+        return pd.DataFrame()
+    parts = _per_task(picked, "longbench:")
+    chinese = picked["task"].isin(LONGBENCH_ZH_TASKS)
+    if chinese.any():
+        parts[1:1] = [(f"{AVERAGE}_en", ~chinese), (f"{AVERAGE}_zh", chinese)]
+    return breakdown(picked, parts, AVERAGE)
 
 
 def longbench_e(rows: pd.DataFrame) -> pd.DataFrame:

@@ -204,7 +204,7 @@ def test_every_data_set_runs_end_to_end(chat_model_dir, tmp_path):
             assert row["length"] == 400 and row["sample_tokens"] <= 400
             assert row["context_tokens"] + row["question_tokens"] <= 400
             assert "error" not in row and 0 <= row["score"] <= 100
-    assert {row["depth"] for row in by_task["needle:essays"]} == {0.5}
+    assert {row["depth"] for row in by_task["needle:essays"]} == {50}  # percent, as every task records it
     assert {row["difficulty"] for row in by_task["longbench_v2"]} == {"easy"}
     assert {row["references"][0] for row in by_task["needle:essays"]} == {
         "The best thing to do in San Francisco is eating a sandwich."

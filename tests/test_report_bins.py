@@ -264,7 +264,7 @@ def test_length_bin_edges_parse_with_k_and_inf():
             parse_length_bins(text)
 
 
-# needle:essays rows record depth as a fraction of the context, generated needles in percent.
+# needle:essays rows as stores written before it recorded percent (depth as a fraction), generated needles in percent.
 ESSAY_SCORES = {  # (depth, length) -> full's score; snapkv scores 0 everywhere but (0.0, 2048): 100
     (0.0, 1024): 100.0,
     (0.5, 1024): 50.0,

@@ -80,7 +80,7 @@ from kvbench.tasks.metrics.longbench import FIRST_LINE_SUBSETS
 from kvbench.tasks.metrics.math_answer import BOXED_INSTRUCTION
 from kvbench.tasks.sample import Sample
 
-# LongBench config/dataset2prompt.json (English subsets).
+# LongBench config/dataset2prompt.json (the 16 English subsets, then the 5 Chinese ones).
 LONGBENCH_PROMPTS: dict[str, str] = {
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the question as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",
     "qasper": 'You are given a scientific article and a question. Answer the question as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered based on the information in the article, write "unanswerable". If the question is a yes/no question, answer "yes", "no", or "unanswerable". Do not provide any explanation.\n\nArticle: {context}\n\n Answer the question based on the above article as concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered based on the information in the article, write "unanswerable". If the question is a yes/no question, answer "yes", "no", or "unanswerable". Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:',
@@ -98,15 +98,26 @@ LONGBENCH_PROMPTS: dict[str, str] = {
     "passage_retrieval_en": 'Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that the abstract is from. The answer format must be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: ',
     "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+    "multifieldqa_zh": "阅读以下文字并用中文简短回答：\n\n{context}\n\n现在请基于上面的文章回答下面的问题，只告诉我答案，不要输出任何其他字词。\n\n问题：{input}\n回答：",
+    "dureader": "请基于给定的文章回答下述问题。\n\n文章：{context}\n\n请基于上述文章回答下面的问题。\n\n问题：{input}\n回答：",
+    "vcsum": "下面有一段会议记录，请你阅读后，写一段总结，总结会议的内容。\n会议记录：\n{context}\n\n会议总结：",
+    "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
+    "passage_retrieval_zh": '以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n下面是一个摘要\n\n{input}\n\n请输入摘要所属段落的编号。答案格式必须是"段落1"，"段落2"等格式\n\n答案是：',
 }
-# LongBench eval.py dataset2metric (English subsets).
+# The Chinese subsets (LongBench's `language` "zh"; none is in LongBench-E).
+LONGBENCH_ZH_SUBSETS = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
+# LongBench eval.py dataset2metric.
 LONGBENCH_METRICS: dict[str, str] = {
     **dict.fromkeys(
         ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "triviaqa"), "longbench_qa_f1"
     ),
     **dict.fromkeys(("gov_report", "qmsum", "multi_news", "samsum"), "longbench_rouge"),
+    "multifieldqa_zh": "longbench_qa_f1_zh",
+    **dict.fromkeys(("dureader", "vcsum"), "longbench_rouge_zh"),
     "trec": "longbench_classification",
+    "lsht": "longbench_classification",
     "passage_retrieval_en": "longbench_retrieval",
+    "passage_retrieval_zh": "longbench_retrieval_zh",
     "passage_count": "longbench_count",
     "lcc": "longbench_code_sim",
     "repobench-p": "longbench_code_sim",
@@ -145,6 +156,7 @@ INFINITEBENCH_PROMPTS: dict[str, str] = {
     "longbook_sum_eng": "Summarize the book below.\n\n{context}\n\nSummary:",
     "longbook_choice_eng": "Read the book and answer the question.\n\n{context}\n\nQuestion: {question}\nA. {OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe letter of the correct answer is",
     "longbook_qa_eng": "Read the book and answer the question. Be very concise in your answer.\n\n{context}\n\nQuestion: {question}\nAnswer:",
+    "longbook_qa_chn": "阅读以下书籍然后回答问题。\n\n{context}\n\n问题：{question}\n答案：",
     "math_calc": "Let us calculate the intermediate values of an expression.\n\nExpression: 1 + 3 + 4\nValues: [1, 4, 8]\n\nExpression: 8 - 3 + 2 - 4\nValues: [8, 5, 7, 3]\n\nExpression: {context}\nValues:",
     "code_run": "There is a function called {func} in the following Python code.\n\n{context}\n\nPlease compute the exact value of {func_call}. The value of {func_call} is",
     "code_debug": "Following is a Python code where exactly one of the functions/methods has a deliberate error that makes it crash.\n\n{context}\n\nOptions:\nA. {OPTION_A}\nB. {OPTION_B}\nC. {OPTION_C}\nD. {OPTION_D}\n\nThe correct option is:",
@@ -157,6 +169,7 @@ INFINITEBENCH_MAX_NEW_TOKENS: dict[str, int] = {
     "longbook_sum_eng": 1200,
     "longbook_choice_eng": 40,
     "longbook_qa_eng": 40,
+    "longbook_qa_chn": 40,
     "math_calc": 30000,
     "code_run": 5,
     "code_debug": 5,
@@ -169,6 +182,7 @@ INFINITEBENCH_METRICS: dict[str, str] = {
     "longbook_sum_eng": "infbench_rouge_lsum",
     "longbook_choice_eng": "infbench_choice",
     "longbook_qa_eng": "infbench_qa_f1",
+    "longbook_qa_chn": "infbench_qa_f1_zh",
     "math_calc": "infbench_math_calc",
     "code_run": "infbench_code_run",
     "code_debug": "infbench_code_debug",
@@ -267,12 +281,14 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec(
             "ruler", "RULER, generated by NVIDIA/RULER (JSONL) or kvpress's copy", "simonjegou/ruler", RULER_TASKS
         ),
-        DatasetSpec("longbench", "LongBench v1, English subsets", "THUDM/LongBench", tuple(LONGBENCH_PROMPTS)),
+        DatasetSpec(
+            "longbench", "LongBench v1, English and Chinese subsets", "THUDM/LongBench", tuple(LONGBENCH_PROMPTS)
+        ),
         DatasetSpec("longbench_e", "LongBench-E (length-balanced)", "THUDM/LongBench", LONGBENCH_E_SUBSETS),
         DatasetSpec("longbench_v2", "LongBench-v2 multiple choice", "THUDM/LongBench-v2", None, takes_subset=False),
         DatasetSpec(
             "infinitebench",
-            "InfiniteBench, English tasks",
+            "InfiniteBench, English tasks and longbook_qa_chn",
             "xinrongzhang2022/InfiniteBench",
             tuple(INFINITEBENCH_PROMPTS),
         ),

@@ -147,7 +147,7 @@ def needle_grid(
             sample = replace(
                 probe,
                 context=context,
-                metadata={"depth": depth / 100, "dataset": "needle", "source": where, "context_id": index},
+                metadata={"depth": depth, "dataset": "needle", "source": where, "context_id": index},
             )
             excess = measure(tokenizer, sample, query_aware) - length
             if excess <= 0:

@@ -35,22 +35,27 @@ RULER_DEFAULTS: dict[str, tuple[int, str]] = {
     "fwe": (50, "string_match_all"),
     "qa": (32, "string_match_part"),
 }
-# LongBench's config/dataset2maxlen.json (English datasets).
+# LongBench's config/dataset2maxlen.json.
 LONGBENCH_MAX_NEW_TOKENS: dict[str, int] = {
     "narrativeqa": 128,
     "qasper": 128,
     "multifieldqa_en": 64,
+    "multifieldqa_zh": 64,
     "hotpotqa": 32,
     "2wikimqa": 32,
     "musique": 32,
+    "dureader": 128,
     "gov_report": 512,
     "qmsum": 512,
     "multi_news": 512,
+    "vcsum": 512,
     "trec": 64,
     "triviaqa": 32,
     "samsum": 128,
+    "lsht": 64,
     "passage_count": 32,
     "passage_retrieval_en": 32,
+    "passage_retrieval_zh": 32,
     "lcc": 64,
     "repobench-p": 64,
 }

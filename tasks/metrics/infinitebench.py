@@ -24,7 +24,9 @@ Each returns 0/1 (or a fraction) for one prediction against the sample's answer 
 - **math_find**: the first number (`\\d+\\.\\d+|\\d+`) of the prediction equals the answer (as int when the answer
   is an integer, else as float).
 
-Chinese longbook_qa_chn is not supported.
+- **longbook_qa_chn**: best F1 over characters (`qa_f1_score_zh`: "one character one token") after the Chinese
+  normalisation (`normalize_zh_answer`: lower-case, ASCII and Chinese punctuation dropped, whitespace removed; the
+  same as LongBench's); no word segmentation.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import re
 from collections.abc import Sequence
 
 from kvbench.tasks.errors import TaskError
-from kvbench.tasks.metrics.longbench import normalize_answer, token_f1
+from kvbench.tasks.metrics.longbench import normalize_answer, normalize_zh_answer, token_f1
 
 _RETRIEVAL_SEPARATORS = ("\n", ":", '"', "'", ".", ",", "?", "!", "{", "}")
 
@@ -167,3 +169,9 @@ def infbench_math_find(prediction: str, references: Sequence[str], **_) -> float
     if re.fullmatch(r"-?\d+", answer):
         return float("." not in found and int(found) == int(answer))
     return float(float(found) == float(answer))
+
+
+def infbench_qa_f1_zh(prediction: str, references: Sequence[str], **_) -> float:
+    """longbook_qa_chn: best character-level F1 after the Chinese normalisation."""
+    _require(references)
+    return max(token_f1(list(normalize_zh_answer(prediction)), list(normalize_zh_answer(r))) for r in references)

@@ -31,8 +31,24 @@ LongBench-v2: the answer is the letter after `The correct answer is` (asterisks 
 `(A)` or bare `A` (`extract_choice`); accuracy against the `answer` letter; reported Overall and by difficulty
 (easy/hard) and length (short/medium/long).
 
-Chinese subsets (multifieldqa_zh, dureader, vcsum, lsht's rouge, passage_retrieval_zh) need jieba's word
-segmentation and are not supported.
+Chinese subsets (`metrics.py`'s Chinese scores; words are `jieba.cut(text, cut_all=False)`, jieba's bundled
+dictionary, nothing downloaded):
+
+- **normalize_zh_answer**: lower-case; drop every character of `string.punctuation` and of LongBench's list of
+  Chinese punctuation (`ZH_PUNCTUATION`); remove all whitespace (no articles).
+- **qa_f1_zh** (multifieldqa_zh): the jieba words of prediction and reference, each word normalised, empty words
+  dropped; token F1 as qa_f1.
+- **rouge_zh** (dureader, vcsum): the jieba words joined by spaces, then ROUGE-L F. LongBench passes them to the
+  `rouge` package; kvbench uses `rouge-score`'s `rougeL` (as for the English subsets) with a whitespace tokenizer
+  (rouge-score's default one keeps only `[a-z0-9]` and would drop every Chinese character): LCS over the words,
+  P = LCS/|pred|, R = LCS/|ref|. The `rouge` package differs in two ways: it splits each text into sentences at
+  ASCII `.` and takes the union LCS over them, and its |pred| and |ref| count distinct words (its `Ngrams` sets),
+  so texts with repeated words or an ASCII `.` score differently; it does not lower-case, nor does kvbench here.
+  0 when either side has no words (the `rouge` package raises and LongBench scores 0).
+- **classification** (lsht): as trec, on the first line; the classes are Chinese names, matched as substrings.
+- **retrieval_zh** (passage_retrieval_zh): as retrieval with the paragraph number from `段落(\\d+)`.
+
+No Chinese subset is in LongBench-E (pred.py's `--e` list is English only).
 """
 
 from __future__ import annotations
@@ -47,6 +63,9 @@ from kvbench.tasks.errors import TaskError
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# LongBench metrics.py normalize_zh_answer's cn_punctuation (InfiniteBench's compute_scores.py uses the same list).
+ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+_ZH_DROPPED = frozenset(string.punctuation + ZH_PUNCTUATION)
 FIRST_LINE_SUBSETS = frozenset({"trec", "triviaqa", "samsum", "lsht"})
 LONGBENCH_E_BINS = (("0-4k", 0, 4000), ("4-8k", 4000, 8000), ("8k+", 8000, None))
 
@@ -55,6 +74,26 @@ def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation, drop the articles a/an/the, collapse whitespace (SQuAD / LongBench order)."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalize_zh_answer(text: str) -> str:
+    """Lower-case, drop ASCII and Chinese punctuation, remove all whitespace (LongBench's normalize_zh_answer)."""
+    return "".join("".join(ch for ch in text.lower() if ch not in _ZH_DROPPED).split())
+
+
+@lru_cache(maxsize=1)
+def _jieba():
+    import logging
+
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)  # its dictionary-loading messages, not errors
+    return jieba
+
+
+def jieba_words(text: str) -> list[str]:
+    """jieba's accurate-mode words of `text` (`jieba.cut(text, cut_all=False)`)."""
+    return list(_jieba().cut(text, cut_all=False))
 
 
 def token_f1(prediction_tokens: Sequence[str], reference_tokens: Sequence[str]) -> float:
@@ -76,6 +115,13 @@ def qa_f1_one(prediction: str, reference: str) -> float:
     return token_f1(normalize_answer(prediction).split(), normalize_answer(reference).split())
 
 
+def qa_f1_zh_one(prediction: str, reference: str) -> float:
+    def words(text: str) -> list[str]:
+        return [word for word in map(normalize_zh_answer, jieba_words(text)) if word]
+
+    return token_f1(words(prediction), words(reference))
+
+
 @lru_cache(maxsize=1)
 def _rouge_l():
     from rouge_score import rouge_scorer
@@ -87,6 +133,28 @@ def rouge_l_one(prediction: str, reference: str) -> float:
     if not prediction.strip() or not reference.strip():
         return 0.0  # LongBench's `rouge` raises on empty text and scores 0
     return _rouge_l().score(reference, prediction)["rougeL"].fmeasure
+
+
+class _Whitespace:
+    """A rouge-score tokenizer that splits on whitespace only (the words are jieba's)."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.split()
+
+
+@lru_cache(maxsize=1)
+def _rouge_l_words():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_Whitespace())
+
+
+def rouge_zh_one(prediction: str, reference: str) -> float:
+    prediction, reference = " ".join(jieba_words(prediction)), " ".join(jieba_words(reference))
+    if not prediction.split() or not reference.split():
+        return 0.0
+    return _rouge_l_words().score(reference, prediction)["rougeL"].fmeasure
 
 
 def classification_one(prediction: str, reference: str, all_classes: Sequence[str]) -> float:
@@ -112,6 +180,13 @@ def retrieval_one(prediction: str, reference: str) -> float:
     found = re.findall(r"Paragraph (\d+)", reference)
     if not found:
         raise TaskError(f"passage_retrieval reference {reference!r} names no 'Paragraph N'")
+    return _fraction_equal(prediction, found[0])
+
+
+def retrieval_zh_one(prediction: str, reference: str) -> float:
+    found = re.findall(r"段落(\d+)", reference)
+    if not found:
+        raise TaskError(f"passage_retrieval_zh reference {reference!r} names no '段落N'")
     return _fraction_equal(prediction, found[0])
 
 
@@ -151,10 +226,20 @@ def longbench_rouge(prediction: str, references: Sequence[str], first_line: bool
     return _best(rouge_l_one, prediction, references, first_line)
 
 
+def longbench_qa_f1_zh(prediction: str, references: Sequence[str], first_line: bool = False, **_) -> float:
+    """LongBench qa_f1_zh (multifieldqa_zh): best token F1 over jieba words, each normalised."""
+    return _best(qa_f1_zh_one, prediction, references, first_line)
+
+
+def longbench_rouge_zh(prediction: str, references: Sequence[str], first_line: bool = False, **_) -> float:
+    """LongBench rouge_zh (dureader, vcsum): best ROUGE-L F over jieba words."""
+    return _best(rouge_zh_one, prediction, references, first_line)
+
+
 def longbench_classification(
     prediction: str, references: Sequence[str], first_line: bool = False, all_classes: Sequence[str] = (), **_
 ) -> float:
-    """LongBench classification (trec): 1/#classes named if the right one is among them."""
+    """LongBench classification (trec, lsht): 1/#classes named if the right one is among them."""
     if not all_classes:
         raise TaskError("classification needs the sample's all_classes")
     return _best(classification_one, prediction, references, first_line, all_classes=all_classes)
@@ -163,6 +248,11 @@ def longbench_classification(
 def longbench_retrieval(prediction: str, references: Sequence[str], first_line: bool = False, **_) -> float:
     """LongBench retrieval (passage_retrieval_en): fraction of the output's numbers that are the paragraph's."""
     return _best(retrieval_one, prediction, references, first_line)
+
+
+def longbench_retrieval_zh(prediction: str, references: Sequence[str], first_line: bool = False, **_) -> float:
+    """LongBench retrieval_zh (passage_retrieval_zh): fraction of the output's numbers that are 段落N's N."""
+    return _best(retrieval_zh_one, prediction, references, first_line)
 
 
 def longbench_count(prediction: str, references: Sequence[str], first_line: bool = False, **_) -> float:

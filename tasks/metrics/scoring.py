@@ -68,6 +68,9 @@ LOWER_IS_BETTER = frozenset({"perplexity"})
 BENCHMARK_METRICS: dict[str, Callable[..., float]] = {
     "longbench_qa_f1": longbench.longbench_qa_f1,
     "longbench_rouge": longbench.longbench_rouge,
+    "longbench_qa_f1_zh": longbench.longbench_qa_f1_zh,
+    "longbench_rouge_zh": longbench.longbench_rouge_zh,
+    "longbench_retrieval_zh": longbench.longbench_retrieval_zh,
     "longbench_classification": longbench.longbench_classification,
     "longbench_retrieval": longbench.longbench_retrieval,
     "longbench_count": longbench.longbench_count,
@@ -80,6 +83,7 @@ BENCHMARK_METRICS: dict[str, Callable[..., float]] = {
     "infbench_choice": infbench.infbench_choice,
     "infbench_code_debug": infbench.infbench_code_debug,
     "infbench_qa_f1": infbench.infbench_qa_f1,
+    "infbench_qa_f1_zh": infbench.infbench_qa_f1_zh,
     "infbench_rouge_lsum": infbench.infbench_rouge_lsum,
     "infbench_code_run": infbench.infbench_code_run,
     "infbench_math_calc": infbench.infbench_math_calc,
