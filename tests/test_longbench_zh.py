@@ -10,6 +10,7 @@ import socket
 
 import pandas as pd
 import pytest
+from dataset_fixtures import isolate_caches, write_jsonl
 
 from kvbench.harness.cli.commands import main
 from kvbench.tasks.metrics import longbench as lb
@@ -19,12 +20,7 @@ from kvbench.tasks.metrics.scoring import BENCHMARK_METRICS
 
 @pytest.fixture(autouse=True)
 def isolated_caches(tmp_path, monkeypatch):
-    """No local copy and an empty Hugging Face cache, offline: only what a test writes exists."""
-    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(tmp_path / "kvbench-cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return isolate_caches(tmp_path, monkeypatch)
 
 
 # --- jieba and the normalisation -------------------------------------------------------------------------------
@@ -239,11 +235,6 @@ ZH_TASKS = {
     "longbench:passage_retrieval_zh": "longbench_retrieval_zh",
     "infinitebench:longbook_qa_chn": "infbench_qa_f1_zh",
 }
-
-
-def write_jsonl(path, records):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
 def test_every_chinese_task_runs_end_to_end(chat_model_dir, tmp_path):
