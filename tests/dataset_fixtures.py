@@ -36,3 +36,20 @@ def snapkv_compressions(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(snapkv, "compress", counting)
     return calls
+
+
+def missing_data_set_line(model_dir: str, task: str, tmp_path, capsys, monkeypatch) -> str:
+    """`kvbench run` on a data-set task with no data: asserts exit 2, one line, and that the model never loaded;
+    returns the line."""
+    import kvbench.harness.runner.sweep as sweep
+    from kvbench.harness.cli.commands import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sweep, "load_model", no_load)
+    argv = ["run", "--model", model_dir, "--methods", "full", "--budgets", "1", "--tasks", task,
+            "--out", str(tmp_path / "run"), "--no-progress", "--no-report"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    return line

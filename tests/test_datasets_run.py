@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from dataset_fixtures import isolate_caches, snapkv_compressions, write_jsonl
+from dataset_fixtures import isolate_caches, missing_data_set_line, snapkv_compressions, write_jsonl
 
 from kvbench.harness.cli.commands import main
 
@@ -212,15 +212,7 @@ def test_every_data_set_runs_end_to_end(chat_model_dir, tmp_path):
 
 
 def test_missing_data_set_is_one_line_before_the_model_loads(chat_model_dir, tmp_path, capsys, monkeypatch):
-    import kvbench.harness.runner.sweep as sweep
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(sweep, "load_model", no_load)
-    assert main(run_args(chat_model_dir, tmp_path / "run", "longbench:hotpotqa")) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = missing_data_set_line(chat_model_dir, "longbench:hotpotqa", tmp_path, capsys, monkeypatch)
     assert "data set longbench:hotpotqa not found" in err
     assert "hotpotqa.jsonl" in err and "THUDM/LongBench hotpotqa" in err
     assert "kvbench data fetch longbench:hotpotqa" in err

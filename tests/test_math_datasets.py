@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dataset_fixtures import isolate_caches, write_jsonl
+from dataset_fixtures import isolate_caches, missing_data_set_line, write_jsonl
 
 from kvbench.harness.cli.commands import main
 from kvbench.tasks.errors import TaskError
@@ -262,17 +262,7 @@ def test_both_schemas_run_end_to_end(chat_model_dir, tmp_path, isolated_caches):
 
 def test_missing_data_set_is_one_line_before_the_model_loads(chat_model_dir, tmp_path, capsys, monkeypatch,
                                                              isolated_caches):  # fmt: skip
-    import kvbench.harness.runner.sweep as sweep
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(sweep, "load_model", no_load)
-    argv = ["run", "--model", chat_model_dir, "--methods", "full", "--budgets", "1", "--tasks", "aime25",
-            "--out", str(tmp_path / "run"), "--no-progress", "--no-report"]  # fmt: skip
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = missing_data_set_line(chat_model_dir, "aime25", tmp_path, capsys, monkeypatch)
     assert "data set aime25 not found" in err and "aime25/aime25.jsonl" in err
     assert "math-ai/aime25" in err and "alessiodevoto/aime25" in err  # the hub copy, then kvpress's
     assert "kvbench data fetch aime25" in err

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from dataset_fixtures import isolate_caches, snapkv_compressions, write_jsonl
+from dataset_fixtures import isolate_caches, missing_data_set_line, snapkv_compressions, write_jsonl
 
 from kvbench.harness.cli.commands import main
 from kvbench.tasks.errors import TaskError
@@ -152,17 +152,7 @@ def test_each_turn_equals_a_run_of_that_turn_alone(chat_model_dir, tmp_path, mon
 
 def test_missing_data_set_is_one_line_before_the_model_loads(chat_model_dir, tmp_path, capsys, monkeypatch,
                                                              isolated_caches):  # fmt: skip
-    import kvbench.harness.runner.sweep as sweep
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(sweep, "load_model", no_load)
-    argv = ["run", "--model", chat_model_dir, "--methods", "full", "--budgets", "1", "--tasks", "scbench:qa_eng",
-            "--out", str(tmp_path / "run"), "--no-progress", "--no-report"]  # fmt: skip
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = missing_data_set_line(chat_model_dir, "scbench:qa_eng", tmp_path, capsys, monkeypatch)
     assert "data set scbench:qa_eng not found" in err and "scbench/scbench_qa_eng.jsonl" in err
     assert "microsoft/SCBench scbench_qa_eng, split test" in err
     assert "kvbench data fetch scbench:qa_eng" in err
