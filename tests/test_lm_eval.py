@@ -179,6 +179,35 @@ def test_lm_eval_on_exported_niah_matches_kvbench_run(niah_runs):
         assert twin["length"] == row["length"] == 512
 
 
+def test_lm_eval_takes_token_budgets_as_kvbench_run_does(niah_runs, tiny, tmp_path, monkeypatch):
+    """--budgets 64t: snapkv keeps 64 tokens per KV head of each context, the rows say budget_tokens 64 (a cell of
+    its own, beside 0.25), and each equals kvbench run's row at 64t on the same sample."""
+    out, _, _ = niah_runs
+    root, _ = tiny
+    monkeypatch.setenv("KVBENCH_CACHE_DIR", str(out / "cache"))
+    model = str(root / "model")
+    common = ["--methods", "snapkv", "--budgets", "64t,0.25", "--no-report", "--no-progress"]
+    assert main(["run", "--model", model, "--tasks", "niah_single_1", "--lengths", "512", "--samples", "2",
+                 "--out", str(tmp_path / "run"), *common]) == 0  # fmt: skip
+    assert main(["lm-eval", "--model", model, "--tasks", "kvbench_niah_single_1_512", "--include-path",
+                 str(out / "tasks"), "--out", str(tmp_path / "lm"), *common]) == 0  # fmt: skip
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+
+    lm_rows = rows("lm")
+    assert sorted((row["budget"], row.get("budget_tokens")) for row in lm_rows) == [
+        (0.25, None), (0.25, None), (64.0, 64), (64.0, 64)
+    ]  # fmt: skip
+    keyed = {(row["sample_id"], row.get("budget_tokens"), row["budget"]): row for row in lm_rows}
+    for row in rows("run"):
+        twin = keyed[(row["sample_id"], row.get("budget_tokens"), row["budget"])]
+        same = ("output", "score", "kv_bytes", "kv_bytes_full", "context_tokens")
+        assert {k: twin[k] for k in same} == {k: row[k] for k in same}
+        if row.get("budget_tokens"):
+            assert twin["kv_bytes"] * twin["context_tokens"] == 64 * twin["kv_bytes_full"]
+
+
 def test_lm_eval_run_records_metadata_and_skips_finished_cells(niah_runs, tiny):
     out, _, lm_rows = niah_runs
     meta = json.loads((out / "lm" / "run.json").read_text())

@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(lm_eval)
     lm_eval.add_argument("--methods", required=True, help="comma-separated methods, e.g. full,snapkv,streaming_llm")
-    lm_eval.add_argument("--budgets", required=True, help="comma-separated budgets in (0, 1], e.g. 0.25,0.5")
+    lm_eval.add_argument(
+        "--budgets",
+        required=True,
+        help="comma-separated budgets: fractions in (0, 1] and/or tokens per KV head, e.g. 0.25,256t",
+    )
     lm_eval.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     lm_eval.add_argument(
         "--include-path", action="append", default=[], help="directory of task YAMLs (repeatable), e.g. an export"
@@ -478,7 +482,7 @@ def _cmd_lm_eval(args: argparse.Namespace, argv: list[str]) -> None:
     spec = LmEvalSpec(
         model=args.model,
         methods=split_list(args.methods, "methods"),  # repeats are merged by configuration once the methods are built
-        budgets=parse_budgets(args.budgets),
+        budgets=parse_budgets(args.budgets, tokens=True),
         tasks=parse_list(args.tasks, "tasks"),
         out=Path(args.out),
         include_paths=[Path(path) for path in args.include_path],

@@ -45,8 +45,9 @@ from tqdm import tqdm
 from kvbench.harness.artifacts.calibration import ensure_calibrated
 from kvbench.harness.engine.pipeline import CellResult, iter_context_cells
 from kvbench.harness.engine.scoring_cells import ScoredCell, iter_scoring_cells
-from kvbench.harness.errors import BudgetError, KVBenchError, check_budget
+from kvbench.harness.errors import BudgetError, KVBenchError
 from kvbench.harness.models.loading import LoadedModel, load_model
+from kvbench.harness.token_budget import budget_tokens, parse_budget
 from kvbench.methods import Method, get_method
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class KVBenchLM(HFLM):
         **kwargs: Any,
     ) -> None:
         self.method = method if isinstance(method, Method) else get_method(str(method))
-        self.budget = check_budget(budget) if self.method.uses_budget else 1.0
+        self.budget = parse_budget(budget) if self.method.uses_budget else 1.0  # a fraction, or `256t`
         if int(question_tokens) < 0:
             raise KVBenchError(f"question_tokens {question_tokens} must be 0 or more")
         if on_refusal not in REFUSAL_POLICIES:
@@ -136,7 +137,8 @@ class KVBenchLM(HFLM):
             "model_num_parameters": sum(p.numel() for p in self.loaded.model.parameters()),
             "kvbench_method": self.method.label,
             "kvbench_method_config": self.method.config_record(),
-            "kvbench_budget": self.budget,
+            "kvbench_budget": float(self.budget),
+            "kvbench_budget_tokens": budget_tokens(self.budget),  # None for a fraction
             "kvbench_question_tokens": self.question_tokens,
         }
 

@@ -30,8 +30,10 @@ from kvbench.harness.runner.sweep import (
     invocation_record,
     run_identity,
     run_metadata,
+    token_fields,
     validate,
 )
+from kvbench.harness.token_budget import budget_tokens
 
 RUNNER = "lm-eval"
 
@@ -94,6 +96,7 @@ def _rows(
                 "sample_id": int(sample["doc_id"]),
                 **fields,
                 "budget": budget,
+                **token_fields(budget),
                 "references": references,
                 "context_tokens": record.context_tokens if record else None,
                 "question_tokens": record.question_tokens if record else None,
@@ -263,13 +266,16 @@ def _evaluate_into(
     counts = doc_counts(manager, spec.tasks)
     wanted = {task: range(min(n, spec.limit) if spec.limit is not None else n) for task, n in counts.items()}
     present = {cell_key(row) for row in store.rows()}
-    done_docs = {(row["task"], int(row["sample_id"]), round(float(row["budget"]), 6), row.get("identity_hash"))
-                 for row in store.rows()}  # fmt: skip
+    done_docs = {
+        (row["task"], int(row["sample_id"]), round(float(row["budget"]), 6), row.get("identity_hash"),
+         row.get("budget_tokens"))
+        for row in store.rows()
+    }  # fmt: skip
     plan = []
     for method, budget in cells_for(methods, spec.budgets):
         digest = identities[method.label][1]
         docs = {
-            task: [i for i in ids if (task, i, round(budget, 6), digest) not in done_docs]
+            task: [i for i in ids if (task, i, round(budget, 6), digest, budget_tokens(budget)) not in done_docs]
             for task, ids in wanted.items()
         }
         docs = {task: ids for task, ids in docs.items() if ids}

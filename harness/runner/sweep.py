@@ -253,7 +253,7 @@ def sample_seed(spec: SweepSpec, sample: Sample, length: int) -> int:
     return derive_seed(spec.seed, sample.task, length, sample.sample_id) & (2**63 - 1)
 
 
-def _token_fields(budget: float) -> dict[str, Any]:
+def token_fields(budget: float) -> dict[str, Any]:
     """A token budget's rows say so (`budget` is then its token count): `budget_tokens` is part of the cell's
     identity, so `0.25` and `256t` never share a cell. Fractional rows carry nothing new, so older stores resume."""
     tokens = budget_tokens(budget)
@@ -319,7 +319,7 @@ def _row(
         "sample_id": sample.sample_id,
         **context.method_fields(method),
         "budget": budget,
-        **_token_fields(budget),
+        **token_fields(budget),
         "metric": metric,
         "references": sample.references,
         "context_tokens": len(parts.context_ids),
@@ -362,7 +362,7 @@ def _perplexity_row(
         "sample_id": sample.sample_id,
         **context.method_fields(method),
         "budget": budget,
-        **_token_fields(budget),
+        **token_fields(budget),
         "metric": sample.metric,
         "references": sample.references,
         "context_tokens": len(context_ids),
