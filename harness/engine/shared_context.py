@@ -15,17 +15,12 @@ import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 
-from kvbench.harness.engine.decode import greedy_decode
-from kvbench.harness.engine.measure import peak_memory_bytes, reset_peak_memory, timed
 from kvbench.harness.engine.pipeline import (
     CellResult,
     CompressedContext,
-    PeakBytes,
     TimedObservation,
-    _cell_result,
     compress_context,
     decode_batch,
-    head_spread,
     iter_cells,
 )
 from kvbench.harness.errors import BudgetError
@@ -48,47 +43,9 @@ def iter_shared_context_cells(
     def answer_all(observed: TimedObservation | None, method: Method, budget: float) -> list[CellResult]:
         effective = budget if method.uses_budget else 1.0
         compressed = compress_context(loaded, observed, method, effective, context_ids, seed)
-        if batch_size > 1 and len(questions) > 1:
-            results = []
-            for start in range(0, len(questions), batch_size):
-                results += _answer_batch(loaded, method, effective, compressed, questions[start : start + batch_size])
-            return results
-        pristine = compressed.cache
-        results = []
-        for question_ids, max_new_tokens in questions:
-            cache = copy.deepcopy(pristine)
-            compressed.cache = cache
-            kv_bytes = cache.kv_bytes()
-            spread = head_spread(cache)
-            peak = PeakBytes(cache, method.on_decode_step)
-            reset_peak_memory(loaded.device)
-            with timed(loaded.device) as watch:
-                generation = greedy_decode(
-                    loaded.model,
-                    cache,
-                    list(question_ids),
-                    max_new_tokens,
-                    loaded.eos_token_ids,
-                    tokenizer=loaded.tokenizer,
-                    first_logits=compressed.last_logits,
-                    step_hook=peak.step,
-                    start_hook=method.on_decode_start,
-                )
-            results.append(
-                _cell_result(
-                    method,
-                    effective,
-                    compressed,
-                    generation,
-                    kv_bytes,
-                    spread,
-                    watch.seconds,
-                    peak.read(cache),
-                    peak_memory_bytes(loaded.device),
-                    peak=peak,
-                )
-            )
-        compressed.cache = pristine
+        size, results = max(1, batch_size), []
+        for start in range(0, len(questions), size):  # a batch of one row decodes as that row alone
+            results += _answer_batch(loaded, method, effective, compressed, questions[start : start + size])
         return results
 
     return iter_cells(loaded, context_ids, cells, answer_all, seed)
